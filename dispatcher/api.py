@@ -1,0 +1,142 @@
+"""REST API v1: accept emails and webhooks, answer job status and stats."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from pydantic import BaseModel, ValidationError
+
+from dispatcher.enqueue import enqueue
+from dispatcher.errors import APIError, FieldProblem
+from dispatcher.keys import KINDS, Kind
+from dispatcher.models import EmailRequest, WebhookRequest
+from dispatcher.runtime import Runtime
+from dispatcher.status import Status
+
+v1 = Blueprint("v1", __name__, url_prefix="/v1")
+health = Blueprint("health", __name__)
+
+MAX_LIST_LIMIT = 1000
+
+
+def runtime() -> Runtime:
+    return current_app.extensions["dispatcher"]
+
+
+@health.get("/healthz")
+def healthz() -> Response:
+    """The process is up; says nothing about Redis."""
+    return jsonify(status="ok")
+
+
+@health.get("/readyz")
+def readyz() -> Response:
+    """Redis answers; a RedisError here becomes the usual 503 JSON."""
+    runtime().connection.ping()
+    return jsonify(status="ok")
+
+
+@v1.before_request
+def authenticate() -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "unauthorized", "send Authorization: Bearer <api key>")
+    # Compare against every key without an early exit, so timing reveals nothing.
+    matches = [hmac.compare_digest(token.strip().encode(), key.encode()) for key in runtime().settings.api_keys]
+    if not any(matches):
+        raise APIError(401, "unauthorized", "the API key is not valid")
+
+
+@v1.post("/emails")
+def create_email() -> tuple[Response, int, dict[str, str]]:
+    return _accept("email", EmailRequest)
+
+
+@v1.post("/webhooks")
+def create_webhook() -> tuple[Response, int, dict[str, str]]:
+    return _accept("webhook", WebhookRequest)
+
+
+@v1.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    view = runtime().status.job(job_id)
+    if view is None:
+        raise APIError(404, "not_found", f"no job with id {job_id!r} (it may have expired)")
+    return jsonify(view)
+
+
+@v1.get("/jobs")
+def list_jobs() -> Response:
+    details = []
+    kind = request.args.get("kind") or None
+    if kind is not None and kind not in KINDS:
+        details.append({"field": "kind", "problem": f"must be one of {', '.join(KINDS)}"})
+    status = request.args.get("status") or None
+    statuses = [s.value for s in Status]
+    if status is not None and status not in statuses:
+        details.append({"field": "status", "problem": f"must be one of {', '.join(statuses)}"})
+    limit_raw = request.args.get("limit", "50")
+    limit = int(limit_raw) if limit_raw.isdigit() else 0
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        details.append({"field": "limit", "problem": f"must be an integer from 1 to {MAX_LIST_LIMIT}"})
+    if details:
+        raise APIError(422, "validation_error", "invalid query parameters", details)
+    return jsonify(jobs=runtime().status.list(kind, status, limit))
+
+
+@v1.get("/stats")
+def stats() -> Response:
+    return jsonify(runtime().status.stats())
+
+
+def _accept(kind: Kind, model: type[BaseModel]) -> tuple[Response, int, dict[str, str]]:
+    rt = runtime()
+    body = _json_body()
+    try:
+        validated = model.model_validate(
+            body, context={"guard": rt.guard, "email_from": rt.settings.email_from}
+        )
+    except ValidationError as exc:
+        raise APIError(422, "validation_error", "the request has invalid fields", _details(exc)) from None
+    job = enqueue(rt.connection, rt.settings, kind, validated)  # type: ignore[arg-type]
+    status_url = f"/v1/jobs/{job.id}"
+    return jsonify(id=job.id, status="queued", status_url=status_url), 202, {"Location": status_url}
+
+
+def _json_body() -> dict[str, Any]:
+    if request.mimetype != "application/json":
+        raise APIError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+    raw = request.get_data(cache=False)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, "malformed_json", f"the body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise APIError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "malformed_json", "the body's JSON is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise APIError(
+            422, "validation_error", "the body must be a JSON object",
+            [{"field": "body", "problem": f"must be a JSON object, got {type(body).__name__}"}],
+        )
+    return body
+
+
+def _details(exc: ValidationError) -> list[dict[str, str]]:
+    details = []
+    for error in exc.errors(include_url=False, include_input=False):
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldProblem):
+            details.append({"field": cause.field, "problem": cause.problem})
+            continue
+        field = ".".join(str(part) for part in error["loc"]) or "body"
+        problem = error["msg"].removeprefix("Value error, ")
+        details.append({"field": field, "problem": problem})
+    return details

@@ -1,0 +1,65 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from dispatcher.api import health, v1
+from dispatcher.config import Settings
+from dispatcher.errors import APIError
+from dispatcher.runtime import Runtime
+
+#: A request body over this is answered 413 before it is read.
+MAX_BODY_BYTES = 15 * 1024 * 1024
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app from `settings`, or from the environment; raise ConfigError when unusable."""
+    settings = settings or Settings.from_env()
+    settings.require_api_keys()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["dispatcher"] = Runtime.build(settings)
+    app.register_blueprint(health)
+    app.register_blueprint(v1)
+    _register_error_handlers(app)
+    return app
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(APIError)
+    def api_error(exc: APIError) -> tuple[Response, int]:
+        return jsonify(exc.to_json()), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        message = "the request body is larger than 15 MB" if status == 413 else (exc.description or exc.name)
+        error = APIError(status, _HTTP_CODES.get(status, "http_error"), message)
+        return jsonify(error.to_json()), status
+
+    @app.errorhandler(redis.RedisError)
+    def redis_error(exc: redis.RedisError) -> tuple[Response, int]:
+        log.warning("Redis unavailable: %s", exc)
+        error = APIError(503, "unavailable", "the job store (Redis) is unreachable; try again shortly")
+        return jsonify(error.to_json()), 503
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error")
+        return jsonify(APIError(500, "internal_error", "an unexpected error occurred").to_json()), 500

@@ -1,0 +1,40 @@
+"""Every error type the dispatcher package raises."""
+
+from __future__ import annotations
+
+
+class DispatcherError(Exception):
+    """Base class for Dispatcher's own errors."""
+
+
+class ConfigError(DispatcherError, ValueError):
+    """A setting in the environment is missing or invalid; the message names it."""
+
+
+class DestinationRefused(DispatcherError):
+    """A webhook destination resolves to, or connected to, an address the network guard forbids."""
+
+
+class FieldProblem(DispatcherError, ValueError):
+    """One request field is wrong; `field` is its dotted path."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class APIError(DispatcherError):
+    """An error answered to an API client as JSON."""
+
+    def __init__(
+        self, status: int, code: str, message: str, details: list[dict[str, str]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or []
+
+    def to_json(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}

@@ -1,0 +1,46 @@
+"""Names shared by the API and the workers: job kinds, job ids, Redis keys, job functions."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+Kind = Literal["email", "webhook"]
+KINDS: tuple[Kind, ...] = ("email", "webhook")
+
+#: Job ids carry their kind, so counting a registry by kind needs no job lookups.
+_ID_PREFIX: dict[Kind, str] = {"email": "em_", "webhook": "wh_"}
+
+#: The API enqueues by dotted path and never imports the worker code.
+JOB_FUNCTIONS: dict[Kind, str] = {
+    "email": "workers.jobs.send_email",
+    "webhook": "workers.jobs.deliver_webhook",
+}
+
+
+def new_job_id(kind: Kind) -> str:
+    return _ID_PREFIX[kind] + uuid.uuid4().hex
+
+
+def kind_of(job_id: str) -> Kind | None:
+    for kind, prefix in _ID_PREFIX.items():
+        if job_id.startswith(prefix):
+            return kind
+    return None
+
+
+class Keys:
+    """Redis keys Dispatcher keeps beside RQ's own, namespaced by queue name."""
+
+    def __init__(self, queue_name: str) -> None:
+        self.prefix = f"dispatcher:{queue_name}"
+        #: Sorted set of job ids scored by acceptance time: the index behind GET /v1/jobs.
+        self.index = f"{self.prefix}:jobs"
+        #: Hash of running totals, fields like `webhook:succeeded`.
+        self.totals = f"{self.prefix}:totals"
+        #: List of the most recent failures (JSON), newest first.
+        self.recent_failures = f"{self.prefix}:recent_failures"
+
+    def attempts(self, job_id: str) -> str:
+        """Hash of one job's attempts: field `n` is the counter, fields `1`, `2`, ... the records."""
+        return f"{self.prefix}:attempts:{job_id}"
