@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 
 import redis
 from rq import Queue
@@ -14,7 +14,7 @@ from dispatcher.history import History, isoformat, parse_attempts
 from dispatcher.keys import KINDS, Keys, kind_of
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     QUEUED = "queued"
     SCHEDULED = "scheduled"
     RUNNING = "running"
