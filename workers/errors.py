@@ -1,0 +1,37 @@
+"""Delivery errors: whether a failed attempt may be retried is a type, not a flag.
+
+    DeliveryError
+    ├── RetryableDeliveryError   connection errors, timeouts, HTTP 408/425/429/5xx, SMTP 4xx
+    └── PermanentDeliveryError   other HTTP 3xx/4xx, SMTP 5xx, a destination the network guard refuses
+"""
+
+from __future__ import annotations
+
+
+class DeliveryError(Exception):
+    def __init__(self, message: str, status_code: int | None = None, response_excerpt: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.response_excerpt = response_excerpt
+
+
+class RetryableDeliveryError(DeliveryError):
+    """Worth another attempt; `retry_after` (seconds) is the receiver's own floor, if it gave one."""
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int | None = None,
+        response_excerpt: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status_code, response_excerpt)
+        self.retry_after = retry_after
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Another attempt would fail the same way."""
+
+
+class DeliveryFailed(Exception):
+    """Raised to RQ when a job has failed for good, so that RQ moves it to its failed registry."""
