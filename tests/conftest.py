@@ -87,7 +87,7 @@ class SmtpHandler:
         self.seen: dict[str, int] = {}
         self.lock = threading.Lock()
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self.lock:
             self.seen[address] = self.seen.get(address, 0) + 1
             tries = self.seen[address]
@@ -98,7 +98,7 @@ class SmtpHandler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+    async def handle_DATA(self, server, session, envelope):
         with self.lock:
             self.messages.append(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 Message accepted for delivery"
@@ -274,24 +274,24 @@ def worker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
-def app(settings: Settings):  # noqa: ANN201
+def app(settings: Settings):
     return create_app(settings)
 
 
 @pytest.fixture
-def client(app):  # noqa: ANN001, ANN201
+def client(app):
     return app.test_client()
 
 
 @pytest.fixture
-def api(client, worker):  # noqa: ANN001, ANN201
+def api(client, worker):
     """The test client, with the worker running behind it."""
     return client
 
 
 def wait_for(
     client, job_id: str, until: Callable[[dict], bool] = lambda job: job["status"] in TERMINAL, timeout: float = 30
-) -> dict:  # noqa: ANN001
+) -> dict:
     """Poll GET /v1/jobs/<id> until `until(job)`; fail the test with the last view on timeout."""
     deadline = time.monotonic() + timeout
     while True:

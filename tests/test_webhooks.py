@@ -10,7 +10,7 @@ from standardwebhooks import Webhook
 from tests.conftest import AUTH, WEBHOOK_SECRET, wait_for
 
 
-def post_webhook(client, url: str, **fields) -> str:  # noqa: ANN001
+def post_webhook(client, url: str, **fields) -> str:
     body = {"url": url, "event_type": "order.created", "payload": {"order": 42}} | fields
     response = client.post("/v1/webhooks", json=body, headers=AUTH)
     assert response.status_code == 202, response.get_json()
