@@ -76,15 +76,16 @@ def run_dev() -> int:
         _dev_secret("dev-webhook-secret", lambda: "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()),
     )
     env.setdefault("DISPATCHER_OUTBOX_DIR", str(DEV_VAR_DIR / "outbox"))
+    settings = Settings.from_env(env)  # one clear line if anything is wrong, before anything starts
+    settings.require_api_keys()
+    settings.require_webhook_secret()
     server = None
     if not env.get("REDIS_URL", "").strip():
         from dispatcher.embedded import start_embedded_redis
 
         server = start_embedded_redis(DEV_VAR_DIR / "redis")
         env["REDIS_URL"] = server.connection_url
-    settings = Settings.from_env(env)  # one clear line if anything is wrong
-    settings.require_api_keys()
-    settings.require_webhook_secret()
+        settings = Settings.from_env(env)
     children: list[subprocess.Popen] = []
     try:
         children.append(subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "web"], env=env))
