@@ -80,7 +80,8 @@ def list_jobs() -> Response:
     if status is not None and status not in statuses:
         details.append({"field": "status", "problem": f"must be one of {', '.join(statuses)}"})
     limit_raw = request.args.get("limit", "50")
-    limit = int(limit_raw) if limit_raw.isdigit() else 0
+    # ASCII digits only ("²" is isdigit() but not int()), and few enough for int() to parse.
+    limit = int(limit_raw) if limit_raw.isascii() and limit_raw.isdigit() and len(limit_raw) <= 9 else 0
     if not 1 <= limit <= MAX_LIST_LIMIT:
         details.append({"field": "limit", "problem": f"must be an integer from 1 to {MAX_LIST_LIMIT}"})
     if details:

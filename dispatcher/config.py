@@ -147,9 +147,12 @@ def parse_smtp_url(value: str | None) -> SmtpSettings | None:
     if not parts.hostname:
         raise ConfigError(f"{name} has no host")
     try:
-        port = parts.port or (465 if parts.scheme == "smtps" else 25)
+        port = parts.port
     except ValueError:
         raise ConfigError(f"{name} has an invalid port") from None
+    if port == 0:  # not "no port": without this check `or` below would turn 0 into the default
+        raise ConfigError(f"{name} has an invalid port")
+    port = port or (465 if parts.scheme == "smtps" else 25)
     query = parse_qs(parts.query)
     unknown = set(query) - {"starttls"}
     if unknown:

@@ -91,7 +91,9 @@ def _check_headers(headers: dict[str, str], reserved: frozenset[str], reserved_p
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=10_000_000)
+    # Above the 15 MB body limit: a 10 MB attachment is ~14 million base64 characters, and
+    # the body limit and the decoded-attachment total are the caps that matter.
+    model_config = ConfigDict(extra="forbid", str_max_length=16 * 1024 * 1024)
 
 
 class RetryPolicy(RequestModel):

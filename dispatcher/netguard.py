@@ -25,6 +25,11 @@ def forbidden_reason(ip: IPAddress) -> str | None:
     """Why `ip` is not a public unicast address, or None when it is."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
+        # 6to4 (2002::/16) reaches the IPv4 address it embeds wherever a relay route exists.
+        embedded = forbidden_reason(ip.sixtofour)
+        if embedded is not None:
+            return f"6to4 address of a {embedded} IPv4 address"
     checks = (
         (ip.is_unspecified, "unspecified"),
         (ip.is_loopback, "loopback"),
