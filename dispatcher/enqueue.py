@@ -105,6 +105,9 @@ def enqueue(
     )
     with connection.pipeline() as pipe:
         (job,) = queue.enqueue_many([job_data], pipeline=pipe)
-        pipe.zadd(keys.index, {job_id: time.time()})
+        now = time.time()
+        pipe.zadd(keys.index, {job_id: now})
+        # Jobs older than both TTLs have expired from RQ: drop them from the index as we go.
+        pipe.zremrangebyscore(keys.index, "-inf", now - max(settings.result_ttl, settings.failure_ttl))
         pipe.execute()
     return job

@@ -50,12 +50,19 @@ class History:
         self.connection = connection
         self.keys = keys
 
-    def start_attempt(self, job_id: str) -> Attempt:
-        """Number and record a new attempt as begun; it shows while running and if it is cut short."""
+    def start_attempt(self, job_id: str, keep_for: int) -> Attempt:
+        """Number and record a new attempt as begun; it shows while running and if it is cut short.
+
+        `keep_for` bounds the history's life until the job ends (then `finish_attempt` sets
+        the job's own TTL), so a job deleted behind our back does not leave it forever.
+        """
         key = self.keys.attempts(job_id)
         number = int(self.connection.hincrby(key, _COUNTER, 1))
         attempt = Attempt(number=number, started_at=isoformat(datetime.now(UTC)))
-        self.connection.hset(key, str(number), attempt.to_json())
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hset(key, str(number), attempt.to_json())
+            pipe.expire(key, keep_for)
+            pipe.execute()
         return attempt
 
     def finish_attempt(
@@ -67,11 +74,17 @@ class History:
         final: bool,
         ttl: int | None = None,
         target: dict | None = None,
+        mirror: tuple[str, bytes] | None = None,
     ) -> None:
-        """Store the finished attempt; when `final`, count the job's outcome and let its history expire."""
+        """Store the finished attempt; when `final`, count the job's outcome and let its history expire.
+
+        `mirror` is (RQ job key, serialized job meta): a summary for rq-dashboard, written in the same round trip.
+        """
         key = self.keys.attempts(job_id)
         with self.connection.pipeline(transaction=True) as pipe:
             pipe.hset(key, str(attempt.number), attempt.to_json())
+            if mirror is not None:
+                pipe.hset(mirror[0], "meta", mirror[1])
             if final:
                 succeeded = attempt.outcome == "succeeded"
                 pipe.hincrby(self.keys.totals, f"{kind}:{'succeeded' if succeeded else 'failed'}", 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 from rq import Retry, get_current_job
@@ -24,6 +25,10 @@ from workers import context
 from workers.errors import DeliveryError, DeliveryFailed, RetryableDeliveryError
 from workers.mail import build_message, envelope
 from workers.retry import next_delay
+
+#: Beyond the failure TTL, how long an unfinished job's history is kept: more than the longest
+#: backoff (7 days) plus the longest Retry-After (1 day).
+PENDING_HISTORY_MARGIN = 9 * 24 * 3600
 
 
 def deliver_webhook(data: dict) -> dict | Retry:
@@ -50,7 +55,8 @@ def _job() -> Job:
 
 def _attempt(job: Job, kind: Kind, data: dict, deliver: Callable[[], tuple[int, str | None]]) -> dict | Retry:
     history = History(job.connection, Keys(job.origin))
-    attempt = history.start_attempt(job.id)
+    # Outlives the longest wait before a next attempt (backoff and Retry-After are capped below this).
+    attempt = history.start_attempt(job.id, keep_for=job.failure_ttl + PENDING_HISTORY_MARGIN)
     started = time.monotonic()
     retry_after: float | None = None
     try:
@@ -83,17 +89,21 @@ def _conclude(
     job: Job, kind: Kind, data: dict, history: History, attempt: Attempt, retry_after: float | None
 ) -> dict | Retry:
     target = job.meta.get("target")
+    # A copy for rq-dashboard, which shows job.meta; the full history is the attempts hash.
+    job.meta["attempts"] = attempt.number
+    job.meta["last_attempt"] = asdict(attempt)
+    mirror = (job.key.decode() if isinstance(job.key, bytes) else job.key, job.serializer.dumps(job.meta))
     if attempt.outcome == "succeeded":
-        history.finish_attempt(kind, job.id, attempt, final=True, ttl=job.result_ttl)
+        history.finish_attempt(kind, job.id, attempt, final=True, ttl=job.result_ttl, mirror=mirror)
         return {"status_code": attempt.status_code, "attempts": attempt.number}
     max_attempts = int(data.get("retry", {}).get("max_attempts", 1))
     if attempt.outcome == "retryable" and attempt.number < max_attempts:
         delay = next_delay(data["retry"].get("backoff", []), attempt.number + 1, retry_after)
-        history.finish_attempt(kind, job.id, attempt, final=False)
+        history.finish_attempt(kind, job.id, attempt, final=False, mirror=mirror)
         # RQ keeps the due time in whole seconds, rounded down: one second more and it is never early.
         # RQ counts its own retries; a max one above that count lets us alone decide when to stop.
         return Retry(max=(job.number_of_retries or 0) + 1, interval=[delay + 1 if delay > 0 else 0])
-    history.finish_attempt(kind, job.id, attempt, final=True, ttl=job.failure_ttl, target=target)
+    history.finish_attempt(kind, job.id, attempt, final=True, ttl=job.failure_ttl, target=target, mirror=mirror)
     if attempt.outcome == "retryable":
         raise DeliveryFailed(f"gave up after {attempt.number} attempt(s): {attempt.error}")
     raise DeliveryFailed(attempt.error or "permanent failure")
