@@ -303,3 +303,71 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"job {job_id} did not get there in {timeout}s: {job}")
         time.sleep(0.05)
+
+
+# --- In-process worker -----------------------------------------------------------------------
+
+
+@dataclass
+class BurstWorker:
+    """A worker run in this process, in burst mode, on its own fresh queue, with its own delivery settings."""
+
+    connection: redis.Redis
+    settings: Settings
+
+    def enqueue(self, kind: str, request) -> str:
+        from dispatcher.enqueue import enqueue
+
+        return enqueue(self.connection, self.settings, kind, request).id  # type: ignore[arg-type]
+
+    def run(self) -> None:
+        """Work the queue until it is empty (no scheduler: a retry stays scheduled)."""
+        from rq.serializers import JSONSerializer
+        from rq.worker import SimpleWorker
+
+        from dispatcher.enqueue import make_queue
+
+        class BurstSimpleWorker(SimpleWorker):
+            def subscribe(self) -> None:
+                """No command channel: RQ's pubsub thread (60 s poll) outlives a burst by a second and can
+                reconnect after RQ closes it, leaving a socket open. Delivery does not involve it."""
+
+        queue = make_queue(self.connection, self.settings)
+        BurstSimpleWorker([queue], connection=self.connection, serializer=JSONSerializer).work(burst=True)
+
+    def job(self, job_id: str) -> dict:
+        """The API's view of one job, read the way GET /v1/jobs/<id> reads it."""
+        from dispatcher.enqueue import make_queue
+        from dispatcher.keys import Keys
+        from dispatcher.status import StatusReader
+
+        queue = make_queue(self.connection, self.settings)
+        view = StatusReader(self.connection, queue, Keys(self.settings.queue_name)).job(job_id)
+        assert view is not None, f"job {job_id} not found"
+        return view
+
+
+@pytest.fixture
+def burst_worker(redis_conn: redis.Redis, settings: Settings) -> Iterator[Callable[..., BurstWorker]]:
+    """Factory: `burst_worker(**settings_overrides)` configures this process's delivery context with the
+    suite settings plus the overrides and a fresh queue; the context is dropped again afterwards."""
+    import dataclasses
+    import signal
+
+    from workers import context
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def make(**overrides) -> BurstWorker:
+        worker_settings = dataclasses.replace(settings, queue_name=f"burst-{uuid.uuid4().hex[:12]}", **overrides)
+        context.configure(worker_settings)
+        return BurstWorker(redis_conn, worker_settings)
+
+    try:
+        yield make
+    finally:
+        if context._context is not None:
+            context._context.close()
+        context._context = None
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
