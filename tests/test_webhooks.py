@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from rq.job import cancel_job
+from rq.job import Job, cancel_job
 from rq.serializers import JSONSerializer
 from standardwebhooks import Webhook
 
@@ -236,3 +236,19 @@ def test_metadata_is_kept_in_the_job_and_never_sent(api, receiver):
         assert marker not in name and marker not in value
         assert marker[:8] not in name and marker[:8] not in value
     assert "metadata" not in Webhook(WEBHOOK_SECRET).verify(request.body, request.headers)
+
+
+def test_rq_job_meta_carries_an_attempt_summary_and_no_secret(api, receiver, redis_conn):
+    url = receiver.url("fail/1/500")
+    job_id = post_webhook(api, url, retry={"max_attempts": 2, "backoff": [1]})
+
+    assert wait_for(api, job_id)["status"] == "succeeded"
+
+    job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
+    assert job.meta["kind"] == "webhook"
+    assert job.meta["attempts"] == 2
+    assert job.meta["last_attempt"]["outcome"] == "succeeded"
+    assert job.meta["last_attempt"]["number"] == 2
+    raw = b"".join(redis_conn.hgetall(job.key).values())
+    assert WEBHOOK_SECRET.removeprefix("whsec_").encode() not in raw
+    assert b"whsec_" not in raw
