@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import logging
 import os
 import secrets
 import signal
@@ -42,9 +43,13 @@ def run_web() -> int:
     from gunicorn.app.base import BaseApplication
 
     from dispatcher.app import create_app
+    from dispatcher.redis_checks import warn_about_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     settings = Settings.from_env()
     app = create_app(settings)  # validates the configuration before gunicorn forks
+    warn_about_server(app.extensions["dispatcher"].connection, logging.getLogger("dispatcher.web"))
 
     class Server(BaseApplication):
         def load_config(self) -> None:

@@ -103,6 +103,13 @@ class History:
                     pipe.expire(key, ttl)
             pipe.execute()
 
+    def last_attempt(self, job_id: str) -> Attempt | None:
+        """The most recent attempt, finished or not, or None before the first."""
+        key = self.keys.attempts(job_id)
+        number = self.connection.hget(key, _COUNTER)
+        raw = self.connection.hget(key, number) if number is not None else None
+        return Attempt(**json.loads(raw)) if raw is not None else None
+
     def attempts(self, job_id: str) -> list[dict]:
         """Every attempt of a job, oldest first."""
         return parse_attempts(self.connection.hgetall(self.keys.attempts(job_id)))

@@ -55,6 +55,14 @@ def _job() -> Job:
 
 def _attempt(job: Job, kind: Kind, data: dict, deliver: Callable[[], tuple[int, str | None]]) -> dict | Retry:
     history = History(job.connection, Keys(job.origin))
+    last = history.last_attempt(job.id)
+    # A job runs again after its worker died (the reaper requeued it): settle what is already known.
+    if last is not None and last.outcome == "succeeded":
+        return {"status_code": last.status_code, "attempts": last.number}  # delivered before the crash
+    if last is not None and last.outcome == "permanent":
+        raise DeliveryFailed(last.error or "permanent failure")
+    if last is not None and last.number >= int(data.get("retry", {}).get("max_attempts", 1)):
+        return _conclude(job, kind, data, history, last, None)  # the last allowed attempt was cut short
     # Outlives the longest wait before a next attempt (backoff and Retry-After are capped below this).
     attempt = history.start_attempt(job.id, keep_for=job.failure_ttl + PENDING_HISTORY_MARGIN)
     started = time.monotonic()
@@ -80,6 +88,15 @@ def _attempt(job: Job, kind: Kind, data: dict, deliver: Callable[[], tuple[int, 
         # A bug or undecodable job data: retrying would fail the same way.
         attempt.outcome = "permanent"
         attempt.error = f"unexpected error: {type(exc).__name__}: {exc}"
+    except (SystemExit, KeyboardInterrupt):
+        # A second stop signal (cold shutdown) while delivering: put the job back rather than let
+        # RQ fail it; the worker exits once this returns, as its first signal asked.
+        attempt.outcome = "retryable"
+        attempt.error = "interrupted: the worker was shut down during this attempt"
+        attempt.finished_at = isoformat(datetime.now(UTC))
+        attempt.duration_ms = round((time.monotonic() - started) * 1000)
+        history.finish_attempt(kind, job.id, attempt, final=False)
+        return Retry(max=(job.number_of_retries or 0) + 1, interval=0, enqueue_at_front=True)
     attempt.finished_at = isoformat(datetime.now(UTC))
     attempt.duration_ms = round((time.monotonic() - started) * 1000)
     return _conclude(job, kind, data, history, attempt, retry_after)

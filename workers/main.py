@@ -1,18 +1,22 @@
-"""The worker entry point: an RQ worker on the Dispatcher queue, with the scheduler on."""
+"""The worker entry point: a DispatcherWorker on the Dispatcher queue, with the scheduler on."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import redis
 from rq.serializers import JSONSerializer
-from rq.worker import SimpleWorker
 
 from dispatcher.config import Settings
 from dispatcher.enqueue import make_queue
 from dispatcher.errors import ConfigError
+from dispatcher.redis_checks import warn_about_server
 from workers import context
+from workers.worker import MAX_CONNECTION_WAIT, DispatcherWorker
+
+log = logging.getLogger("dispatcher.worker")
 
 
 def main() -> int:
@@ -23,11 +27,18 @@ def main() -> int:
     except ConfigError as exc:
         print(f"dispatcher worker: {exc}", file=sys.stderr)
         return 2
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+    warn_about_server(connection, log)
     queue = make_queue(connection, settings)
-    # SimpleWorker runs jobs in this process, so the HTTP pools and the SMTP connection
-    # survive from one job to the next (RQ's default forks a new process per job).
-    # One queue only: then RQ dequeues with BLMOVE, which a crash cannot lose a job in.
-    worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer)
-    worker.work(with_scheduler=True, logging_level="INFO")
-    return 0
+    while True:
+        worker = DispatcherWorker([queue], connection=connection, serializer=JSONSerializer)
+        try:
+            worker.work(with_scheduler=True, logging_level="INFO")
+        except redis.RedisError as exc:
+            log.warning("Redis unavailable (%s)", exc)
+        if worker.stop_requested_by_signal:
+            return 0
+        # RQ's loop gives up on some Redis errors (a timeout, or one outside its dequeue);
+        # a new worker takes over instead of the process exiting. Its jobs are recovered by the reaper.
+        log.warning("worker %s stopped; starting a new one in %.0fs", worker.name, MAX_CONNECTION_WAIT)
+        time.sleep(MAX_CONNECTION_WAIT)

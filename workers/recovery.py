@@ -1,0 +1,177 @@
+"""Liveness and recovery: a job whose worker died is queued again within seconds.
+
+RQ alone notices an abandoned job only when its StartedJobRegistry entry expires
+(the job timeout plus two minutes) and a worker next runs maintenance (every 10
+minutes, and an idle worker blocks ~400 s per dequeue), and then it fails the
+job unless RQ's own retries are left. Dispatcher's workers instead keep a short
+liveness key alive from a thread; every few seconds one of them looks for jobs
+held by a worker whose key has expired and puts them back at the front of the
+queue, in one Lua script (so two reapers cannot both requeue a job, and a
+crash between steps cannot lose it). The attempt that was cut short is marked
+in the history. A job popped from the queue but never registered (the worker
+died between the two steps) is found in RQ's intermediate list the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from datetime import UTC, datetime
+
+import redis
+from rq import Queue
+
+from dispatcher.history import isoformat
+from dispatcher.keys import Keys
+
+#: How often a worker renews its liveness key and looks for abandoned jobs.
+BEAT_INTERVAL = 3.0
+#: A worker whose key is older than this is dead: a few missed beats.
+ALIVE_TTL = 10
+#: A job seen in RQ's intermediate list, unregistered, on two passes this far apart is abandoned.
+LIMBO_TTL = int(BEAT_INTERVAL * 2) + 1
+
+log = logging.getLogger(__name__)
+
+# KEYS: started registry, job hash, queue list, attempts hash, execution hash
+# ARGV: registry member, job id, now (ISO), error text
+_REQUEUE_STARTED = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[5])
+if redis.call('HGET', KEYS[2], 'status') ~= 'started' then return 0 end
+local n = redis.call('HGET', KEYS[4], 'n')
+if n then
+  local raw = redis.call('HGET', KEYS[4], n)
+  if raw then
+    local attempt = cjson.decode(raw)
+    if attempt['finished_at'] == cjson.null or attempt['finished_at'] == nil then
+      attempt['finished_at'] = ARGV[3]
+      attempt['outcome'] = 'retryable'
+      attempt['error'] = ARGV[4]
+      redis.call('HSET', KEYS[4], n, cjson.encode(attempt))
+    end
+  end
+end
+redis.call('HSET', KEYS[2], 'status', 'queued')
+redis.call('LPUSH', KEYS[3], ARGV[2])
+return 1
+"""
+
+# KEYS: intermediate list, job hash, queue list; ARGV: job id
+_REQUEUE_LIMBO = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'status', 'queued')
+redis.call('LPUSH', KEYS[3], ARGV[1])
+return 1
+"""
+
+
+class Reaper:
+    """Renews one worker's liveness and requeues the jobs of workers that have none."""
+
+    def __init__(self, connection: redis.Redis, queue: Queue, worker_name: str) -> None:
+        self.connection = connection
+        self.queue = queue
+        self.worker_name = worker_name
+        self.keys = Keys(queue.name)
+        self._requeue_started = connection.register_script(_REQUEUE_STARTED)
+        self._requeue_limbo = connection.register_script(_REQUEUE_LIMBO)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def alive_key(self, worker_name: str) -> str:
+        return f"{self.keys.prefix}:alive:{worker_name}"
+
+    def beat(self) -> None:
+        self.connection.set(self.alive_key(self.worker_name), 1, ex=ALIVE_TTL)
+
+    def start(self) -> None:
+        """Beat now (before the first dequeue), then every BEAT_INTERVAL from a daemon thread."""
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="dispatcher-liveness", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=BEAT_INTERVAL + 2)
+        with contextlib.suppress(redis.RedisError):
+            self.connection.delete(self.alive_key(self.worker_name))
+
+    def _run(self) -> None:
+        while not self._stop.wait(BEAT_INTERVAL):
+            try:
+                self.beat()
+                self.reap()
+            except redis.RedisError as exc:
+                log.warning("liveness: Redis unavailable (%s); retrying in %ss", exc, BEAT_INTERVAL)
+            except Exception:
+                log.exception("liveness: unexpected error")
+
+    def reap(self) -> int:
+        """Requeue every abandoned job of this queue; return how many."""
+        # One reaper per pass across all workers is enough.
+        if not self.connection.set(f"{self.keys.prefix}:reaper", self.worker_name, nx=True, ex=int(BEAT_INTERVAL)):
+            return 0
+        return self._reap_started() + self._reap_limbo()
+
+    def _reap_started(self) -> int:
+        registry = self.queue.started_job_registry
+        members = [m.decode() for m in self.connection.zrange(registry.key, 0, -1)]
+        if not members:
+            return 0
+        with self.connection.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.hget(f"rq:execution:{member}", "worker_name")
+            owners = pipe.execute()
+        with self.connection.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.exists(self.alive_key(owner.decode())) if owner else pipe.exists("")
+            alive = pipe.execute()
+        requeued = 0
+        for member, owner, is_alive in zip(members, owners, alive, strict=True):
+            if is_alive:
+                continue
+            job_id = member.rsplit(":", 1)[0]
+            owner_name = owner.decode() if owner else "unknown"
+            done = self._requeue_started(
+                keys=[
+                    registry.key,
+                    self.queue.job_class.key_for(job_id),
+                    self.queue.key,
+                    self.keys.attempts(job_id),
+                    f"rq:execution:{member}",
+                ],
+                args=[
+                    member,
+                    job_id,
+                    isoformat(datetime.now(UTC)),
+                    f"interrupted: worker {owner_name} stopped during this attempt",
+                ],
+            )
+            if done:
+                requeued += 1
+                log.warning("requeued job %s: its worker %s stopped while running it", job_id, owner_name)
+        return requeued
+
+    def _reap_limbo(self) -> int:
+        intermediate_key = self.queue.intermediate_queue_key
+        job_ids = [j.decode() for j in self.connection.lrange(intermediate_key, 0, -1)]
+        if not job_ids:
+            return 0
+        started = self.connection.zrange(self.queue.started_job_registry.key, 0, -1)
+        registered = {member.decode().rsplit(":", 1)[0] for member in started}
+        requeued = 0
+        for job_id in job_ids:
+            if job_id in registered:
+                continue
+            first_sighting = self.connection.set(f"{self.keys.prefix}:limbo:{job_id}", 1, nx=True, ex=LIMBO_TTL)
+            if first_sighting:
+                continue
+            job_key = self.queue.job_class.key_for(job_id)
+            if self._requeue_limbo(keys=[intermediate_key, job_key, self.queue.key], args=[job_id]):
+                requeued += 1
+                log.warning("requeued job %s: its worker stopped between dequeuing and starting it", job_id)
+        return requeued
