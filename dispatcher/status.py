@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import zlib
 from datetime import UTC, datetime
 from enum import StrEnum
 
 import redis
 from rq import Queue
+from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
@@ -97,20 +100,28 @@ class StatusReader:
                 pipe.hmget(self.queue.job_class.key_for(job_id), _FIELDS)
                 pipe.hgetall(self.keys.attempts(job_id))
                 pipe.zscore(scheduled_key, job_id)
+                pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
             replies = pipe.execute()
-        return [_view(job_id, *replies[i * 3 : i * 3 + 3]) for i, job_id in enumerate(ids)]
+        return [_view(job_id, *replies[i * 4 : i * 4 + 4]) for i, job_id in enumerate(ids)]
 
 
-def _view(job_id: str, fields: list[bytes | None], raw_attempts: dict, scheduled_at: float | None) -> dict | None:
+def _view(
+    job_id: str, fields: list[bytes | None], raw_attempts: dict, scheduled_at: float | None, results: list
+) -> dict | None:
     values = dict(zip(_FIELDS, fields, strict=True))
     if values["status"] is None:
         return None
-    meta = JSONSerializer.loads(values["meta"]) if values["meta"] else {}
+    try:
+        meta = JSONSerializer.loads(values["meta"]) if values["meta"] else {}
+    except ValueError:
+        meta = {}  # a damaged job still gets a status
     attempts = parse_attempts(raw_attempts)
     status = _FROM_RQ.get(values["status"].decode(), Status.QUEUED)
     times = [_iso(values[name]) for name in ("created_at", "enqueued_at", "started_at", "ended_at")]
     times += [a["finished_at"] or a["started_at"] for a in attempts]
     errors = [a["error"] for a in attempts if a.get("error")]
+    if status is Status.FAILED and not errors:
+        errors = [_rq_failure(results)]  # failed before our code ran: undecodable data, missing function
     return {
         "id": job_id,
         "kind": meta.get("kind") or kind_of(job_id),
@@ -127,6 +138,17 @@ def _view(job_id: str, fields: list[bytes | None], raw_attempts: dict, scheduled
         "metadata": meta.get("metadata", {}),
         "target": meta.get("target"),
     }
+
+
+def _rq_failure(results: list) -> str:
+    """The last line of the traceback RQ recorded with the job's latest result."""
+    if results:
+        encoded = results[0][1].get(b"exc_string")
+        if encoded:
+            lines = zlib.decompress(base64.b64decode(encoded)).decode(errors="replace").strip().splitlines()
+            if lines:
+                return f"the worker could not run the job: {lines[-1]}"
+    return "the worker could not run the job"
 
 
 def _iso(raw: bytes | None) -> str | None:

