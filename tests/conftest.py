@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -80,7 +81,8 @@ class ReceivedMail:
 
 class SmtpHandler:
     """Accepts everything, except recipients whose local part asks otherwise:
-    `reject550...@` is refused for good, `temp451...@` is refused with 451 on its first try."""
+    `reject550...@` is refused for good, `temp451...@` is refused with 451 on its first try,
+    `random451...@` is refused with 451 on 30 % of tries, at random."""
 
     def __init__(self) -> None:
         self.messages: list[ReceivedMail] = []
@@ -94,6 +96,8 @@ class SmtpHandler:
         if address.startswith("reject550"):
             return "550 5.1.1 mailbox unavailable"
         if address.startswith("temp451") and tries == 1:
+            return "451 4.3.0 try again later"
+        if address.startswith("random451") and random.random() < 0.3:
             return "451 4.3.0 try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
@@ -140,6 +144,11 @@ class ReceivedRequest:
     headers: dict[str, str]
     body: bytes
     received_at: float
+    status: int | None = None  # what the receiver answered
+
+    @property
+    def status_ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
 
 
 @dataclass
@@ -152,6 +161,7 @@ class Receiver:
     /retry-after/<secs>/<token>      503 with Retry-After: <secs> the first time, then 200
     /slow/<secs>/<token>             200 after <secs> seconds
     /redirect/<token>                302 to /ok/<token>
+    /random/<pct>/<token>            500 on pct % of requests, at random, else 200
     """
 
     port: int
@@ -190,8 +200,11 @@ def _receiver_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 status, headers = 503, {"Retry-After": parts[1]}
             elif parts[0] == "slow":
                 time.sleep(float(parts[1]))
+            elif parts[0] == "random" and random.random() * 100 < float(parts[1]):
+                status = 500
             elif parts[0] == "redirect":
                 status, headers = 302, {"Location": f"/ok/{parts[1]}"}
+            request.status = status
             payload = json.dumps({"seen": seen}).encode()
             try:
                 self.send_response(status)
@@ -374,3 +387,65 @@ def burst_worker(redis_conn: redis.Redis, settings: Settings) -> Iterator[Callab
         context._context = None
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+# --- Separate services for fault tests ------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """One Dispatcher on its own queue: an in-process API and worker processes started on demand."""
+
+    env: dict[str, str]
+    log_dir: Path
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.settings = Settings.from_env(self.env)
+        self.client = create_app(self.settings).test_client()
+
+    def start_worker(self) -> subprocess.Popen:
+        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers"], env=process_env(self.env), cwd=ROOT, stdout=log, stderr=log
+        )
+        log.close()
+        self.workers.append(process)
+        return process
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.log_dir.glob("worker-*.log")))
+
+    def post(self, path: str, body: dict) -> str:
+        response = self.client.post(path, json=body, headers=AUTH)
+        assert response.status_code == 202, response.get_json()
+        return response.get_json()["id"]
+
+    def stop_all(self) -> None:
+        for process in self.workers:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def service(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    started: list[Service] = []
+
+    def make(**overrides: str) -> Service:
+        env = service_env | {"DISPATCHER_QUEUE": f"fault-{uuid.uuid4().hex[:10]}"} | overrides
+        svc = Service(env, tmp_path)
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in started:
+        svc.stop_all()
+
+
+def wait_until(predicate, timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(message)
+        time.sleep(0.05)

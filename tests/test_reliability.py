@@ -6,89 +6,22 @@ killing a worker here never disturbs the rest of the suite.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 from aiosmtpd.controller import Controller
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from dispatcher.app import create_app
-from dispatcher.config import Settings
 from dispatcher.enqueue import make_queue
 from dispatcher.redis_checks import warn_about_server
-from tests.conftest import AUTH, ROOT, SmtpHandler, free_port, process_env, wait_for
+from tests.conftest import AUTH, SmtpHandler, free_port, wait_for, wait_until
 
 #: Recovery must happen within this many seconds of a SIGKILL, with default settings.
 RECOVERY_BOUND = 60
-
-
-@dataclasses.dataclass
-class Service:
-    """One Dispatcher on its own queue: an in-process API and worker processes started on demand."""
-
-    env: dict[str, str]
-    log_dir: Path
-    workers: list[subprocess.Popen] = dataclasses.field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.settings = Settings.from_env(self.env)
-        self.client = create_app(self.settings).test_client()
-
-    def start_worker(self) -> subprocess.Popen:
-        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen(
-            [sys.executable, "-m", "workers"], env=process_env(self.env), cwd=ROOT, stdout=log, stderr=log
-        )
-        log.close()
-        self.workers.append(process)
-        return process
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.log_dir.glob("worker-*.log")))
-
-    def post(self, path: str, body: dict) -> str:
-        response = self.client.post(path, json=body, headers=AUTH)
-        assert response.status_code == 202, response.get_json()
-        return response.get_json()["id"]
-
-    def stop_all(self) -> None:
-        for process in self.workers:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
-
-
-@pytest.fixture
-def service(service_env, tmp_path) -> Iterator[callable]:
-    started: list[Service] = []
-
-    def make(**overrides: str) -> Service:
-        env = service_env | {"DISPATCHER_QUEUE": f"fault-{uuid.uuid4().hex[:10]}"} | overrides
-        svc = Service(env, tmp_path)
-        started.append(svc)
-        return svc
-
-    yield make
-    for svc in started:
-        svc.stop_all()
-
-
-def wait_until(predicate, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(message)
-        time.sleep(0.05)
 
 
 def test_sigkill_mid_delivery_is_recovered_with_the_same_webhook_id(service, receiver):
