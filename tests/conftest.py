@@ -180,6 +180,9 @@ class Receiver:
 def _receiver_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes: without TCP_NODELAY the second waits ~40 ms
+        # for the client's delayed ACK, which would make the receiver, not Dispatcher, the bottleneck.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: object) -> None:
             pass
