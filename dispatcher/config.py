@@ -27,6 +27,8 @@ DEFAULT_EMAIL_BACKOFF = (60, 300, 1800, 7200, 21600)
 DEFAULT_RESULT_TTL = 7 * 24 * 3600
 #: How long a failed job stays readable: 30 days.
 DEFAULT_FAILURE_TTL = 30 * 24 * 3600
+#: Deliveries one worker process has in flight at once (a thread each, mostly waiting on the network).
+DEFAULT_CONCURRENCY = 32
 MAX_ATTEMPTS_LIMIT = 20
 MAX_BACKOFF_SECONDS = 7 * 24 * 3600
 
@@ -71,6 +73,7 @@ class Settings:
     email_retry: RetrySchedule = RetrySchedule(6, DEFAULT_EMAIL_BACKOFF)
     result_ttl: int = DEFAULT_RESULT_TTL
     failure_ttl: int = DEFAULT_FAILURE_TTL
+    concurrency: int = DEFAULT_CONCURRENCY
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -104,6 +107,9 @@ class Settings:
             ),
             failure_ttl=_parse_int(
                 "DISPATCHER_FAILURE_TTL", get("DISPATCHER_FAILURE_TTL"), DEFAULT_FAILURE_TTL, 60, 10**9
+            ),
+            concurrency=_parse_int(
+                "DISPATCHER_CONCURRENCY", get("DISPATCHER_CONCURRENCY"), DEFAULT_CONCURRENCY, 1, 1024
             ),
         )
 

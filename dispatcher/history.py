@@ -3,17 +3,19 @@
 RQ's `job.meta` is one blob and the last writer wins, so attempts live in their
 own hash, one field per attempt number: a writer only ever sets its own field,
 and no entry can be lost to a concurrent save. The attempt number comes from
-HINCRBY, so even an attempt cut short by a crash keeps its entry.
+HINCRBY inside a Lua script, so even an attempt cut short by a crash keeps its
+entry, and beginning an attempt is one command that can ride in a pipeline.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import Literal
 
 import redis
+from redis.client import Pipeline
 
 from dispatcher.keys import Keys, Kind
 
@@ -21,6 +23,26 @@ Outcome = Literal["succeeded", "retryable", "permanent"]
 RECENT_FAILURES = 10
 #: The counter's field in the attempts hash; every other field is an attempt number.
 _COUNTER = "n"
+
+# KEYS: attempts hash. ARGV: max attempts, the new attempt's JSON (without its number), TTL.
+# Returns {number} for a new attempt, or {0, last attempt JSON, its number} when the job is already
+# settled (delivered, failed for good, or out of attempts) and must not be delivered again.
+_BEGIN = """
+local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+if n > 0 then
+  local last = redis.call('HGET', KEYS[1], tostring(n))
+  if last then
+    local outcome = cjson.decode(last)['outcome']
+    if outcome == 'succeeded' or outcome == 'permanent' or n >= tonumber(ARGV[1]) then
+      return {0, last, n}
+    end
+  end
+end
+n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('HSET', KEYS[1], tostring(n), ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {n}
+"""
 
 
 def isoformat(moment: datetime) -> str:
@@ -42,6 +64,11 @@ class Attempt:
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
+    @classmethod
+    def from_record(cls, number: int, raw: bytes | str) -> Attempt:
+        record = json.loads(raw)
+        return cls(number=number, **{f.name: record.get(f.name) for f in fields(cls) if f.name != "number"})
+
 
 class History:
     """Writes and reads attempt records and outcome totals."""
@@ -49,24 +76,29 @@ class History:
     def __init__(self, connection: redis.Redis, keys: Keys) -> None:
         self.connection = connection
         self.keys = keys
+        self._begin = connection.register_script(_BEGIN)
 
-    def start_attempt(self, job_id: str, keep_for: int) -> Attempt:
-        """Number and record a new attempt as begun; it shows while running and if it is cut short.
+    def begin(self, pipe: Pipeline, job_id: str, max_attempts: int, keep_for: int) -> datetime:
+        """Queue the start of a new attempt in `pipe`; read its reply with `began()`.
 
-        `keep_for` bounds the history's life until the job ends (then `finish_attempt` sets
-        the job's own TTL), so a job deleted behind our back does not leave it forever.
+        `keep_for` bounds the history's life until the job ends (then `finish` sets the
+        job's own TTL), so a job deleted behind our back does not leave it forever.
         """
-        key = self.keys.attempts(job_id)
-        number = int(self.connection.hincrby(key, _COUNTER, 1))
-        attempt = Attempt(number=number, started_at=isoformat(datetime.now(UTC)))
-        with self.connection.pipeline(transaction=False) as pipe:
-            pipe.hset(key, str(number), attempt.to_json())
-            pipe.expire(key, keep_for)
-            pipe.execute()
-        return attempt
+        started = datetime.now(UTC)
+        record = json.dumps({"started_at": isoformat(started)}, separators=(",", ":"))
+        self._begin(keys=[self.keys.attempts(job_id)], args=[max_attempts, record, keep_for], client=pipe)
+        return started
 
-    def finish_attempt(
+    @staticmethod
+    def began(reply: list, started: datetime) -> tuple[Attempt, bool]:
+        """(the attempt to make, True) or (the job's last attempt, False) when it is already settled."""
+        if int(reply[0]) == 0:
+            return Attempt.from_record(int(reply[2]), reply[1]), False
+        return Attempt(number=int(reply[0]), started_at=isoformat(started)), True
+
+    def finish(
         self,
+        pipe: Pipeline,
         kind: Kind,
         job_id: str,
         attempt: Attempt,
@@ -74,41 +106,26 @@ class History:
         final: bool,
         ttl: int | None = None,
         target: dict | None = None,
-        mirror: tuple[str, bytes] | None = None,
     ) -> None:
-        """Store the finished attempt; when `final`, count the job's outcome and let its history expire.
-
-        `mirror` is (RQ job key, serialized job meta): a summary for rq-dashboard, written in the same round trip.
-        """
+        """Queue in `pipe`: store the attempt; when `final`, count the outcome and let the history expire."""
         key = self.keys.attempts(job_id)
-        with self.connection.pipeline(transaction=True) as pipe:
-            pipe.hset(key, str(attempt.number), attempt.to_json())
-            if mirror is not None:
-                pipe.hset(mirror[0], "meta", mirror[1])
-            if final:
-                succeeded = attempt.outcome == "succeeded"
-                pipe.hincrby(self.keys.totals, f"{kind}:{'succeeded' if succeeded else 'failed'}", 1)
-                if not succeeded:
-                    failure = {
-                        "id": job_id,
-                        "kind": kind,
-                        "failed_at": attempt.finished_at,
-                        "attempts": attempt.number,
-                        "error": attempt.error,
-                        "target": target,
-                    }
-                    pipe.lpush(self.keys.recent_failures, json.dumps(failure, separators=(",", ":")))
-                    pipe.ltrim(self.keys.recent_failures, 0, RECENT_FAILURES - 1)
-                if ttl is not None:
-                    pipe.expire(key, ttl)
-            pipe.execute()
-
-    def last_attempt(self, job_id: str) -> Attempt | None:
-        """The most recent attempt, finished or not, or None before the first."""
-        key = self.keys.attempts(job_id)
-        number = self.connection.hget(key, _COUNTER)
-        raw = self.connection.hget(key, number) if number is not None else None
-        return Attempt(**json.loads(raw)) if raw is not None else None
+        pipe.hset(key, str(attempt.number), attempt.to_json())
+        if final:
+            succeeded = attempt.outcome == "succeeded"
+            pipe.hincrby(self.keys.totals, f"{kind}:{'succeeded' if succeeded else 'failed'}", 1)
+            if not succeeded:
+                failure = {
+                    "id": job_id,
+                    "kind": kind,
+                    "failed_at": attempt.finished_at,
+                    "attempts": attempt.number,
+                    "error": attempt.error,
+                    "target": target,
+                }
+                pipe.lpush(self.keys.recent_failures, json.dumps(failure, separators=(",", ":")))
+                pipe.ltrim(self.keys.recent_failures, 0, RECENT_FAILURES - 1)
+            if ttl is not None:
+                pipe.expire(key, ttl)
 
     def attempts(self, job_id: str) -> list[dict]:
         """Every attempt of a job, oldest first."""
@@ -123,5 +140,8 @@ class History:
 
 
 def parse_attempts(raw: dict[bytes, bytes]) -> list[dict]:
-    records = [json.loads(value) for field, value in raw.items() if field != _COUNTER.encode()]
-    return sorted(records, key=lambda record: record["number"])
+    """The records of an attempts hash in API form, oldest first (the field name is the number)."""
+    attempts = [
+        asdict(Attempt.from_record(int(field), value)) for field, value in raw.items() if field != _COUNTER.encode()
+    ]
+    return sorted(attempts, key=lambda record: record["number"])

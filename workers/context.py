@@ -1,8 +1,9 @@
-"""What a worker process builds once and every job reuses: HTTP pools, the SMTP connection, the signer."""
+"""What a worker process builds once and every job reuses: HTTP pools, SMTP connections, the signer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from dispatcher.config import Settings
 from dispatcher.netguard import NetworkGuard
@@ -15,20 +16,34 @@ from workers.webhook import WebhookSender
 class DeliveryContext:
     settings: Settings
     webhooks: WebhookSender
-    mail: MailTransport
+    _local: threading.local = field(default_factory=threading.local)
+    _transports: list[MailTransport] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def build(cls, settings: Settings) -> DeliveryContext:
         """Raise ConfigError when the settings cannot deliver (no signing secret)."""
-        client = HttpClient(NetworkGuard(settings.allowed_networks), settings.webhook_timeout)
-        mail: MailTransport = (
-            SmtpTransport(settings.smtp) if settings.smtp is not None else OutboxTransport(settings.outbox_dir)
-        )
-        return cls(settings=settings, webhooks=WebhookSender(client, settings.require_webhook_secret()), mail=mail)
+        # One pooled connection per concurrent delivery to any one host.
+        client = HttpClient(NetworkGuard(settings.allowed_networks), settings.webhook_timeout, settings.concurrency)
+        return cls(settings=settings, webhooks=WebhookSender(client, settings.require_webhook_secret()))
+
+    def mail(self) -> MailTransport:
+        """This thread's mail transport: an SMTP connection is not shared between threads."""
+        transport = getattr(self._local, "mail", None)
+        if transport is None:
+            smtp = self.settings.smtp
+            transport = SmtpTransport(smtp) if smtp is not None else OutboxTransport(self.settings.outbox_dir)
+            self._local.mail = transport
+            with self._lock:
+                self._transports.append(transport)
+        return transport
 
     def close(self) -> None:
         self.webhooks.client.close()
-        self.mail.close()
+        with self._lock:
+            transports, self._transports = self._transports, []
+        for transport in transports:
+            transport.close()
 
 
 _context: DeliveryContext | None = None

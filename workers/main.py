@@ -31,14 +31,18 @@ def main() -> int:
     warn_about_server(connection, log)
     queue = make_queue(connection, settings)
     while True:
-        worker = DispatcherWorker([queue], connection=connection, serializer=JSONSerializer)
+        worker = DispatcherWorker(
+            [queue], connection=connection, serializer=JSONSerializer, concurrency=settings.concurrency
+        )
         try:
             worker.work(with_scheduler=True, logging_level="INFO")
         except redis.RedisError as exc:
             log.warning("Redis unavailable (%s)", exc)
+        except Exception:
+            log.exception("worker %s failed", worker.name)
         if worker.stop_requested_by_signal:
             return 0
-        # RQ's loop gives up on some Redis errors (a timeout, or one outside its dequeue);
-        # a new worker takes over instead of the process exiting. Its jobs are recovered by the reaper.
+        # The loop gave up (Redis went away, or a bug): a new worker takes over instead of the
+        # process exiting. The old one's jobs in flight are requeued by the reaper.
         log.warning("worker %s stopped; starting a new one in %.0fs", worker.name, MAX_CONNECTION_WAIT)
         time.sleep(MAX_CONNECTION_WAIT)

@@ -34,12 +34,17 @@ LIMBO_TTL = int(BEAT_INTERVAL * 2) + 1
 
 log = logging.getLogger(__name__)
 
-# KEYS: started registry, job hash, queue list, attempts hash, execution hash
+# KEYS: started registry, job hash, queue list, attempts hash, execution hash, scheduled registry
 # ARGV: registry member, job id, now (ISO), error text
+# A job counts as abandoned if it is still "started", or "scheduled" without being in the
+# scheduled registry (a worker died half-way through rescheduling it).
 _REQUEUE_STARTED = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[5])
-if redis.call('HGET', KEYS[2], 'status') ~= 'started' then return 0 end
+local status = redis.call('HGET', KEYS[2], 'status')
+if status ~= 'started' and not (status == 'scheduled' and not redis.call('ZSCORE', KEYS[6], ARGV[2])) then
+  return 0
+end
 local n = redis.call('HGET', KEYS[4], 'n')
 if n then
   local raw = redis.call('HGET', KEYS[4], n)
@@ -136,25 +141,28 @@ class Reaper:
                 continue
             job_id = member.rsplit(":", 1)[0]
             owner_name = owner.decode() if owner else "unknown"
-            done = self._requeue_started(
+            if self.requeue(member, f"interrupted: worker {owner_name} stopped during this attempt"):
+                requeued += 1
+                log.warning("requeued job %s: its worker %s stopped while running it", job_id, owner_name)
+        return requeued
+
+    def requeue(self, member: str, error: str) -> bool:
+        """Put the job of a StartedJobRegistry entry (`job id:execution id`) back at the front of
+        the queue and mark its unfinished attempt with `error`; False if it was no longer running."""
+        job_id = member.rsplit(":", 1)[0]
+        return bool(
+            self._requeue_started(
                 keys=[
-                    registry.key,
+                    self.queue.started_job_registry.key,
                     self.queue.job_class.key_for(job_id),
                     self.queue.key,
                     self.keys.attempts(job_id),
                     f"rq:execution:{member}",
+                    self.queue.scheduled_job_registry.key,
                 ],
-                args=[
-                    member,
-                    job_id,
-                    isoformat(datetime.now(UTC)),
-                    f"interrupted: worker {owner_name} stopped during this attempt",
-                ],
+                args=[member, job_id, isoformat(datetime.now(UTC)), error],
             )
-            if done:
-                requeued += 1
-                log.warning("requeued job %s: its worker %s stopped while running it", job_id, owner_name)
-        return requeued
+        )
 
     def _reap_limbo(self) -> int:
         intermediate_key = self.queue.intermediate_queue_key

@@ -1,0 +1,138 @@
+"""One delivery attempt: make it, decide what follows, record it. No RQ bookkeeping here.
+
+The worker runs attempts on a thread pool and records many in one pipeline;
+the RQ job functions in `workers.jobs` (for a plain `rq worker`) run the same
+steps one job at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from redis.client import Pipeline
+from rq.job import Job
+from rq.timeouts import JobTimeoutException
+
+from dispatcher.config import DEFAULT_FAILURE_TTL, DEFAULT_RESULT_TTL
+from dispatcher.history import Attempt, History, isoformat
+from dispatcher.keys import Kind
+from workers import context
+from workers.errors import DeliveryError, RetryableDeliveryError
+from workers.mail import build_message, envelope
+from workers.retry import next_delay
+
+#: Beyond the failure TTL, how long an unfinished job's history is kept: more than the longest
+#: backoff (7 days) plus the longest Retry-After (1 day).
+PENDING_HISTORY_MARGIN = 9 * 24 * 3600
+
+
+def max_attempts(data: dict) -> int:
+    return int(data.get("retry", {}).get("max_attempts", 1))
+
+
+def deliver(kind: Kind, job_id: str, data: dict) -> tuple[int, str | None]:
+    """Send once: (status code, response excerpt or note), or raise a DeliveryError."""
+    ctx = context.current()
+    if kind == "webhook":
+        return ctx.webhooks.send(job_id, data)
+    sender, recipients = envelope(data)
+    return ctx.mail().send(build_message(data), sender, recipients)
+
+
+def run(kind: Kind, job_id: str, data: dict, attempt: Attempt) -> float | None:
+    """Make the attempt, filling in `attempt`; return the receiver's Retry-After, if any.
+
+    Safe to call from any thread; touches no Redis.
+    """
+    started = time.monotonic()
+    retry_after: float | None = None
+    try:
+        attempt.status_code, note = deliver(kind, job_id, data)
+        attempt.outcome = "succeeded"
+        if kind == "webhook":
+            attempt.response_excerpt = note
+        else:
+            attempt.error = note
+    except DeliveryError as exc:
+        retryable = isinstance(exc, RetryableDeliveryError)
+        attempt.outcome = "retryable" if retryable else "permanent"
+        attempt.status_code = exc.status_code
+        attempt.error = str(exc)
+        attempt.response_excerpt = exc.response_excerpt
+        retry_after = exc.retry_after if isinstance(exc, RetryableDeliveryError) else None
+    except JobTimeoutException as exc:
+        attempt.outcome = "retryable"
+        attempt.error = f"attempt timed out: {exc}"
+    except Exception as exc:
+        # A bug or undecodable job data: retrying would fail the same way.
+        attempt.outcome = "permanent"
+        attempt.error = f"unexpected error: {type(exc).__name__}: {exc}"
+    finally:
+        attempt.finished_at = isoformat(datetime.now(UTC))
+        attempt.duration_ms = round((time.monotonic() - started) * 1000)
+    return retry_after
+
+
+@dataclass
+class Decision:
+    """What an attempt leads to: done, another try after `delay` seconds, or failed for good."""
+
+    verdict: Literal["succeeded", "retry", "failed"]
+    attempt: Attempt
+    delay: float = 0.0
+
+    @property
+    def error(self) -> str:
+        if self.attempt.outcome == "retryable" and self.verdict == "failed":
+            return f"gave up after {self.attempt.number} attempt(s): {self.attempt.error}"
+        return self.attempt.error or "permanent failure"
+
+    @property
+    def result(self) -> dict:
+        return {"status_code": self.attempt.status_code, "attempts": self.attempt.number}
+
+
+def decide(data: dict, attempt: Attempt, retry_after: float | None = None) -> Decision:
+    """Succeeded; retryable with attempts left (after backoff, jitter and Retry-After); or failed."""
+    if attempt.outcome == "succeeded":
+        return Decision("succeeded", attempt)
+    if attempt.outcome == "retryable" and attempt.number < max_attempts(data):
+        return Decision("retry", attempt, next_delay(data["retry"].get("backoff", []), attempt.number + 1, retry_after))
+    return Decision("failed", attempt)
+
+
+def result_ttl(job: Job) -> int:
+    """The job's own TTL as the API set it; jobs enqueued by other means get Dispatcher's default."""
+    return job.result_ttl if job.result_ttl is not None and job.result_ttl > 0 else DEFAULT_RESULT_TTL
+
+
+def failure_ttl(job: Job) -> int:
+    return job.failure_ttl if job.failure_ttl is not None and job.failure_ttl > 0 else DEFAULT_FAILURE_TTL
+
+
+def history_ttl(job: Job) -> int:
+    """How long an unfinished job's history is kept."""
+    return failure_ttl(job) + PENDING_HISTORY_MARGIN
+
+
+def settled(last: Attempt) -> Decision:
+    """What a job whose history is already complete (a rerun after a crash) comes to."""
+    return Decision("succeeded" if last.outcome == "succeeded" else "failed", last)
+
+
+def record(pipe: Pipeline, history: History, kind: Kind, job: Job, decision: Decision) -> None:
+    """Queue in `pipe` the attempt, the outcome totals and a summary in job.meta for rq-dashboard."""
+    attempt = decision.attempt
+    if not isinstance(job.meta, dict) or "unserialized" in job.meta:
+        job.meta = {}  # RQ hands over undecodable meta as {"unserialized": raw bytes}: replace it
+    job.meta["attempts"] = attempt.number
+    job.meta["last_attempt"] = asdict(attempt)
+    pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+    if decision.verdict == "retry":
+        history.finish(pipe, kind, job.id, attempt, final=False)
+    else:
+        ttl = result_ttl(job) if decision.verdict == "succeeded" else failure_ttl(job)
+        history.finish(pipe, kind, job.id, attempt, final=True, ttl=ttl, target=job.meta.get("target"))
