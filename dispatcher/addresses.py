@@ -9,6 +9,8 @@ from email_validator import EmailNotValidError, validate_email
 
 #: `Display Name <local@domain>`; the name may be quoted.
 _NAME_ADDR = re.compile(r"(?P<name>[^<>]*)<(?P<addr>[^<>]+)>")
+#: CR, LF, NUL and every other character str.splitlines() breaks at, as the email package does.
+LINE_BREAKS = "\r\n\0\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 class AddressError(ValueError):
@@ -17,8 +19,8 @@ class AddressError(ValueError):
 
 def validate_address(value: str) -> str:
     """Return the normalized addr-spec `local@domain`; raise AddressError when invalid."""
-    if any(c in value for c in "\r\n\0"):
-        raise AddressError("must not contain CR, LF or NUL")
+    if any(c in value for c in LINE_BREAKS):
+        raise AddressError("must not contain CR, LF, NUL or another line break")
     try:
         result = validate_email(value, check_deliverability=False)
     except EmailNotValidError as exc:
@@ -28,8 +30,8 @@ def validate_address(value: str) -> str:
 
 def parse_mailbox(value: str) -> Address:
     """Parse `addr` or `Display Name <addr>` into an Address; raise AddressError when invalid."""
-    if any(c in value for c in "\r\n\0"):
-        raise AddressError("must not contain CR, LF or NUL")
+    if any(c in value for c in LINE_BREAKS):
+        raise AddressError("must not contain CR, LF, NUL or another line break")
     match = _NAME_ADDR.fullmatch(value.strip())
     if match:
         name, addr = match["name"].strip(), match["addr"]

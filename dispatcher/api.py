@@ -39,6 +39,14 @@ def readyz() -> Response:
     return jsonify(status="ok")
 
 
+@health.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3.1 document of this API; it holds no data, so it needs no key."""
+    from dispatcher.openapi import openapi_document  # it imports this module
+
+    return jsonify(openapi_document())
+
+
 @v1.before_request
 def authenticate() -> None:
     header = request.headers.get("Authorization", "")
@@ -120,6 +128,9 @@ def _json_body() -> dict[str, Any]:
         body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise APIError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    except ValueError:
+        # int() refuses a number of more than 4300 digits (sys.get_int_max_str_digits()).
+        raise APIError(400, "malformed_json", "the body holds a number with too many digits") from None
     except RecursionError:
         raise APIError(400, "malformed_json", "the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):

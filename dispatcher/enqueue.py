@@ -59,7 +59,7 @@ def email_job(request: EmailRequest, settings: Settings, accepted_at: datetime) 
     job_id = new_job_id("email")
     sender = request.from_
     assert sender is not None  # the model fills the default sender or rejects the request
-    domain = sender.rpartition("@")[2].rstrip(">") or "dispatcher.invalid"
+    domain = _ascii_domain(sender.rpartition("@")[2].rstrip(">"))
     data = request.model_dump(
         by_alias=True, exclude={"metadata", "retry"}, exclude_none=True
     ) | {
@@ -73,6 +73,14 @@ def email_job(request: EmailRequest, settings: Settings, accepted_at: datetime) 
         "metadata": request.metadata,
     }
     return job_id, data, meta
+
+
+def _ascii_domain(domain: str) -> str:
+    """The domain for the Message-ID, which must be ASCII: an internationalized one in its IDNA form."""
+    try:
+        return domain.encode("idna").decode("ascii") or "dispatcher.invalid"
+    except UnicodeError:
+        return "dispatcher.invalid"
 
 
 def enqueue(

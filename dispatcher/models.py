@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
+from collections.abc import Iterator
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -23,18 +25,29 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
-from dispatcher.addresses import AddressError, parse_mailbox, validate_address
+from dispatcher.addresses import LINE_BREAKS, AddressError, parse_mailbox, validate_address
 from dispatcher.config import MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_SECONDS
 from dispatcher.errors import DestinationRefused, FieldProblem
 
 MAX_RECIPIENTS = 50
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 MAX_HEADERS = 50
+#: Longer mail header names cannot be folded onto a 78-character line (the email package fails on them).
+MAX_EMAIL_HEADER_NAME = 76
 MAX_METADATA_KEYS = 50
+#: Objects and arrays nested in a webhook payload, the payload itself included.
+MAX_PAYLOAD_DEPTH = 100
 #: HTTP token characters (RFC 9110), which is also safe for email header names.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}")
-_CONTENT_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*")
+_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*/[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+#: Lone surrogates: JSON can escape them (\ud800), UTF-8 cannot encode them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_PLAIN_JSON = frozenset({int, bool, type(None)})
+#: What an HTTP/1.1 header value may hold: visible ASCII, spaces and tabs.
+_HTTP_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 #: Header names the webhook delivery sets itself; a request may not override them.
 RESERVED_WEBHOOK_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding"})
 #: Header names the email builder sets itself, from the request's own fields.
@@ -47,8 +60,8 @@ RESERVED_EMAIL_HEADERS = frozenset(
 
 
 def _no_line_breaks(value: str) -> str:
-    if any(c in value for c in "\r\n\0"):
-        raise ValueError("must not contain CR, LF or NUL (header injection)")
+    if any(c in value for c in LINE_BREAKS):
+        raise ValueError("must not contain CR, LF, NUL or another line break (header injection)")
     return value
 
 
@@ -74,7 +87,9 @@ MetadataValue = Annotated[str, StringConstraints(max_length=1024)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)]
 
 
-def _check_headers(headers: dict[str, str], reserved: frozenset[str], reserved_prefix: str | None) -> None:
+def _check_headers(
+    headers: dict[str, str], reserved: frozenset[str], reserved_prefix: str | None, http: bool = False
+) -> None:
     if len(headers) > MAX_HEADERS:
         raise FieldProblem("headers", f"at most {MAX_HEADERS} headers")
     for name, value in headers.items():
@@ -84,8 +99,15 @@ def _check_headers(headers: dict[str, str], reserved: frozenset[str], reserved_p
         lowered = name.lower()
         if lowered in reserved or (reserved_prefix and lowered.startswith(reserved_prefix)):
             raise FieldProblem(field, "is set by Dispatcher itself and cannot be given")
-        if any(c in value for c in "\r\n\0"):
-            raise FieldProblem(field, "must not contain CR, LF or NUL (header injection)")
+        if not http and lowered.startswith("resent-"):
+            # The email package parses these as address lists and fails on a malformed one.
+            raise FieldProblem(field, "Resent-* headers belong to a re-sent message and cannot be given")
+        if not http and len(name) > MAX_EMAIL_HEADER_NAME:
+            raise FieldProblem(field, f"is longer than {MAX_EMAIL_HEADER_NAME} characters (a mail header line)")
+        if any(c in value for c in LINE_BREAKS):
+            raise FieldProblem(field, "must not contain CR, LF, NUL or another line break (header injection)")
+        if http and not _HTTP_HEADER_VALUE.fullmatch(value):
+            raise FieldProblem(field, "may hold only visible ASCII characters, spaces and tabs (an HTTP header)")
         if len(value) > 4096:
             raise FieldProblem(field, "is longer than 4096 characters")
 
@@ -142,7 +164,7 @@ class EmailRequest(RequestModel):
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        _check_headers(value, RESERVED_EMAIL_HEADERS, None)
+        _check_headers(value, RESERVED_EMAIL_HEADERS, "content-")
         return value
 
     @model_validator(mode="after")
@@ -183,17 +205,68 @@ class WebhookRequest(RequestModel):
                 raise ValueError(f"destination refused: {exc}") from None
         return value
 
+    @field_validator("payload", mode="before")
+    @classmethod
+    def _payload(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if not all(type(key) is str and not _SURROGATE.search(key) for key in value):
+                raise FieldProblem("payload", "has a key that is not a valid Unicode string")
+            check_json_value(value, "payload")
+        return value
+
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        _check_headers(value, RESERVED_WEBHOOK_HEADERS, "webhook-")
+        _check_headers(value, RESERVED_WEBHOOK_HEADERS, "webhook-", http=True)
         return value
+
+
+def check_json_value(value: dict | list, field: str) -> None:
+    """Raise FieldProblem unless `value` is JSON that encodes as UTF-8, at most MAX_PAYLOAD_DEPTH deep.
+
+    Depth-first with one iterator per open container, so memory follows the depth, not the size, and
+    no depth reaches Python's recursion limit; the bound keeps json.dumps and receivers clear of theirs.
+    """
+    stack: list[tuple[Any, Iterator[tuple[Any, Any]]]] = [(field, _members(value))]
+
+    def path(*keys: Any) -> str:
+        return ".".join(str(key) for key in (*(key for key, _ in stack), *keys))
+
+    while stack:
+        for key, item in stack[-1][1]:
+            if type(item) in _PLAIN_JSON:
+                continue
+            if isinstance(item, dict | list):
+                if len(stack) >= MAX_PAYLOAD_DEPTH:
+                    raise FieldProblem(field, f"is nested more than {MAX_PAYLOAD_DEPTH} levels deep")
+                if item:
+                    if isinstance(item, dict) and not all(type(k) is str and not _SURROGATE.search(k) for k in item):
+                        raise FieldProblem(path(key), "has a key that is not a valid Unicode string")
+                    stack.append((key, _members(item)))
+                    break
+            elif isinstance(item, str):
+                if _SURROGATE.search(item):
+                    raise FieldProblem(path(key), "is not valid Unicode (a lone surrogate)")
+            elif isinstance(item, float):
+                if not math.isfinite(item):
+                    raise FieldProblem(path(key), "must be a finite number (JSON has no NaN or Infinity)")
+            else:
+                raise FieldProblem(path(key), f"is not a JSON value ({type(item).__name__})")
+        else:
+            stack.pop()
+
+
+def _members(container: dict | list) -> Iterator[tuple[Any, Any]]:
+    return iter(container.items()) if isinstance(container, dict) else enumerate(container)
 
 
 def parse_webhook_url(value: str) -> tuple[str, int]:
     """Check a webhook URL's form and return its (ASCII host, port); raise ValueError when unfit."""
     if any(ord(c) <= 0x20 or c == "\x7f" for c in value):
         raise ValueError("must not contain spaces or control characters")
+    if "\\" in value:
+        # Parsers disagree on it (urllib3 ends the host there, urlsplit does not): percent-encode it.
+        raise ValueError("must not contain a backslash (write it as %5C)")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
         raise ValueError("must be an http:// or https:// URL")
@@ -210,9 +283,19 @@ def parse_webhook_url(value: str) -> tuple[str, int]:
         raise ValueError("has an invalid port (must be 1-65535)")
     if parts.fragment:
         raise ValueError("must not contain a #fragment")
-    if not host.startswith("[") and ":" not in host:
+    if ":" not in host:
         try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
+            if host.isascii():
+                host.encode("idna")  # empty or overlong labels
+            # The host as the worker's HTTP client (urllib3) will send it: IDNA 2008 for a non-ASCII name.
+            host = (parse_url(value).host or "").lower()
+        except (UnicodeError, LocationParseError):
             raise ValueError(f"host {parts.hostname!r} is not a valid domain name") from None
+        if not host:
+            raise ValueError("must have a host")
+    else:
+        try:
+            parse_url(value)
+        except LocationParseError:
+            raise ValueError(f"host {parts.hostname!r} is not a valid IPv6 address") from None
     return host, port or (443 if parts.scheme == "https" else 80)

@@ -1,0 +1,217 @@
+"""The OpenAPI 3.1 document of the API, served at `GET /openapi.json`.
+
+Request bodies come from the pydantic models themselves, so the document cannot drift
+from what the API validates; the paths and the answers are written out here.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from dispatcher.api import MAX_LIST_LIMIT
+from dispatcher.keys import KINDS
+from dispatcher.models import EmailRequest, WebhookRequest
+from dispatcher.status import Status
+
+_REF = "#/components/schemas/{model}"
+_COUNTS = ("queued", "scheduled", "running", "succeeded", "failed")
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _object(properties: dict[str, dict], required: tuple[str, ...] | None = None) -> dict:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties if required is None else required),
+        "additionalProperties": False,
+    }
+
+
+_STRING = {"type": "string"}
+_TIME = {"type": "string", "format": "date-time"}
+_STRINGS = {"type": "array", "items": _STRING}
+
+_SCHEMAS: dict[str, dict] = {
+    "Error": _object(
+        {
+            "error": _object(
+                {
+                    "code": _STRING,
+                    "message": _STRING,
+                    "details": {
+                        "type": "array",
+                        "items": _object({"field": _STRING, "problem": _STRING}),
+                    },
+                }
+            )
+        }
+    ),
+    "Accepted": _object(
+        {"id": _STRING, "status": {"type": "string", "enum": ["queued"]}, "status_url": _STRING}
+    ),
+    "Health": _object({"status": {"type": "string", "enum": ["ok"]}}),
+    "WebhookTarget": _object({"url": _STRING, "event_type": _STRING}),
+    "EmailTarget": _object({"to": _STRINGS, "cc": _STRINGS, "bcc": _STRINGS, "subject": _STRING}),
+    "Attempt": _object(
+        {
+            "number": {"type": "integer", "minimum": 1},
+            "started_at": _TIME,
+            "finished_at": _nullable(_TIME),
+            "duration_ms": _nullable({"type": "integer"}),
+            "outcome": {"enum": ["succeeded", "retryable", "permanent", None]},
+            "status_code": _nullable({"type": "integer"}),
+            "error": _nullable(_STRING),
+            "response_excerpt": _nullable(_STRING),
+        }
+    ),
+    "Job": _object(
+        {
+            "id": _STRING,
+            "kind": {"type": "string", "enum": list(KINDS)},
+            "status": {"type": "string", "enum": [s.value for s in Status]},
+            "created_at": _nullable(_TIME),
+            "updated_at": _nullable(_TIME),
+            "next_attempt_at": _nullable(_TIME),
+            "attempts": {"type": "array", "items": _ref("Attempt")},
+            "error": _nullable(_STRING),
+            "metadata": {"type": "object", "additionalProperties": _STRING},
+            "target": {"anyOf": [_ref("WebhookTarget"), _ref("EmailTarget"), {"type": "null"}]},
+        }
+    ),
+    "JobList": _object({"jobs": {"type": "array", "items": _ref("Job")}}),
+    "Counts": _object({name: {"type": "integer", "minimum": 0} for name in _COUNTS}),
+    "Failure": _object(
+        {
+            "id": _STRING,
+            "kind": {"type": "string", "enum": list(KINDS)},
+            "failed_at": _nullable(_TIME),
+            "attempts": {"type": "integer"},
+            "error": _nullable(_STRING),
+            "target": {"anyOf": [_ref("WebhookTarget"), _ref("EmailTarget"), {"type": "null"}]},
+        }
+    ),
+    "Stats": _object(
+        {
+            "email": _ref("Counts"),
+            "webhook": _ref("Counts"),
+            "recent_failures": {"type": "array", "items": _ref("Failure")},
+        }
+    ),
+}
+
+#: Error answers, by status: (code, description).
+_ERRORS = {
+    400: "`malformed_json`: the body is not valid JSON or not UTF-8",
+    401: "`unauthorized`: no or wrong bearer key",
+    404: "`not_found`: unknown (or expired) job",
+    413: "`body_too_large`: the body is over 15 MB",
+    415: "`unsupported_media_type`: the body is not `application/json`",
+    422: "`validation_error`: one entry in `details` for every bad field",
+    503: "`unavailable`: Redis is unreachable",
+}
+
+
+def _json(schema: dict, description: str, **extra: Any) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}, **extra}
+
+
+def _responses(ok: int, schema: dict, description: str, errors: tuple[int, ...], **extra: Any) -> dict:
+    answers = {str(ok): _json(schema, description, **extra)}
+    answers.update({str(status): {"$ref": f"#/components/responses/E{status}"} for status in errors})
+    return answers
+
+
+def _accept(summary: str, model: str) -> dict:
+    location = {"Location": {"description": "the job's status URL", "schema": _STRING}}
+    return {
+        "post": {
+            "operationId": f"create_{model.removesuffix('Request').lower()}",
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}},
+            "responses": _responses(
+                202, _ref("Accepted"), "accepted and queued", (400, 401, 413, 415, 422, 503), headers=location
+            ),
+        }
+    }
+
+
+def _get(operation_id: str, summary: str, schema: dict, errors: tuple[int, ...], **extra: Any) -> dict:
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": summary,
+            "responses": _responses(200, schema, "OK", errors),
+            **extra,
+        }
+    }
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+_PATHS = {
+    "/v1/emails": _accept("Send an email", "EmailRequest"),
+    "/v1/webhooks": _accept("Call a webhook", "WebhookRequest"),
+    "/v1/jobs/{id}": _get(
+        "get_job",
+        "One job's status and attempts",
+        _ref("Job"),
+        (401, 404, 503),
+        parameters=[{"name": "id", "in": "path", "required": True, "schema": _STRING}],
+    ),
+    "/v1/jobs": _get(
+        "list_jobs",
+        "Jobs, newest first",
+        _ref("JobList"),
+        (401, 422, 503),
+        parameters=[
+            _query("kind", {"type": "string", "enum": list(KINDS)}, "only jobs of this kind"),
+            _query("status", {"type": "string", "enum": [s.value for s in Status]}, "only jobs in this status"),
+            _query(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 50},
+                "at most this many jobs",
+            ),
+        ],
+    ),
+    "/v1/stats": _get("get_stats", "Counts per kind and status, recent failures", _ref("Stats"), (401, 503)),
+    "/healthz": _get("healthz", "The process is up", _ref("Health"), (), security=[]),
+    "/readyz": _get("readyz", "Redis answers", _ref("Health"), (503,), security=[]),
+}
+
+
+@cache
+def openapi_document() -> dict:
+    """The whole document; built once, it only depends on the code."""
+    _, generated = models_json_schema(
+        [(EmailRequest, "validation"), (WebhookRequest, "validation")], by_alias=True, ref_template=_REF
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Dispatcher",
+            "version": "1",
+            "description": "Send email and call webhooks in the background. Every error is "
+            '`{"error": {"code", "message", "details": [{"field", "problem"}]}}`.',
+        },
+        "paths": _PATHS,
+        "components": {
+            "schemas": generated["$defs"] | _SCHEMAS,
+            "responses": {
+                f"E{status}": _json(_ref("Error"), description) for status, description in _ERRORS.items()
+            },
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearerAuth": []}],
+    }
