@@ -285,12 +285,18 @@ class DispatcherWorker(SimpleWorker):
         job.ended_at = now()
         started_at = execution.created_at
         if decision.verdict == "succeeded":
-            job._result = decision.result
-            job._handle_success(
-                result_ttl(job), pipeline=pipe, worker_name=self.name, execution_id=execution.id,
-                execution_started_at=started_at, execution_ended_at=job.ended_at,
+            # What RQ's Job._handle_success writes, less its full re-save of the job (which
+            # re-serializes the job's data on every delivery): only the fields that changed.
+            ttl = result_ttl(job)
+            job.set_status(JobStatus.FINISHED, pipeline=pipe)
+            pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
+            Result.create(
+                job, Result.Type.SUCCESSFUL, ttl=ttl, return_value=decision.result, worker_name=self.name,
+                pipeline=pipe, execution_id=execution.id, execution_started_at=started_at,
+                execution_ended_at=job.ended_at,
             )
-            job.cleanup(result_ttl(job), pipeline=pipe, remove_from_queue=False)
+            job.finished_job_registry.add(job, ttl, pipe)
+            pipe.expire(job.key, ttl)
             self.increment_successful_job_count(pipeline=pipe)
         elif decision.verdict == "retry":
             # RQ keeps the due time in whole seconds, rounded down: one second more and it is never early.
