@@ -9,10 +9,10 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ValidationError
 
-from dispatcher.enqueue import enqueue
+from dispatcher.enqueue import enqueue, enqueue_many
 from dispatcher.errors import APIError, FieldProblem
 from dispatcher.keys import KINDS, Kind
-from dispatcher.models import EmailRequest, WebhookRequest
+from dispatcher.models import EmailBatch, EmailRequest, WebhookBatch, WebhookRequest
 from dispatcher.runtime import Runtime
 from dispatcher.status import Status
 
@@ -69,6 +69,16 @@ def create_webhook() -> tuple[Response, int, dict[str, str]]:
     return _accept("webhook", WebhookRequest)
 
 
+@v1.post("/emails/batch")
+def create_emails() -> tuple[Response, int]:
+    return _accept_batch("email", EmailBatch)
+
+
+@v1.post("/webhooks/batch")
+def create_webhooks() -> tuple[Response, int]:
+    return _accept_batch("webhook", WebhookBatch)
+
+
 @v1.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
     view = runtime().status.job(job_id)
@@ -104,16 +114,29 @@ def stats() -> Response:
 
 def _accept(kind: Kind, model: type[BaseModel]) -> tuple[Response, int, dict[str, str]]:
     rt = runtime()
-    body = _json_body()
+    job = enqueue(rt.connection, rt.settings, kind, _validate(model))  # type: ignore[arg-type]
+    accepted = _accepted(job.id)
+    return jsonify(accepted), 202, {"Location": accepted["status_url"]}
+
+
+def _accept_batch(kind: Kind, model: type[EmailBatch | WebhookBatch]) -> tuple[Response, int]:
+    """Every item valid and enqueued in one transaction, or a 422 naming each bad `items.<i>.<field>`."""
+    rt = runtime()
+    batch = _validate(model)
+    jobs = enqueue_many(rt.connection, rt.settings, kind, batch.items)  # type: ignore[attr-defined]
+    return jsonify(items=[_accepted(job.id) for job in jobs]), 202
+
+
+def _validate(model: type[BaseModel]) -> BaseModel:
+    rt = runtime()
     try:
-        validated = model.model_validate(
-            body, context={"guard": rt.guard, "email_from": rt.settings.email_from}
-        )
+        return model.model_validate(_json_body(), context={"guard": rt.guard, "email_from": rt.settings.email_from})
     except ValidationError as exc:
         raise APIError(422, "validation_error", "the request has invalid fields", _details(exc)) from None
-    job = enqueue(rt.connection, rt.settings, kind, validated)  # type: ignore[arg-type]
-    status_url = f"/v1/jobs/{job.id}"
-    return jsonify(id=job.id, status="queued", status_url=status_url), 202, {"Location": status_url}
+
+
+def _accepted(job_id: str) -> dict[str, str]:
+    return {"id": job_id, "status": "queued", "status_url": f"/v1/jobs/{job_id}"}
 
 
 def _json_body() -> dict[str, Any]:

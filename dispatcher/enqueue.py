@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import redis
@@ -87,35 +88,46 @@ def enqueue(
     connection: redis.Redis, settings: Settings, kind: Kind, request: EmailRequest | WebhookRequest
 ) -> Job:
     """Enqueue one job and index it, in one round trip."""
+    return enqueue_many(connection, settings, kind, [request])[0]
+
+
+def enqueue_many(
+    connection: redis.Redis, settings: Settings, kind: Kind, requests: Sequence[EmailRequest | WebhookRequest]
+) -> list[Job]:
+    """Enqueue jobs and index them in one MULTI/EXEC transaction: all of them or, on error, none."""
     accepted_at = datetime.now(UTC)
-    if kind == "webhook":
-        assert isinstance(request, WebhookRequest)
-        job_id, data, meta = webhook_job(request, settings, accepted_at)
-        timeout = int(settings.webhook_timeout * 2) + _JOB_TIMEOUT_MARGIN
-        description = f"webhook {meta['target']['event_type']} to {request.url}"
-    else:
-        assert isinstance(request, EmailRequest)
-        job_id, data, meta = email_job(request, settings, accepted_at)
-        timeout = EMAIL_JOB_TIMEOUT
-        recipients = len(request.to) + len(request.cc) + len(request.bcc)
-        description = f"email {request.subject!r} to {recipients} recipient(s)"
+    job_datas = []
+    for request in requests:
+        if kind == "webhook":
+            assert isinstance(request, WebhookRequest)
+            job_id, data, meta = webhook_job(request, settings, accepted_at)
+            timeout = int(settings.webhook_timeout * 2) + _JOB_TIMEOUT_MARGIN
+            description = f"webhook {meta['target']['event_type']} to {request.url}"
+        else:
+            assert isinstance(request, EmailRequest)
+            job_id, data, meta = email_job(request, settings, accepted_at)
+            timeout = EMAIL_JOB_TIMEOUT
+            recipients = len(request.to) + len(request.cc) + len(request.bcc)
+            description = f"email {request.subject!r} to {recipients} recipient(s)"
+        job_datas.append(
+            Queue.prepare_data(
+                JOB_FUNCTIONS[kind],
+                args=(data,),
+                job_id=job_id,
+                meta=meta,
+                timeout=timeout,
+                result_ttl=settings.result_ttl,
+                failure_ttl=settings.failure_ttl,
+                description=description,
+            )
+        )
     queue = make_queue(connection, settings)
     keys = Keys(settings.queue_name)
-    job_data = Queue.prepare_data(
-        JOB_FUNCTIONS[kind],
-        args=(data,),
-        job_id=job_id,
-        meta=meta,
-        timeout=timeout,
-        result_ttl=settings.result_ttl,
-        failure_ttl=settings.failure_ttl,
-        description=description,
-    )
-    with connection.pipeline() as pipe:
-        (job,) = queue.enqueue_many([job_data], pipeline=pipe)
+    with connection.pipeline(transaction=True) as pipe:
+        jobs = queue.enqueue_many(job_datas, pipeline=pipe)
         now = time.time()
-        pipe.zadd(keys.index, {job_id: now})
+        pipe.zadd(keys.index, {job.id: now for job in jobs})
         # Jobs older than both TTLs have expired from RQ: drop them from the index as we go.
         pipe.zremrangebyscore(keys.index, "-inf", now - max(settings.result_ttl, settings.failure_ttl))
         pipe.execute()
-    return job
+    return jobs

@@ -299,3 +299,18 @@ def parse_webhook_url(value: str) -> tuple[str, int]:
         except LocationParseError:
             raise ValueError(f"host {parts.hostname!r} is not a valid IPv6 address") from None
     return host, port or (443 if parts.scheme == "https" else 80)
+
+
+MAX_BATCH = 10_000
+
+
+class WebhookBatch(RequestModel):
+    """Webhooks accepted together: all of them or, if any item is invalid, none."""
+
+    items: list[WebhookRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class EmailBatch(RequestModel):
+    """Emails accepted together: all of them or, if any item is invalid, none."""
+
+    items: list[EmailRequest] = Field(min_length=1, max_length=MAX_BATCH)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from collections.abc import Iterable
 
 from dispatcher.errors import DestinationRefused
@@ -17,6 +18,9 @@ from dispatcher.errors import DestinationRefused
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: How long the API reuses a host's DNS answer, and how many hosts it remembers.
+DNS_CACHE_SECONDS = 30.0
+DNS_CACHE_SIZE = 10_000
 #: Carrier-grade NAT (RFC 6598); not in the stdlib's private list on every Python.
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
@@ -51,6 +55,7 @@ class NetworkGuard:
 
     def __init__(self, allowed: Iterable[IPNetwork] = ()) -> None:
         self.allowed = tuple(allowed)
+        self._dns_cache: dict[str, tuple[float, list[str]]] = {}
 
     def check_address(self, address: str | IPAddress) -> None:
         """Raise DestinationRefused unless a webhook may connect to `address`."""
@@ -67,9 +72,21 @@ class NetworkGuard:
 
     def check_host(self, host: str, port: int) -> None:
         """Resolve `host` and raise DestinationRefused if any of its addresses is forbidden."""
+        for address in self._resolve(host, port):
+            self.check_address(address)
+
+    def _resolve(self, host: str, port: int) -> list[str]:
+        # A batch of 10,000 webhooks to one partner must not mean 10,000 DNS lookups. The cache is
+        # only for the API's early answer: the worker checks the address it really connects to.
+        cached = self._dns_cache.get(host)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
             raise DestinationRefused(f"host {host!r} does not resolve: {exc}") from None
-        for info in infos:
-            self.check_address(info[4][0])
+        addresses = [info[4][0] for info in infos]
+        if len(self._dns_cache) >= DNS_CACHE_SIZE:
+            self._dns_cache.clear()
+        self._dns_cache[host] = (time.monotonic() + DNS_CACHE_SECONDS, addresses)
+        return addresses

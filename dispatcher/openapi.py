@@ -13,7 +13,7 @@ from pydantic.json_schema import models_json_schema
 
 from dispatcher.api import MAX_LIST_LIMIT
 from dispatcher.keys import KINDS
-from dispatcher.models import EmailRequest, WebhookRequest
+from dispatcher.models import EmailBatch, EmailRequest, WebhookBatch, WebhookRequest
 from dispatcher.status import Status
 
 _REF = "#/components/schemas/{model}"
@@ -145,6 +145,20 @@ def _accept(summary: str, model: str) -> dict:
     }
 
 
+def _accept_batch(summary: str, model: str) -> dict:
+    accepted = _object({"items": {"type": "array", "items": _ref("Accepted")}})
+    return {
+        "post": {
+            "operationId": f"create_{model.removesuffix('Batch').lower()}_batch",
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}},
+            "responses": _responses(
+                202, accepted, "every item accepted and queued (a 422 accepts none)", (400, 401, 413, 415, 422, 503)
+            ),
+        }
+    }
+
+
 def _get(operation_id: str, summary: str, schema: dict, errors: tuple[int, ...], **extra: Any) -> dict:
     return {
         "get": {
@@ -163,6 +177,8 @@ def _query(name: str, schema: dict, description: str) -> dict:
 _PATHS = {
     "/v1/emails": _accept("Send an email", "EmailRequest"),
     "/v1/webhooks": _accept("Call a webhook", "WebhookRequest"),
+    "/v1/emails/batch": _accept_batch("Send up to 10,000 emails, all or none", "EmailBatch"),
+    "/v1/webhooks/batch": _accept_batch("Call up to 10,000 webhooks, all or none", "WebhookBatch"),
     "/v1/jobs/{id}": _get(
         "get_job",
         "One job's status and attempts",
@@ -195,7 +211,9 @@ _PATHS = {
 def openapi_document() -> dict:
     """The whole document; built once, it only depends on the code."""
     _, generated = models_json_schema(
-        [(EmailRequest, "validation"), (WebhookRequest, "validation")], by_alias=True, ref_template=_REF
+        [(model, "validation") for model in (EmailRequest, WebhookRequest, EmailBatch, WebhookBatch)],
+        by_alias=True,
+        ref_template=_REF,
     )
     return {
         "openapi": "3.1.0",

@@ -719,8 +719,8 @@ def test_schemathesis_finds_no_server_error_and_every_answer_is_documented(redis
     run_settings = dataclasses.replace(settings, queue_name="fuzz-schemathesis-" + uuid.uuid4().hex)
     operations = operations_of(create_app(run_settings))
     assert set(operations) == {
-        "POST /v1/emails", "POST /v1/webhooks", "GET /v1/jobs/{id}", "GET /v1/jobs", "GET /v1/stats",
-        "GET /healthz", "GET /readyz",
+        "POST /v1/emails", "POST /v1/webhooks", "POST /v1/emails/batch", "POST /v1/webhooks/batch",
+        "GET /v1/jobs/{id}", "GET /v1/jobs", "GET /v1/stats", "GET /healthz", "GET /readyz",
     }
     # Accepted requests first, so the job views below have real jobs to show.
     seeded = [

@@ -1,0 +1,95 @@
+"""Batches: every item accepted in one transaction, or none of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+import pytest
+
+from dispatcher.app import create_app
+from dispatcher.models import MAX_BATCH
+from tests.conftest import AUTH, wait_for
+
+
+@pytest.fixture
+def idle_client(settings):
+    """An API on a queue no worker listens to, so what a request enqueued stays visible."""
+    return create_app(dataclasses.replace(settings, queue_name=f"batch-{uuid.uuid4().hex[:10]}")).test_client()
+
+
+def hook(url: str, **fields) -> dict:
+    return {"url": url, "event_type": "batch.test", "payload": {"n": 1}} | fields
+
+
+def stats(client) -> dict:
+    return client.get("/v1/stats", headers=AUTH).get_json()
+
+
+def test_webhook_batch_is_accepted_and_delivered(api, receiver):
+    urls = [receiver.url("ok") for _ in range(3)]
+
+    response = api.post("/v1/webhooks/batch", json={"items": [hook(u) for u in urls]}, headers=AUTH)
+
+    assert response.status_code == 202, response.get_json()
+    items = response.get_json()["items"]
+    assert [item["status"] for item in items] == ["queued"] * 3
+    assert len({item["id"] for item in items}) == 3
+    for url, item in zip(urls, items, strict=True):
+        assert item["status_url"] == f"/v1/jobs/{item['id']}"
+        assert wait_for(api, item["id"])["status"] == "succeeded"
+        assert receiver.received(url)[0].headers["webhook-id"] == item["id"]
+
+
+def test_email_batch_is_accepted_and_delivered(api, smtp_server):
+    tag = uuid.uuid4().hex[:8]
+    emails = [{"to": [f"batch-{tag}-{i}@example.com"], "subject": f"n{i}", "text": "x"} for i in range(2)]
+
+    response = api.post("/v1/emails/batch", json={"items": emails}, headers=AUTH)
+
+    assert response.status_code == 202, response.get_json()
+    for i, item in enumerate(response.get_json()["items"]):
+        assert wait_for(api, item["id"])["status"] == "succeeded"
+        assert len(smtp_server.handler.messages_to(f"batch-{tag}-{i}@example.com")) == 1
+
+
+def test_one_bad_item_rejects_the_whole_batch(idle_client, receiver):
+    items = [hook(receiver.url()), hook("ftp://example.com/"), hook(receiver.url(), event_type="has space")]
+
+    response = idle_client.post("/v1/webhooks/batch", json={"items": items}, headers=AUTH)
+
+    assert response.status_code == 422
+    fields = {d["field"] for d in response.get_json()["error"]["details"]}
+    assert fields == {"items.1.url", "items.2.event_type"}
+    assert stats(idle_client)["webhook"]["queued"] == 0
+    assert idle_client.get("/v1/jobs", headers=AUTH).get_json()["jobs"] == []
+
+
+@pytest.mark.parametrize("items", [[], "not a list"], ids=["empty", "not-a-list"])
+def test_batch_needs_a_list_of_items(idle_client, items):
+    response = idle_client.post("/v1/webhooks/batch", json={"items": items}, headers=AUTH)
+    assert response.status_code == 422
+    assert response.get_json()["error"]["details"][0]["field"] == "items"
+
+
+def test_batch_over_the_limit_is_refused_whole(idle_client):
+    items = [hook("http://127.0.0.1:1/x")] * (MAX_BATCH + 1)
+    response = idle_client.post("/v1/webhooks/batch", json={"items": items}, headers=AUTH)
+    assert response.status_code == 422
+    assert response.get_json()["error"]["details"][0]["field"] == "items"
+    assert stats(idle_client)["webhook"]["queued"] == 0
+
+
+def test_largest_batch_is_accepted_whole(idle_client, capsys):
+    items = [hook("http://127.0.0.1:1/x", payload={"n": i}) for i in range(MAX_BATCH)]
+
+    started = time.monotonic()
+    response = idle_client.post("/v1/webhooks/batch", json={"items": items}, headers=AUTH)
+    took = time.monotonic() - started
+
+    assert response.status_code == 202, response.get_json()
+    assert len(response.get_json()["items"]) == MAX_BATCH
+    assert stats(idle_client)["webhook"]["queued"] == MAX_BATCH
+    with capsys.disabled():
+        print(f"\n{MAX_BATCH} webhooks accepted in one batch in {took:.2f}s (in-process test client)")
