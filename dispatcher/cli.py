@@ -54,7 +54,8 @@ def run_web() -> int:
     class Server(BaseApplication):
         def load_config(self) -> None:
             self.cfg.set("bind", f"0.0.0.0:{settings.port}")
-            self.cfg.set("workers", int(os.environ.get("WEB_CONCURRENCY", "2")))
+            # Sync workers spend part of each request waiting on Redis: two per core keeps the CPUs busy.
+            self.cfg.set("workers", int(os.environ.get("WEB_CONCURRENCY", str(2 * (os.cpu_count() or 1)))))
             self.cfg.set("accesslog", "-" if os.environ.get("DISPATCHER_ACCESS_LOG") == "1" else None)
 
         def load(self):  # type: ignore[no-untyped-def]
