@@ -1,0 +1,50 @@
+"""The benchmark suite runs: its smallest scenario, Dispatcher only, to a Python receiver (no nginx, no apt).
+
+No timing is asserted here; only that every job was delivered and the report has its shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = 100
+
+
+def test_bench_smallest_scenario_delivers_every_job(tmp_path: Path) -> None:
+    results_path = tmp_path / "results.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k not in ("REDIS_URL", "PORT")}
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "bench.run",
+            "--only", "webhooks", "--setups", "ours", "--receiver", "python",
+            "--jobs", str(JOBS), "--runs", "1", "--extra-runs", "0", "--quiet-wait", "0",
+            "--json", str(results_path), "--no-chart",
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+
+    results = json.loads(results_path.read_text())
+    assert {"machine", "options", "rows", "table", "notes", "errors", "elapsed_s"} <= set(results)
+    assert results["errors"] == []
+    (row,) = results["rows"]
+    assert row["id"] == "webhooks"
+    assert {"title", "unit", "setups", "target", "met"} <= set(row)
+    ours = row["setups"]["ours"]
+    assert {"label", "runs", "median", "min", "max", "redis_calls_per_job", "jobs"} <= set(ours)
+    (run,) = ours["runs"]
+    assert run["jobs"] == JOBS
+    assert run["delivered"] == JOBS  # the receiver logged every webhook
+    assert run["succeeded"] == JOBS  # and Dispatcher counted every one as succeeded
+    assert run["complete"] is True
+    assert run["value"] > 0 and run["redis_calls_per_job"] > 0
+
+    header = results["table"].splitlines()[0]
+    for column in ("scenario", "ours", "rq worker", "SimpleWorker", "Celery", "Redis calls/job", "target", "met?"):
+        assert column in header
+    assert results["table"] in completed.stdout
