@@ -27,12 +27,11 @@ from rq.serializers import JSONSerializer
 
 from bench.services import ROOT, BenchError, Processes, child_env, script
 from dispatcher.config import Settings
-from dispatcher.enqueue import EMAIL_JOB_TIMEOUT, email_job, webhook_job
-from dispatcher.keys import JOB_FUNCTIONS, Keys
+from dispatcher.enqueue import prepare_jobs, webhook_job
+from dispatcher.keys import Keys
 from dispatcher.models import EmailRequest, WebhookRequest
 
 #: The job timeout `dispatcher.enqueue.enqueue` gives a webhook beyond twice the delivery timeout.
-WEBHOOK_JOB_TIMEOUT_MARGIN = 60
 #: Worker processes per setup: the machine has 2 cores.
 PROCESSES = 2
 #: Commands a worker waiting for work is blocked in.
@@ -210,52 +209,22 @@ class Setup:
             template = webhook_job(request, settings, accepted_at)[1]
         else:
             request = EmailRequest.model_validate(email_request(token))
-        datas = []
-        for _ in range(n):
-            if self.name == "ours" and self.kind == "webhook":
-                # Exactly what the API enqueues (dispatcher.enqueue.enqueue), n times.
-                job_id, data, meta = webhook_job(request, settings, accepted_at)
-                datas.append(
-                    Queue.prepare_data(
-                        JOB_FUNCTIONS["webhook"],
-                        args=(data,),
-                        job_id=job_id,
-                        meta=meta,
-                        timeout=int(settings.webhook_timeout * 2) + WEBHOOK_JOB_TIMEOUT_MARGIN,
-                        result_ttl=settings.result_ttl,
-                        failure_ttl=settings.failure_ttl,
-                        description=f"webhook {request.event_type} to {request.url}",
-                    )
-                )
-            elif self.name == "ours":
-                job_id, data, meta = email_job(request, settings, accepted_at)
-                datas.append(
-                    Queue.prepare_data(
-                        JOB_FUNCTIONS["email"],
-                        args=(data,),
-                        job_id=job_id,
-                        meta=meta,
-                        timeout=EMAIL_JOB_TIMEOUT,
-                        result_ttl=settings.result_ttl,
-                        failure_ttl=settings.failure_ttl,
-                        description=f"email {request.subject!r} to 1 recipient(s)",
-                    )
-                )
-            elif self.kind == "webhook":
-                function = (
-                    "bench.baselines.post_webhook" if self.name == "rq" else "bench.baselines.post_webhook_session"
-                )
-                datas.append(Queue.prepare_data(function, args=(url, template["body"])))
-            else:
-                assert smtp is not None
-                mail = {
-                    "from": request.from_,
-                    "to": request.to,
-                    "subject": request.subject,
-                    "text": request.text,
-                    "html": request.html,
-                }
-                datas.append(Queue.prepare_data("bench.baselines.send_email", args=(smtp[0], smtp[1], mail)))
+        if self.name == "ours":
+            # Exactly what the API enqueues, n times.
+            datas = prepare_jobs(settings, self.kind, [request] * n)
+        elif self.kind == "webhook":
+            function = "bench.baselines.post_webhook" if self.name == "rq" else "bench.baselines.post_webhook_session"
+            datas = [Queue.prepare_data(function, args=(url, template["body"])) for _ in range(n)]
+        else:
+            assert smtp is not None
+            mail = {
+                "from": request.from_,
+                "to": request.to,
+                "subject": request.subject,
+                "text": request.text,
+                "html": request.html,
+            }
+            datas = [Queue.prepare_data("bench.baselines.send_email", args=(smtp[0], smtp[1], mail)) for _ in range(n)]
         pipe = self.connection.pipeline(transaction=True)
         jobs = queue.enqueue_many(datas, pipeline=pipe)
         if self.name == "ours":

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import redis
 from rq import Queue
 from rq.job import Job
+from rq.queue import EnqueueData
 from rq.serializers import JSONSerializer
 
 from dispatcher.config import RetrySchedule, Settings
@@ -95,6 +96,22 @@ def enqueue_many(
     connection: redis.Redis, settings: Settings, kind: Kind, requests: Sequence[EmailRequest | WebhookRequest]
 ) -> list[Job]:
     """Enqueue jobs and index them in one MULTI/EXEC transaction: all of them or, on error, none."""
+    queue = make_queue(connection, settings)
+    keys = Keys(settings.queue_name)
+    with connection.pipeline(transaction=True) as pipe:
+        jobs = queue.enqueue_many(prepare_jobs(settings, kind, requests), pipeline=pipe)
+        now = time.time()
+        pipe.zadd(keys.index, {job.id: now for job in jobs})
+        # Jobs older than both TTLs have expired from RQ: drop them from the index as we go.
+        pipe.zremrangebyscore(keys.index, "-inf", now - max(settings.result_ttl, settings.failure_ttl))
+        pipe.execute()
+    return jobs
+
+
+def prepare_jobs(
+    settings: Settings, kind: Kind, requests: Sequence[EmailRequest | WebhookRequest]
+) -> list[EnqueueData]:
+    """RQ's description of each job to enqueue (for `Queue.enqueue_many`), accepted now."""
     accepted_at = datetime.now(UTC)
     job_datas = []
     for request in requests:
@@ -121,13 +138,4 @@ def enqueue_many(
                 description=description,
             )
         )
-    queue = make_queue(connection, settings)
-    keys = Keys(settings.queue_name)
-    with connection.pipeline(transaction=True) as pipe:
-        jobs = queue.enqueue_many(job_datas, pipeline=pipe)
-        now = time.time()
-        pipe.zadd(keys.index, {job.id: now for job in jobs})
-        # Jobs older than both TTLs have expired from RQ: drop them from the index as we go.
-        pipe.zremrangebyscore(keys.index, "-inf", now - max(settings.result_ttl, settings.failure_ttl))
-        pipe.execute()
-    return jobs
+    return job_datas
