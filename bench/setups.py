@@ -31,7 +31,6 @@ from dispatcher.enqueue import prepare_jobs, webhook_job
 from dispatcher.keys import Keys
 from dispatcher.models import EmailRequest, WebhookRequest
 
-#: The job timeout `dispatcher.enqueue.enqueue` gives a webhook beyond twice the delivery timeout.
 #: Worker processes per setup: the machine has 2 cores.
 PROCESSES = 2
 #: Commands a worker waiting for work is blocked in.
