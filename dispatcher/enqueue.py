@@ -95,15 +95,12 @@ def enqueue(
 def enqueue_many(
     connection: redis.Redis, settings: Settings, kind: Kind, requests: Sequence[EmailRequest | WebhookRequest]
 ) -> list[Job]:
-    """Enqueue jobs and index them in one MULTI/EXEC transaction: all of them or, on error, none."""
+    """Enqueue jobs and index them in one round trip; several in one MULTI/EXEC: all of them or none."""
     queue = make_queue(connection, settings)
-    keys = Keys(settings.queue_name)
-    with connection.pipeline(transaction=True) as pipe:
+    with connection.pipeline(transaction=len(requests) > 1) as pipe:
         jobs = queue.enqueue_many(prepare_jobs(settings, kind, requests), pipeline=pipe)
-        now = time.time()
-        pipe.zadd(keys.index, {job.id: now for job in jobs})
-        # Jobs older than both TTLs have expired from RQ: drop them from the index as we go.
-        pipe.zremrangebyscore(keys.index, "-inf", now - max(settings.result_ttl, settings.failure_ttl))
+        # Old entries leave the index in the workers' maintenance (workers.recovery), not on this hot path.
+        pipe.zadd(Keys(settings.queue_name).index, {job.id: time.time() for job in jobs})
         pipe.execute()
     return jobs
 

@@ -6,6 +6,7 @@ killing a worker here never disturbs the rest of the suite.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -219,3 +220,16 @@ def test_failed_job_hash_is_readable_by_rq(service, receiver, redis_conn):
     job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
     assert job.get_status() == "failed"
     assert job_id in make_queue(redis_conn, svc.settings).failed_job_registry.get_job_ids()
+
+
+def test_maintenance_drops_expired_jobs_from_the_job_index(redis_conn, settings):
+    from workers.recovery import Reaper
+
+    queue = make_queue(redis_conn, dataclasses.replace(settings, queue_name=f"index-{uuid.uuid4().hex[:8]}"))
+    reaper = Reaper(redis_conn, queue, "maintenance-test", index_ttl=60)
+    now = time.time()
+    redis_conn.zadd(reaper.keys.index, {"wh_old": now - 120, "wh_new": now})
+
+    reaper.reap()
+
+    assert redis_conn.zrange(reaper.keys.index, 0, -1) == [b"wh_new"]

@@ -32,7 +32,11 @@ def main() -> int:
     queue = make_queue(connection, settings)
     while True:
         worker = DispatcherWorker(
-            [queue], connection=connection, serializer=JSONSerializer, concurrency=settings.concurrency
+            [queue],
+            connection=connection,
+            serializer=JSONSerializer,
+            concurrency=settings.concurrency,
+            index_ttl=max(settings.result_ttl, settings.failure_ttl),
         )
         try:
             worker.work(with_scheduler=True, logging_level="INFO")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from datetime import UTC, datetime
 
 import redis
@@ -76,7 +77,9 @@ return 1
 class Reaper:
     """Renews one worker's liveness and requeues the jobs of workers that have none."""
 
-    def __init__(self, connection: redis.Redis, queue: Queue, worker_name: str) -> None:
+    def __init__(self, connection: redis.Redis, queue: Queue, worker_name: str, index_ttl: int) -> None:
+        """`index_ttl`: how long a job stays in the API's job index (its longest TTL)."""
+        self.index_ttl = index_ttl
         self.connection = connection
         self.queue = queue
         self.worker_name = worker_name
@@ -120,6 +123,8 @@ class Reaper:
         # One reaper per pass across all workers is enough.
         if not self.connection.set(f"{self.keys.prefix}:reaper", self.worker_name, nx=True, ex=int(BEAT_INTERVAL)):
             return 0
+        # Jobs older than their longest TTL have expired from RQ: drop them from the API's index.
+        self.connection.zremrangebyscore(self.keys.index, "-inf", time.time() - self.index_ttl)
         return self._reap_started() + self._reap_limbo()
 
     def _reap_started(self) -> int:

@@ -27,7 +27,7 @@ from rq.results import Result
 from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
-from dispatcher.config import DEFAULT_CONCURRENCY
+from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL
 from dispatcher.history import Attempt, History
 from dispatcher.keys import JOB_FUNCTIONS, Keys, Kind
 from workers.attempt import Decision, decide, failure_ttl, history_ttl, max_attempts, record, result_ttl, run, settled
@@ -81,7 +81,9 @@ class Running:
 class DispatcherWorker(SimpleWorker):
     max_connection_wait_time = MAX_CONNECTION_WAIT
 
-    def __init__(self, *args, concurrency: int = DEFAULT_CONCURRENCY, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(  # type: ignore[no-untyped-def]
+        self, *args, concurrency: int = DEFAULT_CONCURRENCY, index_ttl: int = DEFAULT_FAILURE_TTL, **kwargs
+    ) -> None:
         kwargs.setdefault("worker_ttl", WORKER_TTL)
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
         super().__init__(*args, **kwargs)
@@ -90,7 +92,7 @@ class DispatcherWorker(SimpleWorker):
         self.queue = self.queues[0]
         self.concurrency = concurrency
         self.history = History(self.connection, Keys(self.queue.name))
-        self.reaper = Reaper(self.connection, self.queue, self.name)
+        self.reaper = Reaper(self.connection, self.queue, self.name, index_ttl)
         self.stop_requested_by_signal = False
         self._force_stop = False
         self._pop_many = self.connection.register_script(_POP_MANY)
