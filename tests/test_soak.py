@@ -66,6 +66,21 @@ def report(capsys, kind: str, figures: dict) -> None:
         )
 
 
+def check_and_report(capsys, svc, kind: str, figures: dict, seen: Counter, expected: int) -> None:
+    """Print the figures, then assert: every job accepted and succeeded, every id delivered at least once."""
+    ids = figures["ids"]
+    figures.update(
+        total=len(ids), deliveries=sum(seen.values()), unique=len(seen), duplicates=sum(seen.values()) - len(seen)
+    )
+    figures["attempts"], figures["interrupted"] = attempt_counts(svc, ids)
+    report(capsys, kind, figures)
+
+    assert len(ids) == expected
+    assert figures["succeeded"] == expected, svc.logs()
+    assert figures["failed"] == 0
+    assert set(ids) <= set(seen), f"{len(set(ids) - set(seen))} {kind} never reached the receiver"
+
+
 def attempt_counts(svc, ids: list[str]) -> tuple[int, int]:
     attempts = interrupted = 0
     for job_id in ids:
@@ -87,18 +102,8 @@ def test_webhook_soak_with_flaky_receiver_and_killed_workers(service, receiver, 
         return svc.client.get("/v1/stats", headers=AUTH).get_json()["webhook"]
 
     figures = run_soak(svc, submit, WEBHOOKS, done, timeout=240)
-    ids = figures["ids"]
     seen = Counter(r.headers["webhook-id"] for r in receiver.received(url) if r.status_ok)
-    figures.update(
-        total=len(ids), deliveries=sum(seen.values()), unique=len(seen), duplicates=sum(seen.values()) - len(seen)
-    )
-    figures["attempts"], figures["interrupted"] = attempt_counts(svc, ids)
-    report(capsys, "webhooks", figures)
-
-    assert len(ids) == WEBHOOKS
-    assert figures["succeeded"] == WEBHOOKS, svc.logs()
-    assert figures["failed"] == 0
-    assert set(ids) <= set(seen), f"{len(set(ids) - set(seen))} webhook ids never reached the receiver"
+    check_and_report(capsys, svc, "webhooks", figures, seen, WEBHOOKS)
 
 
 def test_email_soak_with_flaky_smtp_and_killed_workers(service, capsys):
@@ -120,20 +125,10 @@ def test_email_soak_with_flaky_smtp_and_killed_workers(service, capsys):
         figures = run_soak(svc, submit, EMAILS, done, timeout=240)
     finally:
         controller.stop()
-    ids = figures["ids"]
     with handler.lock:
         messages = [m for m in handler.messages if any(tag in r for r in m.rcpt_tos)]
     seen = Counter(
         str(email.message_from_bytes(m.content, policy=email.policy.default)["Message-ID"]).strip("<>").split("@")[0]
         for m in messages
     )
-    figures.update(
-        total=len(ids), deliveries=sum(seen.values()), unique=len(seen), duplicates=sum(seen.values()) - len(seen)
-    )
-    figures["attempts"], figures["interrupted"] = attempt_counts(svc, ids)
-    report(capsys, "emails", figures)
-
-    assert len(ids) == EMAILS
-    assert figures["succeeded"] == EMAILS, svc.logs()
-    assert figures["failed"] == 0
-    assert set(ids) <= set(seen), f"{len(set(ids) - set(seen))} emails never arrived"
+    check_and_report(capsys, svc, "emails", figures, seen, EMAILS)

@@ -91,6 +91,12 @@ class Decision:
         return self.attempt.error or "permanent failure"
 
     @property
+    def rq_delay(self) -> float:
+        """The retry delay to hand RQ: it keeps the due time in whole seconds, rounded down,
+        so one second more and the attempt is never early (0 still means "requeue now")."""
+        return self.delay + 1 if self.delay > 0 else 0
+
+    @property
     def result(self) -> dict:
         return {"status_code": self.attempt.status_code, "attempts": self.attempt.number}
 

@@ -67,7 +67,6 @@ def _to_rq(job: Job, decision: Decision) -> dict | Retry:
         return decision.result
     if decision.verdict == "failed":
         raise DeliveryFailed(decision.error)
-    # RQ keeps the due time in whole seconds, rounded down: one second more and it is never early.
     # RQ counts its own retries; a max one above that count lets us alone decide when to stop.
-    delay = decision.delay + 1 if decision.delay > 0 else 0
+    delay = decision.rq_delay
     return Retry(max=(job.number_of_retries or 0) + 1, interval=[delay], enqueue_at_front=delay == 0)

@@ -301,11 +301,9 @@ class DispatcherWorker(SimpleWorker):
             pipe.expire(job.key, ttl)
             self.increment_successful_job_count(pipeline=pipe)
         elif decision.verdict == "retry":
-            # RQ keeps the due time in whole seconds, rounded down: one second more and it is never early.
-            # RQ counts its own retries; a max one above that count lets us alone decide when to stop.
             # (RQ's Job._handle_retry_result would do this, but it writes the status outside the
             # pipeline: a crash before the pipeline ran would leave a "scheduled" job nowhere.)
-            delay = decision.delay + 1 if decision.delay > 0 else 0
+            delay = decision.rq_delay
             Result.create_retried(
                 job, failure_ttl(job), return_value=None, worker_name=self.name, execution_id=execution.id,
                 execution_started_at=started_at, execution_ended_at=job.ended_at, pipeline=pipe,
