@@ -27,7 +27,7 @@ from rq.serializers import JSONSerializer
 
 from bench.services import ROOT, BenchError, Processes, child_env, script
 from dispatcher.config import Settings
-from dispatcher.enqueue import prepare_jobs, webhook_job
+from dispatcher.enqueue import webhook_job, write_jobs
 from dispatcher.keys import Keys
 from dispatcher.models import EmailRequest, WebhookRequest
 
@@ -208,10 +208,13 @@ class Setup:
             template = webhook_job(request, settings, accepted_at)[1]
         else:
             request = EmailRequest.model_validate(email_request(token))
+        pipe = self.connection.pipeline(transaction=True)
         if self.name == "ours":
             # Exactly what the API enqueues, n times.
-            datas = prepare_jobs(settings, self.kind, [request] * n)
-        elif self.kind == "webhook":
+            write_jobs(pipe, settings, self.kind, [request] * n)
+            pipe.time()
+            return Fill(pipe)
+        if self.kind == "webhook":
             function = "bench.baselines.post_webhook" if self.name == "rq" else "bench.baselines.post_webhook_session"
             datas = [Queue.prepare_data(function, args=(url, template["body"])) for _ in range(n)]
         else:
@@ -224,10 +227,7 @@ class Setup:
                 "html": request.html,
             }
             datas = [Queue.prepare_data("bench.baselines.send_email", args=(smtp[0], smtp[1], mail)) for _ in range(n)]
-        pipe = self.connection.pipeline(transaction=True)
-        jobs = queue.enqueue_many(datas, pipeline=pipe)
-        if self.name == "ours":
-            pipe.zadd(Keys(self.queue_name).index, {job.id: time.time() for job in jobs})
+        queue.enqueue_many(datas, pipeline=pipe)
         pipe.time()
         return Fill(pipe)
 

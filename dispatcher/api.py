@@ -114,8 +114,8 @@ def stats() -> Response:
 
 def _accept(kind: Kind, model: type[BaseModel]) -> tuple[Response, int, dict[str, str]]:
     rt = runtime()
-    job = enqueue(rt.connection, rt.settings, kind, _validate(model))  # type: ignore[arg-type]
-    accepted = _accepted(job.id)
+    job_id = enqueue(rt.connection, rt.settings, kind, _validate(model))  # type: ignore[arg-type]
+    accepted = _accepted(job_id)
     return jsonify(accepted), 202, {"Location": accepted["status_url"]}
 
 
@@ -123,8 +123,8 @@ def _accept_batch(kind: Kind, model: type[EmailBatch | WebhookBatch]) -> tuple[R
     """Every item valid and enqueued in one transaction, or a 422 naming each bad `items.<i>.<field>`."""
     rt = runtime()
     batch = _validate(model)
-    jobs = enqueue_many(rt.connection, rt.settings, kind, batch.items)  # type: ignore[attr-defined]
-    return jsonify(items=[_accepted(job.id) for job in jobs]), 202
+    job_ids = enqueue_many(rt.connection, rt.settings, kind, batch.items)  # type: ignore[attr-defined]
+    return jsonify(items=[_accepted(job_id) for job_id in job_ids]), 202
 
 
 def _validate(model: type[BaseModel]) -> BaseModel:

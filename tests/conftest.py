@@ -337,7 +337,7 @@ class BurstWorker:
     def enqueue(self, kind: str, request) -> str:
         from dispatcher.enqueue import enqueue
 
-        return enqueue(self.connection, self.settings, kind, request).id  # type: ignore[arg-type]
+        return enqueue(self.connection, self.settings, kind, request)  # type: ignore[arg-type]
 
     def run(self) -> None:
         """Work the queue until it is empty (no scheduler: a retry stays scheduled)."""
