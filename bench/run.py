@@ -28,7 +28,7 @@ from bench import report, scenarios
 from bench.scenarios import Context, Sizes
 from bench.services import ROOT, BenchError, Nginx, Processes, PythonReceiver, RedisServer, SmtpReceiver
 
-SCENARIOS = ("webhooks", "emails", "slow", "accept", "latency", "rss")
+SCENARIOS = ("webhooks", "emails", "slow", "accept", "batch", "latency", "rss")
 SETUPS = ("ours", "rq", "simple", "celery")
 PACKAGES = ("rq", "redis", "celery", "kombu", "urllib3", "requests", "gunicorn", "flask", "pydantic", "aiosmtpd")
 
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             disturbed_percent=args.disturbed_percent,
             extra_runs=args.extra_runs,
         )
-        if ("webhooks" in args.only and args.receiver == "nginx") or "accept" in args.only:
+        if ("webhooks" in args.only and args.receiver == "nginx") or {"accept", "batch"} & set(args.only):
             try:
                 ctx.nginx = Nginx(procs, work_dir / "nginx").start()
                 info["versions"]["nginx"] = ctx.nginx.version
@@ -244,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             "emails": lambda: scenarios.emails(ctx, [s for s in setups if s in sizes.emails], sizes, args.runs),
             "slow": lambda: scenarios.slow(ctx, setups, sizes, args.runs),
             "accept": lambda: scenarios.accept(ctx, sizes, args.runs),
+            "batch": lambda: scenarios.batch(ctx, sizes, args.runs),
             "latency": lambda: scenarios.latency(ctx, sizes, args.runs),
             "rss": lambda: scenarios.rss(ctx, sizes, args.runs),
         }
         for name in args.only:
-            if name in ("accept", "latency", "rss") and "ours" not in setups:
+            if name in ("accept", "batch", "latency", "rss") and "ours" not in setups:
                 continue
             if name == "webhooks" and args.receiver == "nginx" and ctx.nginx is None:
                 errors.append("webhooks: skipped, nginx is unavailable (try --receiver python)")

@@ -59,6 +59,7 @@ class Sizes:
     accept_seconds: float = 10.0
     accept_warmup: float = 2.0
     wrk_connections: int = 32
+    batch_items: int = 10_000
     latency_rate: float = 200.0
     latency_seconds: float = 10.0
     latency_warmup: float = 1.0
@@ -76,6 +77,7 @@ class Sizes:
             slow_deadline=6.0,
             accept_seconds=3.0,
             accept_warmup=1.0,
+            batch_items=200,
             latency_seconds=3.0,
             latency_warmup=0.5,
             rss_jobs=600,
@@ -505,6 +507,107 @@ def accept(ctx: Context, sizes: Sizes, runs: int) -> list[dict]:
             "met": None if p99["median"] is None else p99["median"] <= 50,
         },
     ]
+
+
+def batch(ctx: Context, sizes: Sizes, runs: int) -> list[dict]:
+    """One `POST /v1/webhooks/batch` of `batch_items` webhooks under `dispatcher web`, timed by this process.
+
+    Baseline, in the same runs: RQ's own `Queue.enqueue_many` of as many jobs in one pipeline, called
+    in-process (no HTTP, no validation), with the same signed body per job.
+    """
+    target = ctx.nginx.url("batch") if ctx.nginx else ctx.receiver.url("batch")
+    n = sizes.batch_items
+    items = [webhook_request(target) for _ in range(n)]
+    for i, item in enumerate(items):
+        item["payload"]["order_id"] = i
+    body = json.dumps({"items": items}, separators=(",", ":")).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    ours: list[dict] = []
+    theirs: list[dict] = []
+    for i in attempts(ctx, runs, ours):
+        ctx.redis.flush()
+        ctx.quiet()
+        queue = f"bench-{new_token()}"
+        web, port = start_web(ctx, queue)
+        try:
+            calls_before = ctx.redis.calls()
+            cpu = CpuWatch().start()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/webhooks/batch", body, headers)
+            started = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answer = json.loads(response.read())
+            took = time.perf_counter() - started
+            background = cpu.foreign_percent()
+            calls = ctx.redis.calls() - calls_before - 1
+            queued = ctx.redis.client.llen(f"rq:queue:{queue}")
+        except (BenchError, OSError) as exc:
+            ctx.say(f"batch run {i + 1}: FAILED: {exc}")
+            ours.append({"error": str(exc)})
+            continue
+        finally:
+            ctx.procs.stop(web)
+        if response.status != 202 or len(answer["items"]) != n or queued != n:
+            ours.append({"error": f"status {response.status}, {len(answer['items'])} ids, {queued} queued of {n}"})
+            ctx.say(f"batch run {i + 1}: FAILED: {ours[-1]['error']}")
+            continue
+        baseline = _rq_enqueue_many(ctx.redis, n, target)
+        ours.append(
+            {
+                "value": took * 1000,
+                "items": n,
+                "redis_calls_per_job": calls / n,
+                "background_cpu_pct": round(background, 1),
+            }
+        )
+        theirs.append({"value": baseline["seconds"] * 1000, "redis_calls_per_job": baseline["calls"] / n})
+        ctx.say(
+            f"batch run {i + 1}/{runs}: {n:,} webhooks accepted in {took * 1000:,.0f} ms "
+            f"({calls / n:.2f} Redis calls/job); RQ Queue.enqueue_many in-process: "
+            f"{baseline['seconds'] * 1000:,.0f} ms{background_note(ours[-1])}"
+        )
+    kept, discarded = select(ctx, ours, runs)
+    good = [r for r in kept if "error" not in r]
+    ours_entry = setup_entry(f"POST /v1/webhooks/batch, {n:,} items", kept) | {"discarded_runs": discarded}
+    ours_entry["redis_calls_per_job"] = statistics.median(r["redis_calls_per_job"] for r in good) if good else None
+    rq_entry = setup_entry("Queue.enqueue_many in-process (no HTTP, no validation)", theirs)
+    rq_entry["redis_calls_per_job"] = statistics.median(r["redis_calls_per_job"] for r in theirs) if theirs else None
+    return [
+        {
+            "id": "accept_batch",
+            "title": f"A {n:,}-item batch accepted (rq column: RQ's Queue.enqueue_many, in-process)",
+            "unit": "ms",
+            "better": "lower",
+            "setups": {"ours": ours_entry, "rq": rq_entry},
+            "target": "<= 1,000 ms",
+            "met": None if ours_entry["median"] is None else ours_entry["median"] <= 1000,
+        }
+    ]
+
+
+def _rq_enqueue_many(redis_server: RedisServer, n: int, url: str) -> dict:
+    """RQ's own bulk enqueue of `n` webhook jobs (as the baseline workers run them) in one pipeline."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    queue = Queue(f"bench-{new_token()}", connection=redis_server.client, serializer=JSONSerializer)
+    request = webhook_request(url)
+    calls_before = redis_server.calls()
+    started = time.perf_counter()
+    datas = [
+        Queue.prepare_data(
+            "bench.baselines.post_webhook",
+            args=(url, json.dumps({"type": request["event_type"], "data": request["payload"] | {"order_id": i}})),
+        )
+        for i in range(n)
+    ]
+    with redis_server.client.pipeline() as pipe:
+        queue.enqueue_many(datas, pipeline=pipe)
+        pipe.execute()
+    seconds = time.perf_counter() - started
+    calls = redis_server.calls() - calls_before - 1
+    if queue.count != n:
+        raise BenchError(f"RQ enqueue_many queued {queue.count} of {n} jobs")
+    return {"seconds": seconds, "calls": calls}
 
 
 def latency(ctx: Context, sizes: Sizes, runs: int) -> list[dict]:

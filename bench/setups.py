@@ -27,7 +27,7 @@ from rq.serializers import JSONSerializer
 
 from bench.services import ROOT, BenchError, Processes, child_env, script
 from dispatcher.config import Settings
-from dispatcher.enqueue import webhook_job, write_jobs
+from dispatcher.enqueue import enqueue_many, webhook_job
 from dispatcher.keys import Keys
 from dispatcher.models import EmailRequest, WebhookRequest
 
@@ -211,7 +211,7 @@ class Setup:
         pipe = self.connection.pipeline(transaction=True)
         if self.name == "ours":
             # Exactly what the API enqueues, n times.
-            write_jobs(pipe, settings, self.kind, [request] * n)
+            enqueue_many(pipe, settings, self.kind, [request] * n)
             pipe.time()
             return Fill(pipe)
         if self.kind == "webhook":

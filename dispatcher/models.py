@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -207,12 +209,15 @@ class WebhookRequest(RequestModel):
 
     @field_validator("payload", mode="before")
     @classmethod
-    def _payload(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            if not all(type(key) is str and not _SURROGATE.search(key) for key in value):
-                raise FieldProblem("payload", "has a key that is not a valid Unicode string")
-            check_json_value(value, "payload")
+    def _payload_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict) and not all(type(key) is str and not _SURROGATE.search(key) for key in value):
+            raise FieldProblem("payload", "has a key that is not a valid Unicode string")
         return value
+
+    @field_validator("payload")
+    @classmethod
+    def _payload(cls, value: dict[str, Any]) -> JsonObject:
+        return JsonObject(value, json_text(value, "payload"))
 
     @field_validator("headers")
     @classmethod
@@ -221,11 +226,42 @@ class WebhookRequest(RequestModel):
         return value
 
 
-def check_json_value(value: dict | list, field: str) -> None:
-    """Raise FieldProblem unless `value` is JSON that encodes as UTF-8, at most MAX_PAYLOAD_DEPTH deep.
+class JsonObject(dict):
+    """A validated JSON object that keeps its compact JSON text: the webhook body embeds it as is."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: dict[str, Any] | None = None, text: str = "") -> None:
+        super().__init__(value or {})
+        self.text = text
+
+
+def json_text(value: dict | list, field: str) -> str:
+    """`value` as compact JSON text; FieldProblem unless it encodes as UTF-8, at most MAX_PAYLOAD_DEPTH deep.
+
+    C's encoder does the checking (NaN, infinities, types); a lone surrogate fails UTF-8, and a text
+    with few brackets cannot be deep. Only when that is not enough does `_explain` walk the value,
+    to check its depth or name the member at fault.
+    """
+    try:
+        text: str | None = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (ValueError, TypeError, RecursionError):
+        text = None
+    if text is not None and not _SURROGATE.search(text):
+        if text.count("{") + text.count("[") <= MAX_PAYLOAD_DEPTH:
+            return text
+        _explain(value, field)
+        return text
+    _explain(value, field)
+    raise FieldProblem(field, "cannot be written as JSON")
+
+
+def _explain(value: dict | list, field: str) -> None:
+    """Raise FieldProblem naming the first member that is not JSON, or where it is nested too deep.
 
     Depth-first with one iterator per open container, so memory follows the depth, not the size, and
     no depth reaches Python's recursion limit; the bound keeps json.dumps and receivers clear of theirs.
+    Keys may be what json.dumps turns into strings (numbers, booleans, null) but no other type.
     """
     stack: list[tuple[Any, Iterator[tuple[Any, Any]]]] = [(field, _members(value))]
 
@@ -236,11 +272,11 @@ def check_json_value(value: dict | list, field: str) -> None:
         for key, item in stack[-1][1]:
             if type(item) in _PLAIN_JSON:
                 continue
-            if isinstance(item, dict | list):
+            if isinstance(item, dict | list | tuple):
                 if len(stack) >= MAX_PAYLOAD_DEPTH:
                     raise FieldProblem(field, f"is nested more than {MAX_PAYLOAD_DEPTH} levels deep")
                 if item:
-                    if isinstance(item, dict) and not all(type(k) is str and not _SURROGATE.search(k) for k in item):
+                    if isinstance(item, dict) and not all(_json_key(k) for k in item):
                         raise FieldProblem(path(key), "has a key that is not a valid Unicode string")
                     stack.append((key, _members(item)))
                     break
@@ -256,10 +292,17 @@ def check_json_value(value: dict | list, field: str) -> None:
             stack.pop()
 
 
+def _json_key(key: Any) -> bool:
+    if isinstance(key, str):
+        return not _SURROGATE.search(key)
+    return isinstance(key, int | float) or key is None
+
+
 def _members(container: dict | list) -> Iterator[tuple[Any, Any]]:
     return iter(container.items()) if isinstance(container, dict) else enumerate(container)
 
 
+@functools.lru_cache(maxsize=4096)  # a batch often holds one partner's URL many times
 def parse_webhook_url(value: str) -> tuple[str, int]:
     """Check a webhook URL's form and return its (ASCII host, port); raise ValueError when unfit."""
     if any(ord(c) <= 0x20 or c == "\x7f" for c in value):

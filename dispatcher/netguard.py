@@ -55,7 +55,8 @@ class NetworkGuard:
 
     def __init__(self, allowed: Iterable[IPNetwork] = ()) -> None:
         self.allowed = tuple(allowed)
-        self._dns_cache: dict[str, tuple[float, list[str]]] = {}
+        #: host -> (until when, why it is refused or None): DNS answers judged, kept DNS_CACHE_SECONDS.
+        self._verdicts: dict[str, tuple[float, str | None]] = {}
 
     def check_address(self, address: str | IPAddress) -> None:
         """Raise DestinationRefused unless a webhook may connect to `address`."""
@@ -72,21 +73,29 @@ class NetworkGuard:
 
     def check_host(self, host: str, port: int) -> None:
         """Resolve `host` and raise DestinationRefused if any of its addresses is forbidden."""
-        for address in self._resolve(host, port):
-            self.check_address(address)
+        # A batch of 10,000 webhooks to one partner must not mean 10,000 DNS lookups and checks. The
+        # cache is only for the API's early answer: the worker checks the address it really connects to.
+        cached = self._verdicts.get(host)
+        if cached is None or cached[0] <= time.monotonic():
+            cached = (time.monotonic() + DNS_CACHE_SECONDS, self._judge(host, port))
+            if len(self._verdicts) >= DNS_CACHE_SIZE:
+                self._verdicts.clear()
+            self._verdicts[host] = cached
+        if cached[1] is not None:
+            raise DestinationRefused(cached[1])
 
-    def _resolve(self, host: str, port: int) -> list[str]:
-        # A batch of 10,000 webhooks to one partner must not mean 10,000 DNS lookups. The cache is
-        # only for the API's early answer: the worker checks the address it really connects to.
-        cached = self._dns_cache.get(host)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+    def _judge(self, host: str, port: int) -> str | None:
+        """Why `host` may not be reached, or None when every address it resolves to may be.
+
+        A failed lookup raises instead: it is not remembered, the next request asks DNS again.
+        """
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
             raise DestinationRefused(f"host {host!r} does not resolve: {exc}") from None
-        addresses = [info[4][0] for info in infos]
-        if len(self._dns_cache) >= DNS_CACHE_SIZE:
-            self._dns_cache.clear()
-        self._dns_cache[host] = (time.monotonic() + DNS_CACHE_SECONDS, addresses)
-        return addresses
+        try:
+            for info in infos:
+                self.check_address(info[4][0])
+        except DestinationRefused as exc:
+            return str(exc)
+        return None

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from dispatcher.app import create_app
+from dispatcher.keys import Keys
 from dispatcher.models import MAX_BATCH
 from tests.conftest import AUTH, wait_for
 
@@ -81,7 +82,7 @@ def test_batch_over_the_limit_is_refused_whole(idle_client):
     assert stats(idle_client)["webhook"]["queued"] == 0
 
 
-def test_largest_batch_is_accepted_whole(idle_client, capsys):
+def test_largest_batch_is_accepted_whole(idle_client, redis_conn, capsys):
     items = [hook("http://127.0.0.1:1/x", payload={"n": i}) for i in range(MAX_BATCH)]
 
     started = time.monotonic()
@@ -91,5 +92,9 @@ def test_largest_batch_is_accepted_whole(idle_client, capsys):
     assert response.status_code == 202, response.get_json()
     assert len(response.get_json()["items"]) == MAX_BATCH
     assert stats(idle_client)["webhook"]["queued"] == MAX_BATCH
+    queue_name = idle_client.application.extensions["dispatcher"].settings.queue_name
+    ids = [item["id"] for item in response.get_json()["items"]]
+    assert [i.decode() for i in redis_conn.lrange(f"rq:queue:{queue_name}", 0, -1)] == ids
+    assert redis_conn.zcard(Keys(queue_name).index) == MAX_BATCH
     with capsys.disabled():
         print(f"\n{MAX_BATCH} webhooks accepted in one batch in {took:.2f}s (in-process test client)")
