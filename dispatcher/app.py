@@ -56,7 +56,13 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.RedisError)
     def redis_error(exc: redis.RedisError) -> tuple[Response, int]:
         log.warning("Redis unavailable: %s", exc)
-        error = APIError(503, "unavailable", "the job store (Redis) is unreachable; try again shortly")
+        if isinstance(exc, redis.exceptions.OutOfMemoryError):
+            message = "the job store (Redis) is out of memory; nothing was enqueued, try again later"
+        elif isinstance(exc, redis.ResponseError):
+            message = "the job store (Redis) refused the request; nothing was enqueued, try again later"
+        else:
+            message = "the job store (Redis) is unreachable; try again shortly"
+        error = APIError(503, "unavailable", message)
         return jsonify(error.to_json()), 503
 
     @app.errorhandler(Exception)

