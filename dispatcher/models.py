@@ -244,16 +244,14 @@ def json_text(value: dict | list, field: str) -> str:
     to check its depth or name the member at fault.
     """
     try:
-        text: str | None = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode()  # a lone surrogate raises UnicodeEncodeError, a ValueError
     except (ValueError, TypeError, RecursionError):
-        text = None
-    if text is not None and not _SURROGATE.search(text):
-        if text.count("{") + text.count("[") <= MAX_PAYLOAD_DEPTH:
-            return text
         _explain(value, field)
-        return text
-    _explain(value, field)
-    raise FieldProblem(field, "cannot be written as JSON")
+        raise FieldProblem(field, "cannot be written as JSON") from None
+    if text.count("{") + text.count("[") > MAX_PAYLOAD_DEPTH:
+        _explain(value, field)
+    return text
 
 
 def _explain(value: dict | list, field: str) -> None:
