@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import hmac
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -122,9 +125,28 @@ def _accept(kind: Kind, model: type[BaseModel]) -> tuple[Response, int, dict[str
 def _accept_batch(kind: Kind, model: type[EmailBatch | WebhookBatch]) -> tuple[Response, int]:
     """Every item valid and enqueued in one transaction, or a 422 naming each bad `items.<i>.<field>`."""
     rt = runtime()
-    batch = _validate(model)
-    job_ids = enqueue_many(rt.connection, rt.settings, kind, batch.items)  # type: ignore[attr-defined]
+    with _gc_paused():
+        batch = _validate(model)
+        job_ids = enqueue_many(rt.connection, rt.settings, kind, batch.items)  # type: ignore[attr-defined]
     return jsonify(items=[_accepted(job_id) for job_id in job_ids]), 202
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a batch is parsed, validated and enqueued.
+
+    A 10,000-item batch allocates about a million objects, which set off some 300 collections, the
+    later ones walking everything allocated so far: a fifth of the request's time. What it allocates
+    holds no reference cycles and is freed by reference counting; collection resumes afterwards.
+    """
+    if not gc.isenabled():  # already paused (another request's batch, on another thread)
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _validate(model: type[BaseModel]) -> BaseModel:

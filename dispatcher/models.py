@@ -48,6 +48,8 @@ _CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*/[A-Za-z0-9][A-Za-z0-9_
 #: Lone surrogates: JSON can escape them (\ud800), UTF-8 cannot encode them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _PLAIN_JSON = frozenset({int, bool, type(None)})
+#: Compact JSON, as the webhook body carries it; one encoder, not one per json.dumps call.
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 #: What an HTTP/1.1 header value may hold: visible ASCII, spaces and tabs.
 _HTTP_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 #: Header names the webhook delivery sets itself; a request may not override them.
@@ -151,16 +153,16 @@ class Attachment(RequestModel):
 
 class EmailRequest(RequestModel):
     to: list[EmailAddress] = Field(min_length=1)
-    cc: list[EmailAddress] = []
-    bcc: list[EmailAddress] = []
+    cc: list[EmailAddress] = Field(default_factory=list)
+    bcc: list[EmailAddress] = Field(default_factory=list)
     from_: Mailbox | None = Field(default=None, alias="from")
     reply_to: Mailbox | None = None
     subject: Annotated[SafeStr, StringConstraints(min_length=1, max_length=998)]
     text: str | None = None
     html: str | None = None
     attachments: list[Attachment] = Field(default=[], max_length=100)
-    headers: dict[str, str] = {}
-    metadata: Metadata = {}
+    headers: dict[str, str] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     retry: RetryPolicy | None = None
 
     @field_validator("headers")
@@ -191,8 +193,8 @@ class WebhookRequest(RequestModel):
     url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     event_type: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
     payload: dict[str, Any]
-    headers: dict[str, str] = {}
-    metadata: Metadata = {}
+    headers: dict[str, str] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     retry: RetryPolicy | None = None
 
     @field_validator("url")
@@ -244,7 +246,7 @@ def json_text(value: dict | list, field: str) -> str:
     to check its depth or name the member at fault.
     """
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _JSON.encode(value)
         text.encode()  # a lone surrogate raises UnicodeEncodeError, a ValueError
     except (ValueError, TypeError, RecursionError):
         _explain(value, field)
