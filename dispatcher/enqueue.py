@@ -8,6 +8,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 
 import redis
@@ -105,19 +106,17 @@ def enqueue(
 
 #: Writes jobs as RQ's `Queue.enqueue_many` does (hash, queue list, the set of queues) and indexes
 #: them. KEYS: the queue list, RQ's set of queues, our job index. ARGV: the job key prefix, the index
-#: score, the number of field/value pairs every job shares, those pairs, then per job its id, data,
-#: meta, description and created/enqueued time. One script is atomic, and a script that fails on
-#: its first write (out of memory, say) has written nothing; the job keys are new uuids, so no
-#: later write can fail on a wrong type. (The job keys are not declared: RQ runs on one Redis,
-#: not a cluster.)
+#: score, the field/value pairs every job shares (a JSON array: one argument to pack, not 26), then
+#: per job its id, data, meta, description and created/enqueued time. One script is atomic, and a
+#: script that fails on its first write (out of memory, say) has written nothing; the job keys are
+#: new uuids, so no later write can fail on a wrong type. (The job keys are not declared: RQ runs
+#: on one Redis, not a cluster.)
 _WRITE_JOBS = Script(
     None,  # type: ignore[arg-type]  # called with an explicit client
     b"""
-local prefix, score, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local shared = {}
-for i = 4, 3 + 2 * n do shared[#shared + 1] = ARGV[i] end
+local prefix, score, shared = ARGV[1], ARGV[2], cjson.decode(ARGV[3])
 local ids, scored = {}, {}
-for i = 4 + 2 * n, #ARGV, 5 do
+for i = 4, #ARGV, 5 do
   local id = ARGV[i]
   redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
     'created_at', ARGV[i + 4], 'enqueued_at', ARGV[i + 4], unpack(shared))
@@ -155,9 +154,7 @@ def enqueue_many(
     timeout = _job_timeout(settings, kind)
     shared = _rq_fields(settings.queue_name, kind, settings.result_ttl, settings.failure_ttl, timeout)
     function = JOB_FUNCTIONS[kind]
-    args: list[Any] = [Job.redis_job_namespace_prefix, time.time(), len(shared)]
-    for pair in shared.items():
-        args.extend(pair)
+    args: list[Any] = [Job.redis_job_namespace_prefix, time.time(), shared]
     job_ids = []
     for request in requests:
         if kind == "webhook":
@@ -198,8 +195,11 @@ OWN_FIELDS = frozenset({"data", "meta", "description", "created_at", "enqueued_a
 
 
 @functools.cache
-def _rq_fields(queue_name: str, kind: Kind, result_ttl: int, failure_ttl: int, timeout: int) -> dict[str, Any]:
-    """The hash fields RQ writes for every queued job of this kind, from one job RQ builds itself."""
+def _rq_fields(queue_name: str, kind: Kind, result_ttl: int, failure_ttl: int, timeout: int) -> str:
+    """The hash fields RQ writes for every queued job of this kind, from one job RQ builds itself.
+
+    As a JSON array of field, value, field, value...: `_WRITE_JOBS` decodes it.
+    """
     job = Job.create(
         JOB_FUNCTIONS[kind],
         args=({},),
@@ -211,4 +211,14 @@ def _rq_fields(queue_name: str, kind: Kind, result_ttl: int, failure_ttl: int, t
         origin=queue_name,
         serializer=JSONSerializer,
     )
-    return {name: value for name, value in job.to_dict().items() if name not in OWN_FIELDS}
+    pairs = [(name, _as_text(value)) for name, value in job.to_dict().items() if name not in OWN_FIELDS]
+    return json.dumps([item for pair in pairs for item in pair])
+
+
+def _as_text(value: Any) -> str:
+    """A hash value as Redis stores it: RQ's enums by their value, numbers in decimal."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
