@@ -52,7 +52,7 @@ def webhook_job(request: WebhookRequest, settings: Settings, accepted_at: dateti
     payload = request.payload.text if isinstance(request.payload, JsonObject) else json_text(request.payload, "payload")
     body = (
         f'{{"type":{json.dumps(request.event_type, ensure_ascii=False)},'
-        f'"timestamp":"{isoformat(accepted_at)}","data":{payload}}}'
+        f'"timestamp":"{_timestamp(accepted_at)}","data":{payload}}}'
     )
     data = {
         "url": request.url,
@@ -66,6 +66,11 @@ def webhook_job(request: WebhookRequest, settings: Settings, accepted_at: dateti
         "metadata": request.metadata,
     }
     return job_id, data, meta
+
+
+@functools.lru_cache(maxsize=1)  # the jobs of a batch share their acceptance time
+def _timestamp(accepted_at: datetime) -> str:
+    return isoformat(accepted_at)
 
 
 def email_job(request: EmailRequest, settings: Settings, accepted_at: datetime) -> tuple[str, dict, dict]:
@@ -109,7 +114,7 @@ def enqueue(
 #: score, the field/value pairs every job shares (a JSON array: one argument to pack, not 26), then
 #: per job its id, data, meta, description and created/enqueued time. One script is atomic, and a
 #: script that fails on its first write (out of memory, say) has written nothing; the job keys are
-#: new uuids, so no later write can fail on a wrong type. (The job keys are not declared: RQ runs
+#: new random ids, so no later write can fail on a wrong type. (The job keys are not declared: RQ runs
 #: on one Redis, not a cluster.)
 _WRITE_JOBS = Script(
     None,  # type: ignore[arg-type]  # called with an explicit client
