@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -381,6 +382,19 @@ def start_web(ctx: Context, queue: str) -> tuple[subprocess.Popen, int]:
         time.sleep(0.1)
 
 
+@contextmanager
+def fresh_web(ctx: Context) -> Iterator[tuple[str, int]]:
+    """An emptied Redis, a quiet machine and a new `dispatcher web` on a queue of its own: (queue, port)."""
+    ctx.redis.flush()
+    ctx.quiet()
+    queue = f"bench-{new_token()}"
+    web, port = start_web(ctx, queue)
+    try:
+        yield queue, port
+    finally:
+        ctx.procs.stop(web)
+
+
 WRK_SCRIPT = """\
 wrk.method = "POST"
 wrk.body = {body}
@@ -434,24 +448,19 @@ def accept(ctx: Context, sizes: Sizes, runs: int) -> list[dict]:
     script_path.write_text(WRK_SCRIPT.format(body=lua_string(body), key=API_KEY))
     run_results: list[dict] = []
     for i in attempts(ctx, runs, run_results):
-        ctx.redis.flush()
-        ctx.quiet()
-        queue = f"bench-{new_token()}"
-        web, port = start_web(ctx, queue)
         try:
-            warm = run_wrk(wrk, script_path, port, sizes.accept_warmup, sizes.wrk_connections)
-            calls_before = ctx.redis.calls()
-            cpu = CpuWatch().start()
-            result = run_wrk(wrk, script_path, port, sizes.accept_seconds, sizes.wrk_connections)
-            background = cpu.foreign_percent()
-            calls = ctx.redis.calls() - calls_before - 1
-            queued = ctx.redis.client.llen(f"rq:queue:{queue}")
+            with fresh_web(ctx) as (queue, port):
+                warm = run_wrk(wrk, script_path, port, sizes.accept_warmup, sizes.wrk_connections)
+                calls_before = ctx.redis.calls()
+                cpu = CpuWatch().start()
+                result = run_wrk(wrk, script_path, port, sizes.accept_seconds, sizes.wrk_connections)
+                background = cpu.foreign_percent()
+                calls = ctx.redis.calls() - calls_before - 1
+                queued = ctx.redis.client.llen(f"rq:queue:{queue}")
         except BenchError as exc:
             ctx.say(f"accept run {i + 1}: FAILED: {exc}")
             run_results.append({"error": str(exc)})
             continue
-        finally:
-            ctx.procs.stop(web)
         ok = result["requests"] - result["status_errors"]
         expected_queued = warm["requests"] - warm["status_errors"] + ok
         rate = result["requests"] / (result["duration_us"] / 1e6)
@@ -525,27 +534,22 @@ def batch(ctx: Context, sizes: Sizes, runs: int) -> list[dict]:
     ours: list[dict] = []
     theirs: list[dict] = []
     for i in attempts(ctx, runs, ours):
-        ctx.redis.flush()
-        ctx.quiet()
-        queue = f"bench-{new_token()}"
-        web, port = start_web(ctx, queue)
         try:
-            # The first batch a fresh server takes is slower (its memory grows, Redis's too): it
-            # is reported, the second is the figure, as the accept scenario's wrk warm-up does.
-            first, _ = post_batch(port, body, headers)
-            queued_first = ctx.redis.client.llen(f"rq:queue:{queue}")
-            calls_before = ctx.redis.calls()
-            cpu = CpuWatch().start()
-            took, (response, answer) = post_batch(port, body, headers)
-            background = cpu.foreign_percent()
-            calls = ctx.redis.calls() - calls_before - 1
-            queued = ctx.redis.client.llen(f"rq:queue:{queue}") - queued_first
+            with fresh_web(ctx) as (queue, port):
+                # The first batch a fresh server takes is slower (its memory grows, Redis's too):
+                # it is reported, the second is the figure, as the accept scenario warms up first.
+                first, _ = post_batch(port, body, headers)
+                queued_first = ctx.redis.client.llen(f"rq:queue:{queue}")
+                calls_before = ctx.redis.calls()
+                cpu = CpuWatch().start()
+                took, (response, answer) = post_batch(port, body, headers)
+                background = cpu.foreign_percent()
+                calls = ctx.redis.calls() - calls_before - 1
+                queued = ctx.redis.client.llen(f"rq:queue:{queue}") - queued_first
         except (BenchError, OSError) as exc:
             ctx.say(f"batch run {i + 1}: FAILED: {exc}")
             ours.append({"error": str(exc)})
             continue
-        finally:
-            ctx.procs.stop(web)
         if response.status != 202 or len(answer["items"]) != n or queued != n:
             ours.append({"error": f"status {response.status}, {len(answer['items'])} ids, {queued} queued of {n}"})
             ctx.say(f"batch run {i + 1}: FAILED: {ours[-1]['error']}")
