@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 import zlib
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from rq import Queue
@@ -17,6 +23,7 @@ from rq.utils import utcparse
 from dispatcher.enqueue import OWN_FIELDS, enqueue_many, make_queue
 from dispatcher.keys import JOB_FUNCTIONS, Keys
 from dispatcher.models import EmailRequest, WebhookRequest
+from tests.conftest import free_port
 
 REQUESTS = {
     "webhook": lambda: WebhookRequest.model_validate(
@@ -96,3 +103,56 @@ def test_many_jobs_keep_their_order_and_are_indexed(redis_conn, queue_settings):
     assert set(redis_conn.zrange(Keys(queue_settings.queue_name).index, 0, -1)) == {i.encode() for i in job_ids}
     queues = {queue.name for queue in Queue.all(connection=redis_conn)}
     assert queue_settings.queue_name in queues
+
+
+def test_rq_info_and_rq_dashboard_read_the_jobs_the_api_writes(redis_conn, redis_url, queue_settings):
+    """The README's two commands, run for real against jobs written by the API's enqueue."""
+    requests = [REQUESTS["webhook"](), REQUESTS["email"](), REQUESTS["webhook"]()]
+    job_ids = [enqueue_many(redis_conn, queue_settings, request_kind(r), [r])[0] for r in requests]
+    bin_dir = Path(sys.executable).parent
+
+    info = subprocess.run(
+        [bin_dir / "rq", "info", "-u", redis_url, "--serializer", "rq.serializers.JSONSerializer",
+         "--only-queues", queue_settings.queue_name],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert re.search(rf"^{re.escape(queue_settings.queue_name)} \|\S* 3, 0 executing", info.stdout, re.M), info.stdout
+
+    port = free_port()
+    with subprocess.Popen(
+        [bin_dir / "rq-dashboard", "-u", redis_url, "--json", "-b", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    ) as dashboard:
+        try:
+            base = f"http://127.0.0.1:{port}/0/data"
+            queues = wait_until_json(f"{base}/queues.json", dashboard)
+            listed = {queue["name"]: queue["count"] for queue in queues["queues"]}
+            assert listed[queue_settings.queue_name] == 3
+            page = wait_until_json(f"{base}/jobs/{queue_settings.queue_name}/queued/10/asc/1.json", dashboard)
+            assert [job["id"] for job in page["jobs"]] == job_ids
+            job = wait_until_json(f"{base}/job/{job_ids[1]}.json", dashboard)
+            assert job["status"] == "queued"
+            assert job["origin"] == queue_settings.queue_name
+            assert "email 'Your order' to 2 recipient(s)" in job["description"]
+            assert json.loads(job["metadata"])["kind"] == "email"
+        finally:
+            dashboard.terminate()
+
+
+def request_kind(request: WebhookRequest | EmailRequest) -> str:
+    return "webhook" if isinstance(request, WebhookRequest) else "email"
+
+
+def wait_until_json(url: str, process: subprocess.Popen, timeout: float = 30) -> dict:
+    """GET `url` as JSON, retrying while the server starts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if process.poll() is not None:
+                raise AssertionError(f"exited {process.returncode}: {process.stderr.read().decode()[-2000:]}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
