@@ -123,7 +123,7 @@ def _accept(kind: Kind, model: type[BaseModel]) -> tuple[Response, int, dict[str
 
 
 def _accept_batch(kind: Kind, model: type[EmailBatch | WebhookBatch]) -> tuple[Response, int]:
-    """Every item valid and enqueued in one transaction, or a 422 naming each bad `items.<i>.<field>`."""
+    """Every item valid and enqueued in one atomic Redis call, or a 422 naming each bad `items.<i>.<field>`."""
     rt = runtime()
     with _gc_paused():
         batch = _validate(model)
