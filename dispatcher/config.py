@@ -29,6 +29,24 @@ DEFAULT_RESULT_TTL = 7 * 24 * 3600
 DEFAULT_FAILURE_TTL = 30 * 24 * 3600
 #: Deliveries one worker process has in flight at once (a thread each, mostly waiting on the network).
 DEFAULT_CONCURRENCY = 32
+#: Seconds one SMTP send may take in all (connect, TLS, login, MAIL, RCPT, DATA of up to ~14 MB).
+DEFAULT_SMTP_TIMEOUT = 60.0
+#: Seconds the API waits in all for the DNS lookups of one request's webhook hosts.
+DEFAULT_DNS_TIMEOUT = 2.0
+#: Where `dispatcher web` listens by default; `dispatcher dev` listens on loopback only.
+DEFAULT_WEB_HOST = "0.0.0.0"
+DEV_WEB_HOST = "127.0.0.1"
+#: The Standard Webhooks spec: a signing secret is 24 to 64 random bytes.
+WEBHOOK_SECRET_BYTES = (24, 64)
+#: URL schemes redis-py connects with.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def default_max_per_host(concurrency: int) -> int:
+    """A quarter of the delivery slots, at least one: one slow webhook host cannot hold the rest."""
+    return max(1, concurrency // 4)
+
+
 MAX_ATTEMPTS_LIMIT = 20
 MAX_BACKOFF_SECONDS = 7 * 24 * 3600
 
@@ -74,6 +92,12 @@ class Settings:
     result_ttl: int = DEFAULT_RESULT_TTL
     failure_ttl: int = DEFAULT_FAILURE_TTL
     concurrency: int = DEFAULT_CONCURRENCY
+    #: Delivery slots of one worker that webhooks to one host (name and port) may hold at once.
+    max_per_host: int = default_max_per_host(DEFAULT_CONCURRENCY)
+    smtp_timeout: float = DEFAULT_SMTP_TIMEOUT
+    dns_timeout: float = DEFAULT_DNS_TIMEOUT
+    #: The web process's listening address; None: the command's default (DEFAULT_WEB_HOST or DEV_WEB_HOST).
+    web_host: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -87,8 +111,9 @@ class Settings:
         secret = get("DISPATCHER_WEBHOOK_SECRET")
         if secret is not None:
             parse_webhook_secret(secret)
+        concurrency = _parse_int("DISPATCHER_CONCURRENCY", get("DISPATCHER_CONCURRENCY"), DEFAULT_CONCURRENCY, 1, 1024)
         return cls(
-            redis_url=get("REDIS_URL") or DEFAULT_REDIS_URL,
+            redis_url=parse_redis_url(get("REDIS_URL") or DEFAULT_REDIS_URL),
             queue_name=_parse_queue_name(get("DISPATCHER_QUEUE") or DEFAULT_QUEUE),
             port=_parse_int("PORT", get("PORT"), 8000, 1, 65535),
             api_keys=tuple(k.strip() for k in (get("DISPATCHER_API_KEYS") or "").split(",") if k.strip()),
@@ -102,15 +127,25 @@ class Settings:
             allowed_networks=parse_networks(get("DISPATCHER_ALLOWED_NETWORKS")),
             webhook_retry=_parse_schedule("WEBHOOK", env, 8, DEFAULT_WEBHOOK_BACKOFF),
             email_retry=_parse_schedule("EMAIL", env, 6, DEFAULT_EMAIL_BACKOFF),
-            result_ttl=_parse_int(
-                "DISPATCHER_RESULT_TTL", get("DISPATCHER_RESULT_TTL"), DEFAULT_RESULT_TTL, 60, 10**9
-            ),
+            result_ttl=_parse_int("DISPATCHER_RESULT_TTL", get("DISPATCHER_RESULT_TTL"), DEFAULT_RESULT_TTL, 60, 10**9),
             failure_ttl=_parse_int(
                 "DISPATCHER_FAILURE_TTL", get("DISPATCHER_FAILURE_TTL"), DEFAULT_FAILURE_TTL, 60, 10**9
             ),
-            concurrency=_parse_int(
-                "DISPATCHER_CONCURRENCY", get("DISPATCHER_CONCURRENCY"), DEFAULT_CONCURRENCY, 1, 1024
+            concurrency=concurrency,
+            max_per_host=_parse_int(
+                "DISPATCHER_MAX_PER_HOST",
+                get("DISPATCHER_MAX_PER_HOST"),
+                default_max_per_host(concurrency),
+                1,
+                concurrency,
             ),
+            smtp_timeout=_parse_float(
+                "DISPATCHER_SMTP_TIMEOUT", get("DISPATCHER_SMTP_TIMEOUT"), DEFAULT_SMTP_TIMEOUT, 1, 600
+            ),
+            dns_timeout=_parse_float(
+                "DISPATCHER_DNS_TIMEOUT", get("DISPATCHER_DNS_TIMEOUT"), DEFAULT_DNS_TIMEOUT, 0.1, 30
+            ),
+            web_host=_parse_host(get("DISPATCHER_HOST")),
         )
 
     def require_api_keys(self) -> None:
@@ -137,9 +172,45 @@ def parse_webhook_secret(value: str) -> bytes:
         key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
     except ValueError:
         raise ConfigError("DISPATCHER_WEBHOOK_SECRET must be whsec_ followed by base64") from None
-    if len(key) < 16:
-        raise ConfigError("DISPATCHER_WEBHOOK_SECRET is too short: use at least 16 random bytes (24 or more)")
+    low, high = WEBHOOK_SECRET_BYTES
+    if not low <= len(key) <= high:
+        raise ConfigError(
+            f"DISPATCHER_WEBHOOK_SECRET must decode to {low}-{high} bytes (the Standard Webhooks spec), got {len(key)}"
+        )
     return key
+
+
+def parse_redis_url(value: str) -> str:
+    """Check REDIS_URL's form (scheme, port, database) without connecting; raise ConfigError naming the fault."""
+    import redis.connection
+
+    scheme = urlsplit(value).scheme
+    if scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            f"REDIS_URL must start with redis://, rediss:// or unix://, got {scheme + '://' if scheme else 'no scheme'}"
+        )
+    try:
+        redis.connection.parse_url(value)
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL is not a valid Redis URL: {exc}") from None
+    database = parts.path.strip("/") if scheme != "unix" else ""
+    if database and not (database.isascii() and database.isdigit()):
+        raise ConfigError(f"REDIS_URL: the database after the host must be a number, got {database!r}")
+    return value
+
+
+def _parse_host(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(
+            f"DISPATCHER_HOST must be an IP address to listen on, e.g. 127.0.0.1 or 0.0.0.0, got {value!r}"
+        ) from None
+    return value
 
 
 def parse_smtp_url(value: str | None) -> SmtpSettings | None:
@@ -206,9 +277,7 @@ def parse_backoff(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
-def _parse_schedule(
-    kind: str, env: Mapping[str, str], attempts: int, backoff: tuple[float, ...]
-) -> RetrySchedule:
+def _parse_schedule(kind: str, env: Mapping[str, str], attempts: int, backoff: tuple[float, ...]) -> RetrySchedule:
     attempts_name = f"DISPATCHER_{kind}_MAX_ATTEMPTS"
     backoff_name = f"DISPATCHER_{kind}_BACKOFF"
     max_attempts = _parse_int(attempts_name, env.get(attempts_name, "").strip() or None, attempts, 1, 20)

@@ -29,6 +29,24 @@ from tests.conftest import ROOT, WEBHOOK_SECRET, process_env
         pytest.param("DISPATCHER_WEBHOOK_SECRET", base64.b64encode(b"x" * 32).decode(), id="secret-no-prefix"),
         pytest.param("DISPATCHER_WEBHOOK_SECRET", "whsec_not*base64!", id="secret-not-base64"),
         pytest.param("DISPATCHER_WEBHOOK_SECRET", "whsec_" + base64.b64encode(b"x" * 15).decode(), id="secret-short"),
+        # The Standard Webhooks spec: 24 to 64 bytes.
+        pytest.param(
+            "DISPATCHER_WEBHOOK_SECRET", "whsec_" + base64.b64encode(b"x" * 16).decode(), id="secret-16-bytes"
+        ),
+        pytest.param(
+            "DISPATCHER_WEBHOOK_SECRET", "whsec_" + base64.b64encode(b"x" * 23).decode(), id="secret-23-bytes"
+        ),
+        pytest.param(
+            "DISPATCHER_WEBHOOK_SECRET", "whsec_" + base64.b64encode(b"x" * 65).decode(), id="secret-65-bytes"
+        ),
+        pytest.param("REDIS_URL", "http://127.0.0.1:6379", id="redis-http-scheme"),
+        pytest.param("REDIS_URL", "127.0.0.1:6379", id="redis-no-scheme"),
+        pytest.param("REDIS_URL", "redis://127.0.0.1:99999/0", id="redis-port-99999"),
+        pytest.param("REDIS_URL", "redis://127.0.0.1:6379/zero", id="redis-db-not-a-number"),
+        pytest.param("DISPATCHER_MAX_PER_HOST", "0", id="max-per-host-0"),
+        pytest.param("DISPATCHER_SMTP_TIMEOUT", "0", id="smtp-timeout-0"),
+        pytest.param("DISPATCHER_DNS_TIMEOUT", "abc", id="dns-timeout-abc"),
+        pytest.param("DISPATCHER_HOST", "localhost", id="host-not-an-address"),
         pytest.param("DISPATCHER_ALLOWED_NETWORKS", "localhost", id="networks-hostname"),
         pytest.param("DISPATCHER_ALLOWED_NETWORKS", "127.0.0.0/8,10.0.0.0/33", id="networks-bad-prefix"),
         pytest.param("DISPATCHER_WEBHOOK_TIMEOUT", "abc", id="timeout-abc"),
@@ -147,6 +165,20 @@ def test_other_values_are_parsed():
     assert settings.port == 8080
 
 
+@pytest.mark.parametrize("size", [24, 32, 64])
+def test_signing_secrets_of_24_to_64_bytes_are_accepted(size):
+    secret = "whsec_" + base64.b64encode(b"k" * size).decode()
+
+    assert Settings.from_env({"DISPATCHER_WEBHOOK_SECRET": secret}).require_webhook_secret() == secret
+
+
+def test_max_per_host_defaults_to_a_quarter_of_the_concurrency_and_may_not_exceed_it():
+    assert Settings.from_env({"DISPATCHER_CONCURRENCY": "32"}).max_per_host == 8
+    assert Settings.from_env({"DISPATCHER_CONCURRENCY": "2"}).max_per_host == 1
+    with pytest.raises(ConfigError, match="DISPATCHER_MAX_PER_HOST"):
+        Settings.from_env({"DISPATCHER_CONCURRENCY": "8", "DISPATCHER_MAX_PER_HOST": "9"})
+
+
 def test_blank_values_mean_the_default():
     settings = Settings.from_env({"PORT": "  ", "DISPATCHER_QUEUE": "", "DISPATCHER_WEBHOOK_MAX_ATTEMPTS": " "})
 
@@ -209,3 +241,30 @@ def test_invalid_smtp_url_exits_2_with_one_line(redis_url, command):
     result = run_cli(command, env)
 
     assert_one_line_naming(result, command, "DISPATCHER_SMTP_URL")
+
+
+@pytest.mark.parametrize("command", ["web", "worker", "dev"])
+def test_a_short_signing_secret_stops_start_up_with_one_line(redis_url, command):
+    env = {
+        "REDIS_URL": redis_url,
+        "DISPATCHER_API_KEYS": "key",
+        "DISPATCHER_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"s" * 16).decode(),
+    }
+
+    result = run_cli(command, env)
+
+    assert_one_line_naming(result, command, "DISPATCHER_WEBHOOK_SECRET")
+    assert "24-64 bytes" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["web", "worker", "dev"])
+def test_a_bad_redis_url_stops_start_up_with_one_line(command):
+    env = {
+        "REDIS_URL": "redis://127.0.0.1:6379/zero",
+        "DISPATCHER_API_KEYS": "key",
+        "DISPATCHER_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
+
+    result = run_cli(command, env)
+
+    assert_one_line_naming(result, command, "REDIS_URL")

@@ -32,7 +32,11 @@ class DeliveryContext:
         transport = getattr(self._local, "mail", None)
         if transport is None:
             smtp = self.settings.smtp
-            transport = SmtpTransport(smtp) if smtp is not None else OutboxTransport(self.settings.outbox_dir)
+            transport = (
+                SmtpTransport(smtp, self.settings.smtp_timeout)
+                if smtp is not None
+                else OutboxTransport(self.settings.outbox_dir)
+            )
             self._local.mail = transport
             with self._lock:
                 self._transports.append(transport)
