@@ -33,6 +33,7 @@ from urllib3.util import parse_url
 from dispatcher.addresses import LINE_BREAKS, AddressError, parse_mailbox, validate_address
 from dispatcher.config import MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_SECONDS
 from dispatcher.errors import DestinationRefused, FieldProblem
+from dispatcher.netguard import ResolutionFailed, ResolutionTimedOut
 
 MAX_RECIPIENTS = 50
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
@@ -201,11 +202,14 @@ class WebhookRequest(RequestModel):
     @classmethod
     def _url(cls, value: str, info: ValidationInfo) -> str:
         host, port = parse_webhook_url(value)
+        # A NetworkGuard, or the request's HostLookups (its lookups started together, one time bound).
         guard = (info.context or {}).get("guard")
         if guard is not None:
             try:
                 guard.check_host(host, port)
-            except DestinationRefused as exc:
+            except ResolutionTimedOut as exc:
+                raise ValueError(str(exc)) from None  # unknown yet, not refused: the client may try again
+            except (DestinationRefused, ResolutionFailed) as exc:
                 raise ValueError(f"destination refused: {exc}") from None
         return value
 

@@ -50,6 +50,6 @@ class Runtime:
             connection=connection,
             queue=queue,
             keys=keys,
-            guard=NetworkGuard(settings.allowed_networks),
+            guard=NetworkGuard(settings.allowed_networks, settings.dns_timeout),
             status=StatusReader(connection, queue, keys),
         )

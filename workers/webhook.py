@@ -10,7 +10,7 @@ from standardwebhooks import Webhook
 
 from dispatcher.errors import DestinationRefused
 from workers.errors import PermanentDeliveryError, RetryableDeliveryError
-from workers.http import HttpClient
+from workers.http import DeadlineExceeded, HttpClient
 from workers.retry import parse_retry_after
 
 #: Answers worth another attempt besides 5xx (the Standard Webhooks spec; 410 Gone means stop).
@@ -40,6 +40,8 @@ class WebhookSender:
             response = self.client.post(data["url"], body.encode(), headers)
         except DestinationRefused as exc:
             raise PermanentDeliveryError(f"destination refused by the network guard: {exc}") from None
+        except DeadlineExceeded as exc:
+            raise RetryableDeliveryError(f"timed out: {exc} (DISPATCHER_WEBHOOK_TIMEOUT)") from None
         except urllib3.exceptions.HTTPError as exc:
             raise RetryableDeliveryError(f"no response: {_describe(exc)}") from None
         status = response.status
