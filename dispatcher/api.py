@@ -182,6 +182,12 @@ def _json_body() -> dict[str, Any]:
     if request.mimetype != "application/json":
         raise APIError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
     raw = request.get_data(cache=False)
+    limit = request.max_content_length
+    chunked = request.content_length is None
+    # A chunked body has no Content-Length to check up front, and werkzeug's reader stops quietly
+    # at the limit: one byte more from the server's own stream means the body is too large.
+    if limit is not None and chunked and len(raw) >= limit and request.environ["wsgi.input"].read(1):
+        raise APIError(413, "body_too_large", "the request body is larger than 15 MB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

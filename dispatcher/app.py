@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
+    408: "request_timeout",
     405: "method_not_allowed",
     413: "body_too_large",
     415: "unsupported_media_type",
@@ -51,7 +52,9 @@ def _register_error_handlers(app: Flask) -> None:
         status = exc.code or 500
         message = "the request body is larger than 15 MB" if status == 413 else (exc.description or exc.name)
         error = APIError(status, _HTTP_CODES.get(status, "http_error"), message)
-        return jsonify(error.to_json()), status
+        # werkzeug's own headers minus its HTML content type: a 405 keeps its Allow (RFC 9110 15.5.6).
+        headers = [(name, value) for name, value in exc.get_headers() if name.lower() != "content-type"]
+        return jsonify(error.to_json()), status, headers  # type: ignore[return-value]
 
     @app.errorhandler(redis.RedisError)
     def redis_error(exc: redis.RedisError) -> tuple[Response, int]:

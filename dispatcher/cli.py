@@ -39,29 +39,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def run_web() -> int:
-    from gunicorn.app.base import BaseApplication
-
-    from dispatcher.app import create_app
+def run_web(host: str | None = None) -> int:
+    """Serve the API (dispatcher.server: gunicorn, gevent workers) on `host`, settings.web_host or 0.0.0.0."""
     from dispatcher.redis_checks import warn_about_server
+    from dispatcher.runtime import api_connection
+    from dispatcher.server import WebServer, check_address_free
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
     settings = Settings.from_env()
-    app = create_app(settings)  # validates the configuration before gunicorn forks
-    warn_about_server(app.extensions["dispatcher"].connection, logging.getLogger("dispatcher.web"))
-
-    class Server(BaseApplication):
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"0.0.0.0:{settings.port}")
-            # Sync workers spend part of each request waiting on Redis: two per core keeps the CPUs busy.
-            self.cfg.set("workers", int(os.environ.get("WEB_CONCURRENCY", str(2 * (os.cpu_count() or 1)))))
-            self.cfg.set("accesslog", "-" if os.environ.get("DISPATCHER_ACCESS_LOG") == "1" else None)
-
-        def load(self):  # type: ignore[no-untyped-def]
-            return app
-
-    Server().run()
+    settings.require_api_keys()  # every check create_app makes, before gunicorn forks
+    server = WebServer(settings, host)
+    check_address_free(server.host, settings.port)
+    connection = api_connection(settings.redis_url)
+    try:
+        warn_about_server(connection, logging.getLogger("dispatcher.web"))
+    finally:
+        connection.close()  # the workers build their own, after gevent patched them
+    server.run()
     return 0
 
 
