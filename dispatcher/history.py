@@ -10,7 +10,7 @@ entry, and beginning an attempt is one command that can ride in a pipeline.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -25,16 +25,36 @@ RECENT_FAILURES = 10
 _COUNTER = "n"
 
 # KEYS: attempts hash. ARGV: max attempts, the new attempt's JSON (without its number), TTL.
-# Returns {number} for a new attempt, or {0, last attempt JSON, its number} when the job is already
-# settled (delivered, failed for good, or out of attempts) and must not be delivered again.
+# Returns {number} for a new attempt; {0, last attempt JSON, its number} when the job is already
+# settled (delivered, failed for good, or out of attempts) and must not be delivered again; or
+# {-1, why} when the history cannot be read (garbage in it must fail that job, not the script:
+# a script error would fail every command of the worker's pipeline).
 _BEGIN = """
-local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then
+  return {-1, 'the attempt history is a ' .. kind .. ', not a hash'}
+end
+local n = 0
+local counter = redis.call('HGET', KEYS[1], 'n')
+if counter then
+  if not string.match(counter, '^%d+$') or #counter > 15 then
+    return {-1, 'the attempt counter is not a number'}
+  end
+  n = tonumber(counter)
+end
 if n > 0 then
   local last = redis.call('HGET', KEYS[1], tostring(n))
   if last then
-    local outcome = cjson.decode(last)['outcome']
+    local ok, attempt = pcall(cjson.decode, last)
+    if not ok or type(attempt) ~= 'table' or type(attempt['started_at']) ~= 'string' then
+      return {-1, 'attempt record ' .. n .. ' is not an attempt record'}
+    end
+    local outcome = attempt['outcome']
     if outcome == 'succeeded' or outcome == 'permanent' or n >= tonumber(ARGV[1]) then
       return {0, last, n}
+    end
+    if outcome ~= nil and outcome ~= cjson.null and outcome ~= 'retryable' then
+      return {-1, 'attempt record ' .. n .. ' has an unknown outcome'}
     end
   end
 end
@@ -43,6 +63,23 @@ redis.call('HSET', KEYS[1], tostring(n), ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {n}
 """
+#: What the worker's failure Result says when a job could not be read; the status view shows it.
+UNREADABLE = "the worker could not read the job"
+#: The types each attempt record field may have (None: absent or null).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "started_at": (str,),
+    "finished_at": (str, type(None)),
+    "duration_ms": (int, type(None)),
+    "outcome": (str, type(None)),
+    "status_code": (int, type(None)),
+    "error": (str, type(None)),
+    "response_excerpt": (str, type(None)),
+}
+_OUTCOMES = frozenset({"succeeded", "retryable", "permanent", None})
+
+
+class UnreadableHistory(ValueError):
+    """A job's attempt history (the hash, its counter or a record) holds something else than we write."""
 
 
 def isoformat(moment: datetime) -> str:
@@ -66,8 +103,21 @@ class Attempt:
 
     @classmethod
     def from_record(cls, number: int, raw: bytes | str) -> Attempt:
-        record = json.loads(raw)
-        return cls(number=number, **{f.name: record.get(f.name) for f in fields(cls) if f.name != "number"})
+        """Parse one stored record; UnreadableHistory unless it has the shape `to_json` writes."""
+        try:
+            record = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise UnreadableHistory(f"attempt record {number} is not JSON") from None
+        if not isinstance(record, dict):
+            raise UnreadableHistory(f"attempt record {number} is not a JSON object")
+        for name, types in _FIELD_TYPES.items():
+            value = record.get(name)
+            # (bool is an int to isinstance; a record never holds one)
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise UnreadableHistory(f"attempt record {number} has an invalid {name}")
+        if record.get("outcome") not in _OUTCOMES:
+            raise UnreadableHistory(f"attempt record {number} has an unknown outcome")
+        return cls(number=number, **{name: record.get(name) for name in _FIELD_TYPES})
 
 
 class History:
@@ -91,7 +141,13 @@ class History:
 
     @staticmethod
     def began(reply: list, started: datetime) -> tuple[Attempt, bool]:
-        """(the attempt to make, True) or (the job's last attempt, False) when it is already settled."""
+        """(the attempt to make, True) or (the job's last attempt, False) when it is already settled.
+
+        Raises UnreadableHistory when the job's history holds garbage.
+        """
+        if int(reply[0]) < 0:
+            why = reply[1].decode(errors="replace") if isinstance(reply[1], bytes) else str(reply[1])
+            raise UnreadableHistory(why)
         if int(reply[0]) == 0:
             return Attempt.from_record(int(reply[2]), reply[1]), False
         return Attempt(number=int(reply[0]), started_at=isoformat(started)), True
@@ -111,21 +167,44 @@ class History:
         key = self.keys.attempts(job_id)
         pipe.hset(key, str(attempt.number), attempt.to_json())
         if final:
-            succeeded = attempt.outcome == "succeeded"
-            pipe.hincrby(self.keys.totals, f"{kind}:{'succeeded' if succeeded else 'failed'}", 1)
-            if not succeeded:
-                failure = {
-                    "id": job_id,
-                    "kind": kind,
-                    "failed_at": attempt.finished_at,
-                    "attempts": attempt.number,
-                    "error": attempt.error,
-                    "target": target,
-                }
-                pipe.lpush(self.keys.recent_failures, json.dumps(failure, separators=(",", ":")))
-                pipe.ltrim(self.keys.recent_failures, 0, RECENT_FAILURES - 1)
+            self.count(
+                pipe,
+                kind,
+                job_id,
+                succeeded=attempt.outcome == "succeeded",
+                at=attempt.finished_at,
+                attempts=attempt.number,
+                error=attempt.error,
+                target=target,
+            )
             if ttl is not None:
                 pipe.expire(key, ttl)
+
+    def count(
+        self,
+        pipe: Pipeline,
+        kind: Kind,
+        job_id: str,
+        *,
+        succeeded: bool,
+        at: datetime | str | None,
+        attempts: int,
+        error: str | None,
+        target: dict | None = None,
+    ) -> None:
+        """Queue in `pipe`: count a job's final outcome; a failure also joins the recent failures."""
+        pipe.hincrby(self.keys.totals, f"{kind}:{'succeeded' if succeeded else 'failed'}", 1)
+        if not succeeded:
+            failure = {
+                "id": job_id,
+                "kind": kind,
+                "failed_at": isoformat(at) if isinstance(at, datetime) else at,
+                "attempts": attempts,
+                "error": error,
+                "target": target,
+            }
+            pipe.lpush(self.keys.recent_failures, json.dumps(failure, separators=(",", ":")))
+            pipe.ltrim(self.keys.recent_failures, 0, RECENT_FAILURES - 1)
 
     def attempts(self, job_id: str) -> list[dict]:
         """Every attempt of a job, oldest first."""
@@ -140,8 +219,27 @@ class History:
 
 
 def parse_attempts(raw: dict[bytes, bytes]) -> list[dict]:
-    """The records of an attempts hash in API form, oldest first (the field name is the number)."""
-    attempts = [
-        asdict(Attempt.from_record(int(field), value)) for field, value in raw.items() if field != _COUNTER.encode()
-    ]
-    return sorted(attempts, key=lambda record: record["number"])
+    """The records of an attempts hash in API form, oldest first; UnreadableHistory on garbage."""
+    attempts, problems = read_attempts(raw)
+    if problems:
+        raise UnreadableHistory("; ".join(problems))
+    return attempts
+
+
+def read_attempts(raw: dict[bytes, bytes]) -> tuple[list[dict], list[str]]:
+    """The readable records of an attempts hash in API form, oldest first, and what could not be read.
+
+    The field name is the attempt number; `n` is the counter.
+    """
+    attempts, problems = [], []
+    for field, value in raw.items():
+        if field == _COUNTER.encode():
+            continue
+        if not (field.isdigit() and len(field) <= 15):
+            problems.append(f"the attempt history has a field {field[:40]!r}")
+            continue
+        try:
+            attempts.append(asdict(Attempt.from_record(int(field), value)))
+        except UnreadableHistory as exc:
+            problems.append(str(exc))
+    return sorted(attempts, key=lambda record: record["number"]), sorted(problems)

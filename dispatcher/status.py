@@ -13,7 +13,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
-from dispatcher.history import History, isoformat, parse_attempts
+from dispatcher.history import UNREADABLE, History, isoformat, read_attempts
 from dispatcher.keys import KINDS, Keys, kind_of
 
 
@@ -27,15 +27,16 @@ class Status(StrEnum):
 
 
 #: RQ's job statuses as the API names them.
-_FROM_RQ = {
-    "queued": Status.QUEUED,
-    "deferred": Status.QUEUED,
-    "scheduled": Status.SCHEDULED,
-    "started": Status.RUNNING,
-    "finished": Status.SUCCEEDED,
-    "failed": Status.FAILED,
-    "stopped": Status.FAILED,
-    "canceled": Status.CANCELED,
+_FROM_RQ: dict[bytes, Status] = {
+    b"created": Status.QUEUED,
+    b"queued": Status.QUEUED,
+    b"deferred": Status.QUEUED,
+    b"scheduled": Status.SCHEDULED,
+    b"started": Status.RUNNING,
+    b"finished": Status.SUCCEEDED,
+    b"failed": Status.FAILED,
+    b"stopped": Status.FAILED,
+    b"canceled": Status.CANCELED,
 }
 #: The job hash fields a status view needs; the job's data (maybe megabytes of attachments) is never read.
 _FIELDS = ("status", "created_at", "enqueued_at", "started_at", "ended_at", "meta")
@@ -101,57 +102,121 @@ class StatusReader:
                 pipe.hgetall(self.keys.attempts(job_id))
                 pipe.zscore(scheduled_key, job_id)
                 pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
-            replies = pipe.execute()
+            # One job's key of the wrong type answers an error for its own commands only: that job
+            # is shown as unreadable, every other one as usual.
+            replies = pipe.execute(raise_on_error=False)
         return [_view(job_id, *replies[i * 4 : i * 4 + 4]) for i, job_id in enumerate(ids)]
 
 
-def _view(
-    job_id: str, fields: list[bytes | None], raw_attempts: dict, scheduled_at: float | None, results: list
-) -> dict | None:
+def _view(job_id: str, fields: list | Exception, raw_attempts: dict | Exception, scheduled_at, results) -> dict | None:
+    """The API view of one job from its raw replies; whatever cannot be read is named in `error`.
+
+    A job whose record or status cannot be read is shown as failed.
+    """
+    fatal: list[str] = []  # what leaves the job's state unknown
+    problems: list[str] = []  # what leaves parts of the view empty
+    if isinstance(fields, Exception):
+        fatal.append(f"its record cannot be read ({_redis_error(fields)})")
+        fields = [None] * len(_FIELDS)
     values = dict(zip(_FIELDS, fields, strict=True))
-    if values["status"] is None:
+    if not fatal and all(v is None for v in fields):
         return None
-    try:
-        meta = JSONSerializer.loads(values["meta"]) if values["meta"] else {}
-    except ValueError:
-        meta = {}  # a damaged job still gets a status
-    attempts = parse_attempts(raw_attempts)
-    status = _FROM_RQ.get(values["status"].decode(), Status.QUEUED)
-    times = [_iso(values[name]) for name in ("created_at", "enqueued_at", "started_at", "ended_at")]
-    times += [a["finished_at"] or a["started_at"] for a in attempts]
-    errors = [a["error"] for a in attempts if a.get("error")]
-    if status is Status.FAILED and not errors:
-        errors = [_rq_failure(results)]  # failed before our code ran: undecodable data, missing function
+    status = _FROM_RQ.get(values["status"]) if values["status"] is not None else None
+    if status is None and not fatal:
+        fatal.append(
+            "its status is missing" if values["status"] is None else f"its status {values['status'][:40]!r} is unknown"
+        )
+    meta = _meta(values["meta"], problems)
+    attempts: list[dict] = []
+    if isinstance(raw_attempts, Exception):
+        problems.append(f"its attempt history cannot be read ({_redis_error(raw_attempts)})")
+    else:
+        attempts, unreadable = read_attempts(raw_attempts)
+        problems += unreadable
+    times = {
+        name: _iso(name, values[name], problems) for name in ("created_at", "enqueued_at", "started_at", "ended_at")
+    }
+    moments = [t for t in times.values() if t] + [a["finished_at"] or a["started_at"] for a in attempts]
+    if isinstance(results, Exception):
+        problems.append(f"its results cannot be read ({_redis_error(results)})")
+        results = []
+    if fatal:
+        status = Status.FAILED
+    assert status is not None
+    error = None
+    if status is Status.FAILED:
+        candidates = [f"the job cannot be read: {'; '.join(fatal)}" if fatal else None, _unreadable_failure(results)]
+        candidates += [a["error"] for a in attempts if a.get("error")][-1:]
+        candidates += [f"the job cannot be read: {'; '.join(problems)}" if problems else None, _rq_failure(results)]
+        error = next(e for e in candidates if e)
+    elif status is not Status.SUCCEEDED:
+        error = next((a["error"] for a in reversed(attempts) if a.get("error")), None)
     return {
         "id": job_id,
-        "kind": meta.get("kind") or kind_of(job_id),
+        "kind": meta.get("kind") if meta.get("kind") in KINDS else kind_of(job_id),
         "status": status.value,
-        "created_at": _iso(values["created_at"]),
-        "updated_at": max((t for t in times if t), default=None),
+        "created_at": times["created_at"],
+        "updated_at": max(moments, default=None),
         "next_attempt_at": (
             isoformat(datetime.fromtimestamp(scheduled_at, UTC))
-            if scheduled_at is not None and status is Status.SCHEDULED
+            if isinstance(scheduled_at, float) and status is Status.SCHEDULED
             else None
         ),
         "attempts": attempts,
-        "error": errors[-1] if errors and status is not Status.SUCCEEDED else None,
-        "metadata": meta.get("metadata", {}),
-        "target": meta.get("target"),
+        "error": error,
+        "metadata": meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {},
+        "target": meta.get("target") if isinstance(meta.get("target"), dict) else None,
     }
+
+
+def _meta(raw: bytes | None, problems: list[str]) -> dict:
+    if not raw:
+        return {}
+    try:
+        meta = JSONSerializer.loads(raw)
+    except ValueError:  # UnicodeDecodeError is one too
+        meta = None
+    if not isinstance(meta, dict):
+        problems.append("its meta cannot be read")
+        return {}
+    return meta
+
+
+def _redis_error(exc: Exception) -> str:
+    return str(exc).split("\n")[0][:200]
+
+
+def _unreadable_failure(results: list) -> str | None:
+    """The error of the job's latest result when it says the worker could not read the job."""
+    text = _exc_string(results)
+    return text if text and text.startswith(UNREADABLE) else None
 
 
 def _rq_failure(results: list) -> str:
     """The last line of the traceback RQ recorded with the job's latest result."""
-    if results:
-        encoded = results[0][1].get(b"exc_string")
-        if encoded:
-            lines = zlib.decompress(base64.b64decode(encoded)).decode(errors="replace").strip().splitlines()
-            if lines:
-                return f"the worker could not run the job: {lines[-1]}"
+    text = _exc_string(results)
+    if text:
+        return f"the worker could not run the job: {text}"
     return "the worker could not run the job"
 
 
-def _iso(raw: bytes | None) -> str | None:
+def _exc_string(results: list) -> str | None:
+    """The last line of the exception text of the latest result, if it has a readable one."""
+    try:
+        encoded = results[0][1].get(b"exc_string") if results else None
+        if not encoded:
+            return None
+        lines = zlib.decompress(base64.b64decode(encoded)).decode(errors="replace").strip().splitlines()
+    except (ValueError, TypeError, AttributeError, IndexError, zlib.error):
+        return None
+    return lines[-1] if lines else None
+
+
+def _iso(name: str, raw: bytes | None, problems: list[str]) -> str | None:
     if not raw:
         return None
-    return isoformat(utcparse(raw.decode()).replace(tzinfo=UTC))
+    try:
+        return isoformat(utcparse(raw.decode()).replace(tzinfo=UTC))
+    except (ValueError, OverflowError):  # UnicodeDecodeError is a ValueError
+        problems.append(f"its {name} cannot be read")
+        return None

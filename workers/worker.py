@@ -11,15 +11,28 @@ API read them as usual.
 
 It listens on one queue only: RQ then moves each job into an intermediate list
 as it pops it, from which a job whose worker dies at once can be recovered.
+
+Fairness: one webhook host (host and port) may hold at most `max_per_host`
+delivery slots. A job popped while its host is at that limit is started in RQ's
+sense (registered as this worker's, heartbeat kept) but held without beginning
+an attempt; held jobs get slots first, oldest first, as their hosts free some.
+
+Poison: one job's garbage (a key of the wrong type, a field that does not parse,
+a history that is not ours) fails that job alone. Every batch pipeline runs with
+`raise_on_error=False` and its replies are mapped back to the job that queued
+them (see `workers.batch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
 
+import redis
 from redis.client import Pipeline
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -27,10 +40,11 @@ from rq.results import Result
 from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
-from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL
-from dispatcher.history import Attempt, History
-from dispatcher.keys import JOB_FUNCTIONS, Keys, Kind
+from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, default_max_per_host
+from dispatcher.history import Attempt, History, UnreadableHistory
+from dispatcher.keys import Keys, Kind
 from workers.attempt import Decision, decide, failure_ttl, history_ttl, max_attempts, record, result_ttl, run, settled
+from workers.poison import Batch, Poisoned, fail_alone, read_job, repair_and_replay
 from workers.recovery import Reaper
 
 #: RQ's defaults (420 s TTL, so a ~400 s blocking dequeue, and maintenance every 10 minutes)
@@ -44,10 +58,10 @@ IDLE_BLOCK = 1.0
 #: With deliveries running and room for more, how long to wait for a new job before
 #: collecting finished ones: short, so a job arriving then starts at once.
 BUSY_BLOCK = 0.005
-#: How often the worker renews its RQ heartbeat and checks for maintenance.
+#: How often the worker renews its RQ heartbeat (and its jobs') and checks for maintenance.
 HOUSEKEEPING_INTERVAL = 5.0
-
-_KINDS: dict[str, Kind] = {func: kind for kind, func in JOB_FUNCTIONS.items()}
+#: Jobs held waiting for their host, per delivery slot; popping pauses beyond it.
+HELD_PER_SLOT = 4
 
 # KEYS: queue list, intermediate list. ARGV: how many. Pops up to ARGV[1] ids the way RQ's
 # single-queue dequeue does (LMOVE into the intermediate list), in one round trip.
@@ -64,26 +78,40 @@ return ids
 
 @dataclass
 class Running:
-    """A job being delivered: what the main loop needs to record it when the thread is done."""
+    """A job started in RQ's sense: delivering (`attempt` set) or held for its host (`attempt` None)."""
 
     job: Job
     kind: Kind
     data: dict
     execution: Execution
-    attempt: Attempt
+    host: str | None
+    attempt: Attempt | None = None
     decision: Decision | None = None
 
     def perform(self) -> None:
-        retry_after = run(self.kind, self.job.id, self.data, self.attempt)
-        self.decision = decide(self.data, self.attempt, retry_after)
+        attempt = self.attempt
+        assert attempt is not None
+        try:
+            retry_after = run(self.kind, self.job.id, self.data, attempt)
+            self.decision = decide(self.data, attempt, retry_after)
+        except Exception as exc:  # a bug, or data read_job let through: this job fails, the loop goes on
+            attempt.outcome = "permanent"
+            attempt.error = f"unexpected error: {type(exc).__name__}: {exc}"
+            self.decision = Decision("failed", attempt)
 
 
 class DispatcherWorker(SimpleWorker):
     max_connection_wait_time = MAX_CONNECTION_WAIT
 
     def __init__(  # type: ignore[no-untyped-def]
-        self, *args, concurrency: int = DEFAULT_CONCURRENCY, index_ttl: int = DEFAULT_FAILURE_TTL, **kwargs
+        self,
+        *args,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        index_ttl: int = DEFAULT_FAILURE_TTL,
+        max_per_host: int | None = None,
+        **kwargs,
     ) -> None:
+        """`max_per_host`: delivery slots one webhook host may hold (default a quarter, at least 1)."""
         kwargs.setdefault("worker_ttl", WORKER_TTL)
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
         super().__init__(*args, **kwargs)
@@ -91,11 +119,18 @@ class DispatcherWorker(SimpleWorker):
             raise ValueError(f"a DispatcherWorker listens on exactly one queue, got {len(self.queues)}")
         self.queue = self.queues[0]
         self.concurrency = concurrency
+        self.max_per_host = max_per_host if max_per_host is not None else default_max_per_host(concurrency)
+        if not 1 <= self.max_per_host <= concurrency:
+            raise ValueError(f"max_per_host must be from 1 to the concurrency ({concurrency}), got {max_per_host}")
+        self.max_held = HELD_PER_SLOT * concurrency
         self.history = History(self.connection, Keys(self.queue.name))
         self.reaper = Reaper(self.connection, self.queue, self.name, index_ttl)
         self.stop_requested_by_signal = False
         self._force_stop = False
         self._pop_many = self.connection.register_script(_POP_MANY)
+        #: Jobs held for their host, oldest first; webhooks in the pool per host.
+        self.held: deque[Running] = deque()
+        self.per_host: Counter[str] = Counter()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -134,48 +169,186 @@ class DispatcherWorker(SimpleWorker):
         running: dict[Future, Running] = {}
         completed = 0
         last_housekeeping = now() - timedelta(seconds=HOUSEKEEPING_INTERVAL)
+
+        def submit(items: list[Running]) -> None:
+            for item in items:
+                running[pool.submit(item.perform)] = item
+                if item.host is not None:
+                    self.per_host[item.host] += 1
+
         try:
             while True:
                 if self._force_stop:
-                    self._put_back(running.values())
+                    self._put_back([*running.values(), *self.held], "interrupted: the worker was shut down")
+                    self.held.clear()
                     break
+                if self._stop_requested and self.held:
+                    self._put_back(list(self.held), None)  # never begun: back to the queue as they were
+                    self.held.clear()
                 if self._stop_requested and not running:
                     break
                 if now() - last_housekeeping > timedelta(seconds=HOUSEKEEPING_INTERVAL):
-                    self._housekeeping()
+                    self._housekeeping(list(running.values()))
                     last_housekeeping = now()
-                free = self.concurrency - len(running)
                 started = 0
-                if free and not self._stop_requested:
+                if self.held and not self._stop_requested:
+                    admitted = self._admit(self.concurrency - len(running))
+                    submit(admitted)
+                    started += len(admitted)
+                free = self.concurrency - len(running)
+                room = self.max_held - len(self.held)
+                may_pop = free > 0 and room > 0 and not self._stop_requested
+                if may_pop:
                     block = None if burst else (BUSY_BLOCK if running else IDLE_BLOCK)
-                    for item in self._start(free, block):
-                        running[pool.submit(item.perform)] = item
-                        started += 1
+                    fresh = self._start(min(self.concurrency, free + room), free, block)
+                    submit(fresh)
+                    started += len(fresh)
                 if not running:
-                    if burst and not started:
+                    if burst and not started and not self.held:
                         break
                     continue
-                if len(running) < self.concurrency and not self._stop_requested:
+                if may_pop and len(running) < self.concurrency:
                     done = [future for future in running if future.done()]
                 else:
                     done = list(wait(running, timeout=IDLE_BLOCK, return_when=FIRST_COMPLETED)[0])
                 if done:
-                    self._finish([running.pop(future) for future in done])
+                    finished = [running.pop(future) for future in done]
+                    for item in finished:
+                        if item.host is not None:
+                            self.per_host[item.host] -= 1
+                            if not self.per_host[item.host]:
+                                del self.per_host[item.host]
+                    self._finish(finished)
                     completed += len(done)
         finally:
             pool.shutdown(wait=not self._force_stop, cancel_futures=True)
             self.teardown()
         return bool(completed)
 
-    def _housekeeping(self) -> None:
+    def _housekeeping(self, running: list[Running]) -> None:
         self.heartbeat()
+        self._prolong([*running, *self.held])
         if self.should_run_maintenance_tasks:
-            self.run_maintenance_tasks()
+            try:
+                self.run_maintenance_tasks()
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception:  # RQ's registry cleanup reading one damaged job must not stop the worker
+                self.log.exception("Worker %s: maintenance failed; trying again next time", self.name)
+
+    def _prolong(self, items: list[Running]) -> None:
+        """Renew the executions' heartbeats, so RQ's registry cleanup never takes a held job for abandoned."""
+        if not items:
+            return
+        registry = self.queue.started_job_registry
+        with self.connection.pipeline(transaction=False) as pipe:
+            for item in items:
+                item.execution.heartbeat(registry, self.get_heartbeat_ttl(item.job), pipe)
+            pipe.execute(raise_on_error=False)  # one job's damaged keys: its own problem, seen at its finish
 
     # --- starting jobs -------------------------------------------------------------------
 
-    def _start(self, limit: int, block: float | None) -> list[Running]:
-        """Pop up to `limit` jobs, mark them started as RQ does and begin their attempts."""
+    def _room(self, host: str | None, planned: Counter[str]) -> bool:
+        return host is None or self.per_host[host] + planned[host] < self.max_per_host
+
+    def _start(self, limit: int, free: int, block: float | None) -> list[Running]:
+        """Pop up to `limit` jobs and mark them started as RQ does; begin the attempts of up to `free`
+        of them whose host has a slot, and hold the others. Returns the attempts begun."""
+        popped = self._pop(limit, block)
+        if not popped:
+            return []
+        planned: Counter[str] = Counter()
+        now_flags = []
+        for *_, host in popped:
+            run_now = free > 0 and self._room(host, planned)
+            if run_now:
+                free -= 1
+                if host is not None:
+                    planned[host] += 1
+            now_flags.append(run_now)
+
+        batch = Batch()
+        with self.connection.pipeline(transaction=False) as pipe:
+            begins = []
+            for (job, _kind, data, _host), run_now in zip(popped, now_flags, strict=True):
+                with batch.span(pipe):
+                    execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name)
+                    job.prepare_for_execution(self.name, pipeline=pipe)
+                    pipe.persist(job.key)
+                    pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
+                    begin = None
+                    if run_now:
+                        index = len(pipe.command_stack)
+                        begin = (index, self.history.begin(pipe, job.id, max_attempts(data), history_ttl(job)))
+                begins.append((execution, begin))
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            replies = batch.execute(pipe)
+
+        items: list[Running] = []
+        poisoned: list[Poisoned] = []
+        for index, ((job, kind, data, host), (execution, begin)) in enumerate(zip(popped, begins, strict=True)):
+            error = batch.error(index)
+            if error:
+                poisoned.append(Poisoned(job.id, error, job, execution))
+                continue
+            item = Running(job, kind, data, execution, host)
+            if begin is None:
+                self.held.append(item)
+            else:
+                items.append(item)
+                self._began(item, replies[begin[0]], begin[1], poisoned)
+        self._fail_alone(poisoned)
+        return [item for item in items if item.attempt is not None and item.decision is None]
+
+    def _admit(self, free: int) -> list[Running]:
+        """Begin the attempts of held jobs whose host has a free slot now, oldest first."""
+        planned: Counter[str] = Counter()
+        chosen: list[Running] = []
+        for item in self.held:
+            if len(chosen) >= free:
+                break
+            if self._room(item.host, planned):
+                chosen.append(item)
+                if item.host is not None:
+                    planned[item.host] += 1
+        if not chosen:
+            return []
+        for item in chosen:
+            self.held.remove(item)
+        batch = Batch()
+        with self.connection.pipeline(transaction=False) as pipe:
+            begins = []
+            for item in chosen:
+                with batch.span(pipe):
+                    begins.append(self.history.begin(pipe, item.job.id, max_attempts(item.data), history_ttl(item.job)))
+            replies = batch.execute(pipe)
+        poisoned: list[Poisoned] = []
+        for index, (item, started_at) in enumerate(zip(chosen, begins, strict=True)):
+            error = batch.error(index)
+            reply = replies[batch.start(index)]
+            if error:
+                poisoned.append(Poisoned(item.job.id, error, item.job, item.execution))
+            else:
+                self._began(item, reply, started_at, poisoned)
+        self._fail_alone(poisoned)
+        return [item for item in chosen if item.attempt is not None and item.decision is None]
+
+    def _began(self, item: Running, reply: object, started_at, poisoned: list[Poisoned]) -> None:  # type: ignore[no-untyped-def]
+        """Read History.begin's reply: an attempt to make, a job already settled, or an unreadable history."""
+        try:
+            attempt, fresh = History.began(reply, started_at)  # type: ignore[arg-type]
+        except UnreadableHistory as exc:
+            poisoned.append(
+                Poisoned(item.job.id, f"its attempt history cannot be read: {exc}", item.job, item.execution)
+            )
+            return
+        item.attempt = attempt
+        if not fresh:  # a rerun after a crash whose history is already complete: settle, don't deliver
+            item.decision = settled(attempt)
+            self._finish([item], rerecord=False)
+
+    def _pop(self, limit: int, block: float | None) -> list[tuple[Job, Kind, dict, str | None]]:
+        """Pop up to `limit` jobs and read them; fail alone those that cannot be read."""
         queue, connection = self.queue, self.connection
         ids: list[bytes] = []
         if block:
@@ -183,104 +356,59 @@ class DispatcherWorker(SimpleWorker):
             if first is None:
                 return []
             ids.append(first)
-        ids += self._pop_many(keys=[queue.key, queue.intermediate_queue_key], args=[limit - len(ids)])
+        if limit > len(ids):
+            ids += self._pop_many(keys=[queue.key, queue.intermediate_queue_key], args=[limit - len(ids)])
         if not ids:
             return []
         with connection.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hgetall(queue.job_class.key_for(job_id.decode()))
-            raw_jobs = pipe.execute()
-
-        ready: list[tuple[Job, Kind, dict]] = []
-        poisoned: list[tuple[str, str]] = []
-        for job_id, raw in zip((i.decode() for i in ids), raw_jobs, strict=True):
+                pipe.hgetall(queue.job_class.key_for(job_id.decode(errors="replace")))
+            raw_jobs = pipe.execute(raise_on_error=False)
+        ready = []
+        poisoned = []
+        for job_id, raw in zip((i.decode(errors="replace") for i in ids), raw_jobs, strict=True):
             try:
-                job = self._restore(job_id, raw)
-                kind = _KINDS.get(job.func_name or "")
-                if kind is None:
-                    raise ValueError(f"{job.func_name!r} is not a Dispatcher job function")
-                data = job.args[0]
-                ready.append((job, kind, data))
-            except Exception as exc:  # undecodable or foreign: fail it visibly, keep going
-                poisoned.append((job_id, f"{type(exc).__name__}: {exc}"))
+                ready.append(read_job(self, job_id, raw))
+            except ValueError as exc:  # undecodable, foreign or damaged: fail it visibly, keep going
+                poisoned.append(Poisoned(job_id, str(exc)))
+        self._fail_alone(poisoned)
+        return ready
+
+    def _fail_alone(self, poisoned: list[Poisoned]) -> None:
         if poisoned:
-            self._fail_unreadable(poisoned)
-        if not ready:
-            return []
-
-        with connection.pipeline(transaction=False) as pipe:
-            begins = []
-            for job, _kind, data in ready:
-                execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name)
-                job.prepare_for_execution(self.name, pipeline=pipe)
-                pipe.persist(job.key)
-                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-                index = len(pipe.command_stack)
-                started_at = self.history.begin(pipe, job.id, max_attempts(data), history_ttl(job))
-                begins.append((execution, index, started_at))
-            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
-            replies = pipe.execute()
-
-        items, settled_items = [], []
-        for (job, kind, data), (execution, index, started_at) in zip(ready, begins, strict=True):
-            attempt, fresh = History.began(replies[index], started_at)
-            item = Running(job, kind, data, execution, attempt)
-            if fresh:
-                items.append(item)
-            else:  # a rerun after a crash whose history is already complete: settle, don't deliver
-                item.decision = settled(attempt)
-                settled_items.append(item)
-        if settled_items:
-            self._finish(settled_items, rerecord=False)
-        return items
-
-    def _restore(self, job_id: str, raw: dict) -> Job:
-        if not raw:
-            raise LookupError(f"job {job_id} has no data")
-        job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
-        job.restore(raw)
-        return job
-
-    def _fail_unreadable(self, poisoned: list[tuple[str, str]]) -> None:
-        """Fail jobs that cannot even be read, writing what can be written without decoding them."""
-        registry = self.queue.failed_job_registry
-        with self.connection.pipeline(transaction=False) as pipe:
-            for job_id, error in poisoned:
-                self.log.error("Worker %s: job %s cannot be run: %s", self.name, job_id, error)
-                job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
-                pipe.hset(job.key, mapping={"status": JobStatus.FAILED.value, "ended_at": utcformat(now())})
-                pipe.zadd(registry.key, {job_id: now().timestamp() + failure_ttl(job)})
-                pipe.lrem(self.queue.intermediate_queue_key, 1, job_id)
-                Result.create_failure(
-                    job, failure_ttl(job), exc_string=f"the worker could not read the job: {error}",
-                    worker_name=self.name, pipeline=pipe,
-                )
-            pipe.execute()
+            for item in poisoned:
+                self.log.error("Worker %s: job %s cannot be run: %s", self.name, item.job_id, item.error)
+            fail_alone(self, poisoned)
 
     # --- finishing jobs ------------------------------------------------------------------
 
     def _finish(self, items: list[Running], rerecord: bool = True) -> None:
-        """Record a batch of finished attempts and move their jobs on, all in one round trip."""
-        broken: list[tuple[Running, str]] = []
+        """Record a batch of finished attempts and move their jobs on, all in one round trip.
+
+        A job whose own keys turn out to be of the wrong type (replaced while it ran) has those
+        keys repaired and its failed commands replayed; failing that, it fails alone.
+        """
+        batch = Batch()
+        broken: list[Poisoned] = []
         with self.connection.pipeline(transaction=False) as pipe:
             for item in items:
                 decision = item.decision
                 assert decision is not None
                 try:
-                    if rerecord or decision.attempt.outcome == "retryable":
-                        record(pipe, self.history, item.kind, item.job, decision)
-                    self._move_on(pipe, item, decision)
-                except Exception as exc:
-                    # One job's bad data must not stop the others being recorded.
+                    with batch.span(pipe, keep_on_error=False):
+                        if rerecord or decision.attempt.outcome == "retryable":
+                            record(pipe, self.history, item.kind, item.job, decision)
+                        self._move_on(pipe, item, decision)
+                except Exception as exc:  # could not even queue the commands: bad data in memory
                     self.log.exception("Worker %s: could not record job %s", self.name, item.job.id)
-                    broken.append((item, f"{type(exc).__name__}: {exc}"))
-            pipe.execute()
-        if broken:
-            with self.connection.pipeline(transaction=False) as pipe:
-                for item, _error in broken:
-                    item.execution.delete(job=item.job, pipeline=pipe)
-                pipe.execute()
-            self._fail_unreadable([(item.job.id, error) for item, error in broken])
+                    broken.append(Poisoned(item.job.id, f"{type(exc).__name__}: {exc}", item.job, item.execution))
+            batch.execute(pipe)
+        for index, item in enumerate(items):
+            error = batch.error(index)
+            assert item.decision is not None
+            if error and not repair_and_replay(self, item.job, batch, index, item.decision.attempt.number):
+                broken.append(Poisoned(item.job.id, error, item.job, item.execution))
+        self._fail_alone(broken)
 
     def _move_on(self, pipe: Pipeline, item: Running, decision: Decision) -> None:
         job, execution = item.job, item.execution
@@ -293,8 +421,14 @@ class DispatcherWorker(SimpleWorker):
             job.set_status(JobStatus.FINISHED, pipeline=pipe)
             pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
             Result.create(
-                job, Result.Type.SUCCESSFUL, ttl=ttl, return_value=decision.result, worker_name=self.name,
-                pipeline=pipe, execution_id=execution.id, execution_started_at=started_at,
+                job,
+                Result.Type.SUCCESSFUL,
+                ttl=ttl,
+                return_value=decision.result,
+                worker_name=self.name,
+                pipeline=pipe,
+                execution_id=execution.id,
+                execution_started_at=started_at,
                 execution_ended_at=job.ended_at,
             )
             job.finished_job_registry.add(job, ttl, pipe)
@@ -305,8 +439,14 @@ class DispatcherWorker(SimpleWorker):
             # pipeline: a crash before the pipeline ran would leave a "scheduled" job nowhere.)
             delay = decision.rq_delay
             Result.create_retried(
-                job, failure_ttl(job), return_value=None, worker_name=self.name, execution_id=execution.id,
-                execution_started_at=started_at, execution_ended_at=job.ended_at, pipeline=pipe,
+                job,
+                failure_ttl(job),
+                return_value=None,
+                worker_name=self.name,
+                execution_id=execution.id,
+                execution_started_at=started_at,
+                execution_ended_at=job.ended_at,
+                pipeline=pipe,
             )
             job.number_of_retries = (job.number_of_retries or 0) + 1
             if delay:
@@ -317,14 +457,20 @@ class DispatcherWorker(SimpleWorker):
         else:
             job.set_status(JobStatus.FAILED, pipeline=pipe)
             job._handle_failure(
-                decision.error, pipeline=pipe, worker_name=self.name, execution_id=execution.id,
-                execution_started_at=started_at, execution_ended_at=job.ended_at,
+                decision.error,
+                pipeline=pipe,
+                worker_name=self.name,
+                execution_id=execution.id,
+                execution_started_at=started_at,
+                execution_ended_at=job.ended_at,
             )
             self.increment_failed_job_count(pipeline=pipe)
         execution.delete(job=job, pipeline=pipe)
 
-    def _put_back(self, items) -> None:  # type: ignore[no-untyped-def]
-        """Cold shutdown: return every job in flight to the front of the queue, its attempt marked."""
-        for item in items:
+    def _put_back(self, items: list[Running], error: str | None) -> None:
+        """Return jobs to the front of the queue, newest first so the oldest ends up first; an attempt
+        in flight is marked with `error` (held jobs have none)."""
+        for item in reversed(items):
             member = f"{item.job.id}:{item.execution.id}"
-            self.reaper.requeue(member, "interrupted: the worker was shut down during this attempt")
+            with contextlib.suppress(redis.ResponseError):  # its keys are garbage: the reaper's limbo pass
+                self.reaper.requeue(member, error or "interrupted: the worker was shut down")
