@@ -6,6 +6,7 @@ the real HttpClient and WebhookSender, and one test runs the whole way through t
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import threading
@@ -61,11 +62,9 @@ class RawReceiver:
             threading.Thread(target=self._run, args=(sock,), daemon=True).start()
 
     def _run(self, sock: socket.socket) -> None:
-        with sock:
-            try:
-                self.handler(sock, self.stop)
-            except OSError:
-                pass  # the client cut the connection: what these receivers are for
+        # OSError: the client cut the connection, which is what these receivers are for.
+        with sock, contextlib.suppress(OSError):
+            self.handler(sock, self.stop)
 
     def close(self) -> None:
         self.stop.set()
@@ -286,3 +285,22 @@ def test_the_deadline_shuts_a_watched_socket_down_and_leaves_others_open():
         time.sleep(0.1)
         kept_right.sendall(b"x")
         assert kept_left.recv(1) == b"x"
+
+
+def test_trickling_receiver_through_the_api_and_a_worker(raw_receiver, service):
+    server = raw_receiver(trickles_headers)
+    svc = service(DISPATCHER_WEBHOOK_TIMEOUT=str(TIMEOUT))
+    url = server.url()
+    job_id = svc.post(
+        "/v1/webhooks", {"url": url, "event_type": "order.created", "payload": {}, "retry": {"max_attempts": 1}}
+    )
+    svc.start_worker()
+
+    job = wait_for(svc.client, job_id)
+
+    assert job["status"] == "failed", (job, svc.logs())
+    (attempt,) = job["attempts"]
+    assert (attempt["outcome"], attempt["status_code"]) == ("retryable", None)
+    assert "exceeded its 1 s deadline" in job["error"]
+    assert attempt["duration_ms"] < BOUND * 1000
+    assert server.accepted == 1
