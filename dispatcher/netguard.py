@@ -205,21 +205,20 @@ class NetworkGuard:
         `until` (a time.monotonic() value; default: `dns_timeout` from now; `bound` is the seconds
         the error message names).
         """
-        literal = _literal(host)
-        if literal is not None:
+        # A batch of 10,000 webhooks to one partner must not mean 10,000 DNS lookups and checks. The
+        # cache is only for the API's early answer: the worker judges the addresses it connects to.
+        cached = self._verdicts.get(host)
+        if cached is not None and cached[0] > time.monotonic():
+            _, refused, failed = cached
+        elif (literal := _literal(host)) is not None:
             refused, failed = self._verdict([literal]), None
+            self._store(host, refused, None)
         else:
-            # A batch of 10,000 webhooks to one partner must not mean 10,000 DNS lookups and checks.
-            # The cache is only for the API's early answer: the worker judges what it connects to.
-            cached = self._verdicts.get(host)
-            if cached is not None and cached[0] > time.monotonic():
-                _, refused, failed = cached
-            else:
-                if until is None:
-                    until, bound = time.monotonic() + self.dns_timeout, self.dns_timeout
-                lookup = self._start(host, until)
-                self._wait(host, lookup, until, bound)
-                refused, failed = self._judge(host, lookup.future)
+            if until is None:
+                until, bound = time.monotonic() + self.dns_timeout, self.dns_timeout
+            lookup = self._start(host, until)
+            self._wait(host, lookup, until, bound)
+            refused, failed = self._judge(host, *_outcome(lookup.future))
         if failed is not None:
             raise ResolutionFailed(failed)
         if refused is not None:
@@ -234,20 +233,16 @@ class NetworkGuard:
             return str(exc)
         return None
 
-    def _judge(self, host: str, future: Future[list[str]]) -> tuple[str | None, str | None]:
-        """A finished lookup's (refusal, failure) messages; at most one is not None."""
-        exc = future.exception()
-        if exc is None:
-            return self._verdict(future.result()), None
-        if isinstance(exc, ResolutionFailed):
-            return None, str(exc)
-        return None, f"host {host!r} does not resolve: {type(exc).__name__}: {exc}"
+    def _judge(
+        self, host: str, addresses: list[str] | None, exc: BaseException | None
+    ) -> tuple[str | None, str | None]:
+        """A lookup's (refusal, failure) messages from its addresses or its error; one is None."""
+        if exc is None and addresses is not None:
+            return self._verdict(addresses), None
+        return None, str(exc) if isinstance(exc, ResolutionFailed) else f"host {host!r} does not resolve: {exc!r}"
 
-    def _remember(self, host: str, future: Future[list[str]]) -> None:
-        """Cache a finished lookup's verdict: good answers DNS_CACHE_SECONDS, failures less."""
-        if isinstance(future.exception(), ResolutionTimedOut):
-            return  # skipped, DNS never asked: nothing learnt
-        refused, failed = self._judge(host, future)
+    def _store(self, host: str, refused: str | None, failed: str | None) -> None:
+        """Cache a verdict: good answers DNS_CACHE_SECONDS, failed lookups DNS_FAILURE_CACHE_SECONDS."""
         ttl = DNS_CACHE_SECONDS if failed is None else DNS_FAILURE_CACHE_SECONDS
         with self._lock:
             if len(self._verdicts) >= DNS_CACHE_SIZE:
@@ -257,7 +252,7 @@ class NetworkGuard:
     # --- lookups -------------------------------------------------------------------------
 
     def resolve(self, host: str, timeout: float) -> list[str]:
-        """The addresses `host` resolves to now (no cache), within `timeout` seconds.
+        """The addresses `host` resolves to now (never from the cache), within `timeout` seconds.
 
         Raise ResolutionFailed, or ResolutionTimedOut when no answer came in time.
         """
@@ -265,9 +260,13 @@ class NetworkGuard:
         if literal is not None:
             return [literal]
         until = time.monotonic() + timeout
-        lookup = self._start(host, until, remember=False)
+        lookup = self._start(host, until)
         self._wait(host, lookup, until, timeout)
-        return lookup.future.result()
+        addresses, exc = _outcome(lookup.future)
+        if addresses is None:
+            # A new instance: the future's is shared between threads.
+            raise ResolutionFailed(self._judge(host, None, exc)[1] or f"host {host!r} does not resolve")
+        return list(addresses)
 
     def _wait(self, host: str, lookup: _Lookup, until: float, bound: float | None) -> None:
         try:
@@ -275,7 +274,7 @@ class NetworkGuard:
         except FutureTimeout:
             raise ResolutionTimedOut(host, bound if bound is not None else self.dns_timeout) from None
 
-    def _start(self, host: str, until: float, remember: bool = True) -> _Lookup:
+    def _start(self, host: str, until: float) -> _Lookup:
         """The lookup of `host` in flight, joined, or a new one queued on the pool."""
         with self._lock:
             pool = self._executor()
@@ -284,39 +283,49 @@ class NetworkGuard:
                 lookup.wanted_until = max(lookup.wanted_until, until)
                 return lookup
             lookup = self._inflight[host] = _Lookup(until)
-        if remember:
-            lookup.future.add_done_callback(lambda future: self._remember(host, future))
         pool.submit(self._run, host, lookup)
         return lookup
 
     def _run(self, host: str, lookup: _Lookup) -> None:
+        with self._lock:
+            # Queued behind slow lookups until every request that wanted it had given up: skip it
+            # (under the lock, so that no request joins it meanwhile).
+            skipped = time.monotonic() > lookup.wanted_until
+            if skipped:
+                self._forget(host, lookup)
+        if skipped:
+            lookup.future.set_exception(ResolutionTimedOut(host, 0.0))
+            return
+        addresses: list[str] | None = None
+        error: BaseException | None = None
         try:
-            if time.monotonic() > lookup.wanted_until:
-                # Queued behind slow lookups until every request that wanted it had given up.
-                raise ResolutionTimedOut(host, 0.0)
-            literal = _literal(host)
-            addresses = [literal] if literal is not None else self._getaddrinfo(host)
+            addresses = self._getaddrinfo(host)
         except BaseException as exc:
-            self._finish(host, lookup)
-            lookup.future.set_exception(exc)
+            error = exc
+        if error is None or isinstance(error, ResolutionFailed):
+            # Cached before it leaves the in-flight table: no moment when a request would ask again.
+            self._store(host, *self._judge(host, addresses, error))
+        with self._lock:
+            self._forget(host, lookup)
+        if error is not None:
+            lookup.future.set_exception(error)
         else:
-            self._finish(host, lookup)
-            lookup.future.set_result(addresses)
+            lookup.future.set_result(addresses)  # type: ignore[arg-type]
 
     def _getaddrinfo(self, host: str) -> list[str]:
         try:
             infos = self.resolver(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
+            addresses = [str(info[4][0]) for info in infos]
+        except Exception as exc:  # OSError, UnicodeError, or whatever a resolver raises
             raise ResolutionFailed(f"host {host!r} does not resolve: {exc}") from exc
-        addresses = [str(info[4][0]) for info in infos]
         if not addresses:
             raise ResolutionFailed(f"host {host!r} does not resolve: no addresses")
         return addresses
 
-    def _finish(self, host: str, lookup: _Lookup) -> None:
-        with self._lock:
-            if self._inflight.get(host) is lookup:
-                del self._inflight[host]
+    def _forget(self, host: str, lookup: _Lookup) -> None:
+        """No longer in flight (the caller holds the lock)."""
+        if self._inflight.get(host) is lookup:
+            del self._inflight[host]
 
     def _executor(self) -> ThreadPoolExecutor:
         """The lookup pool, created on first use (and again in a forked child): never at import or
@@ -346,6 +355,12 @@ class HostLookups:
     def check_host(self, host: str, port: int) -> None:
         """NetworkGuard.check_host within this request's bound."""
         self.guard.check_host(host, port, self.until, self.bound)
+
+
+def _outcome(future: Future[list[str]]) -> tuple[list[str] | None, BaseException | None]:
+    """A finished lookup's (addresses, None) or (None, error)."""
+    exc = future.exception()
+    return (None, exc) if exc is not None else (future.result(), None)
 
 
 def _literal(host: str) -> str | None:
