@@ -30,7 +30,7 @@ from pydantic import (
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
-from dispatcher.addresses import LINE_BREAKS, AddressError, parse_mailbox, validate_address
+from dispatcher.addresses import LINE_BREAKS, AddressError, format_mailbox, parse_mailbox, validate_address
 from dispatcher.config import MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_SECONDS
 from dispatcher.errors import DestinationRefused, FieldProblem
 from dispatcher.netguard import ResolutionFailed, ResolutionTimedOut
@@ -79,9 +79,10 @@ def _address(value: str) -> str:
 
 def _mailbox(value: str) -> str:
     try:
-        return str(parse_mailbox(value))
+        address = parse_mailbox(value)
     except AddressError as exc:
         raise ValueError(f"invalid address: {exc}") from None
+    return format_mailbox(address.display_name, address.addr_spec)
 
 
 SafeStr = Annotated[str, AfterValidator(_no_line_breaks)]
@@ -132,11 +133,31 @@ class RetryPolicy(RequestModel):
     )
 
 
+def attachment_type_problem(value: str) -> str | None:
+    """What is wrong with an attachment's content type, or None; the worker checks job data with it too."""
+    if len(value) > 255 or not _CONTENT_TYPE.fullmatch(value):
+        return "must be a MIME type, type/subtype"
+    if value.partition("/")[0].lower() in ("multipart", "message"):
+        # A multipart attachment would need a boundary and a message/* one 7bit or 8bit content
+        # (RFC 2046); attachments go as base64. Send such content as application/octet-stream.
+        return "must not be multipart/* or message/* (send it as application/octet-stream)"
+    return None
+
+
+def _attachment_type(value: str) -> str:
+    problem = attachment_type_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 class Attachment(RequestModel):
     filename: Annotated[SafeStr, StringConstraints(min_length=1, max_length=255)]
-    content_type: Annotated[str, StringConstraints(max_length=255, pattern=_CONTENT_TYPE.pattern)] = (
-        "application/octet-stream"
-    )
+    content_type: Annotated[
+        str,
+        StringConstraints(max_length=255, pattern=_CONTENT_TYPE.pattern),
+        AfterValidator(_attachment_type),
+    ] = "application/octet-stream"
     content: str = Field(description="base64")
 
     @field_validator("content")

@@ -1,47 +1,240 @@
-"""Build the MIME message for an email job. Bcc recipients never appear in it."""
+"""Build the MIME message for an email job. Bcc recipients never appear in it.
+
+Job data sits in Redis, where anybody with access to Redis can write it: everything is
+checked again here, and a job that does not hold what the API writes fails for good
+(PermanentDeliveryError naming the field). Every header value from the job is encoded by
+`workers.headers`; bodies go in 7-bit-clean transfer encodings (7bit, quoted-printable or
+base64), so no server needs 8BITMIME for them.
+"""
 
 from __future__ import annotations
 
 import base64
-from email.message import EmailMessage
+import binascii
+import email.policy
+import math
+import re
+from collections.abc import Callable
+from email.message import EmailMessage, MIMEPart
 from email.utils import formatdate
+from typing import Any
+
+from dispatcher.addresses import AddressError, split_mailbox, validate_address, wire_address
+from dispatcher.models import MAX_EMAIL_HEADER_NAME, RESERVED_EMAIL_HEADERS, attachment_type_problem
+from workers import headers
+from workers.errors import PermanentDeliveryError
+
+#: The Message-ID Dispatcher writes (dispatcher.enqueue.email_job): the job id at an ASCII domain.
+MESSAGE_ID = re.compile(r"<(?P<job_id>em_[0-9a-f]{32})@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?>")
+#: Header names the API accepts (RFC 9110 tokens, also valid mail header names).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}")
+#: Dates from 1970 to 9999: what formatdate and every mail program can show.
+_LATEST_DATE = 253402300799
+#: Bodies are never 8bit: with cte_type "7bit" the email package picks 7bit, quoted-printable or base64.
+POLICY = email.policy.default.clone(cte_type="7bit")
+#: An internationalized address in a header: the message can only go with SMTPUTF8 (RFC 6532).
+UTF8_POLICY = POLICY.clone(utf8=True)
+#: Control characters a 7bit body must not carry as they are (line breaks aside).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def job_id_of(message_id: object) -> str:
+    """The job id in a Message-ID of Dispatcher's form; PermanentDeliveryError for anything else."""
+    match = MESSAGE_ID.fullmatch(message_id) if isinstance(message_id, str) else None
+    if match is None:
+        raise PermanentDeliveryError(f"invalid job data: message_id {str(message_id)[:100]!r} is invalid")
+    return match["job_id"]
 
 
 def build_message(data: dict) -> EmailMessage:
     """The message as sent: stable Message-ID and Date, multipart/alternative for text+html, attachments."""
-    msg = EmailMessage()
-    msg["From"] = data["from"]
-    msg["To"] = ", ".join(data["to"])
-    if data.get("cc"):
-        msg["Cc"] = ", ".join(data["cc"])
-    if data.get("reply_to"):
-        msg["Reply-To"] = data["reply_to"]
-    msg["Subject"] = data["subject"]
-    msg["Date"] = formatdate(data["date"], usegmt=True)
-    msg["Message-ID"] = data["message_id"]
-    for name, value in data.get("headers", {}).items():
-        msg[name] = value
-    text, html = data.get("text"), data.get("html")
-    if text is not None:
-        msg.set_content(text)
-        if html is not None:
-            msg.add_alternative(html, subtype="html")
-    else:
-        msg.set_content(html, subtype="html")
-    for attachment in data.get("attachments", []):
-        maintype, _, subtype = attachment["content_type"].partition("/")
-        msg.add_attachment(
-            base64.b64decode(attachment["content"]),
-            maintype=maintype,
-            subtype=subtype,
-            filename=attachment["filename"],
-        )
+    message_id = data.get("message_id")
+    job_id_of(message_id)
+    sender = _mailbox(data, "from")
+    reply_to = _mailbox(data, "reply_to") if data.get("reply_to") is not None else None
+    to = _addresses(data, "to", required=True)
+    cc = _addresses(data, "cc")
+    fields = [
+        headers.mailboxes("From", [sender]),
+        headers.mailboxes("To", [("", a) for a in to]),
+        *([headers.mailboxes("Cc", [("", a) for a in cc])] if cc else []),
+        *([headers.mailboxes("Reply-To", [reply_to])] if reply_to else []),
+        _text_field("Subject", _string(data, "subject")),
+        headers.Field("Date", [f"Date: {formatdate(_date(data), usegmt=True)}"]),
+        headers.Field("Message-ID", [f"Message-ID: {message_id}"]),
+    ]
+    for name, value in _extra_headers(data).items():
+        fields.append(_text_field(name, value))
+    msg = EmailMessage(policy=UTF8_POLICY if any(f.needs_utf8 for f in fields) else POLICY)
+    for field in fields:
+        msg[field.name] = field
+    body = _body(data, msg.policy)
+    attachments = [_attachment(data, index, msg.policy) for index in range(len(_list(data, "attachments")))]
+    if not attachments:
+        _adopt(msg, body)
+        return msg
+    msg.make_mixed()
+    msg.attach(body)
+    for part in attachments:
+        msg.attach(part)
+    msg["MIME-Version"] = "1.0"
     return msg
 
 
 def envelope(data: dict) -> tuple[str, list[str]]:
-    """The SMTP envelope: the sender's bare address and every recipient, Bcc included."""
-    sender = data["from"]
-    if "<" in sender:
-        sender = sender[sender.rindex("<") + 1 : sender.rindex(">")]
-    return sender, [*data["to"], *data.get("cc", []), *data.get("bcc", [])]
+    """The SMTP envelope: the sender's bare address and every recipient, Bcc included, as the API
+    normalized them (the SMTP transport writes their domains as A-labels)."""
+    sender = _address(split_mailbox(_string(data, "from"))[1], "from", validate_address)
+    recipients = [_addresses(data, field, field == "to", validate_address) for field in ("to", "cc", "bcc")]
+    return sender, [address for addresses in recipients for address in addresses]
+
+
+def utf8_addresses(message: EmailMessage, sender: str, recipients: list[str]) -> list[str]:
+    """The addresses of the envelope and the headers that only SMTPUTF8 can carry."""
+    named = [a for field in message.values() if isinstance(field, headers.Field) for a in field.addresses]
+    return list(dict.fromkeys(a for a in (sender, *recipients, *named) if not a.isascii()))
+
+
+# --- Job data, checked ------------------------------------------------------------------------
+
+
+def _invalid(field: str, problem: str) -> PermanentDeliveryError:
+    return PermanentDeliveryError(f"invalid job data: {field} {problem}")
+
+
+def _string(data: dict, field: str) -> str:
+    value = data.get(field)
+    if not isinstance(value, str):
+        raise _invalid(field, "must be a string")
+    return value
+
+
+def _list(data: dict, field: str) -> list:
+    value = data.get(field, [])
+    if not isinstance(value, list):
+        raise _invalid(field, "must be a list")
+    return value
+
+
+def _address(value: Any, field: str, form: Callable[[str], str] = wire_address) -> str:
+    """`value` checked as an address, in `form`: `wire_address` (A-label domain) or `validate_address`."""
+    if not isinstance(value, str):
+        raise _invalid(field, "must be a string")
+    try:
+        return form(value)
+    except AddressError as exc:
+        raise _invalid(field, f"is not a valid address: {exc}") from None
+
+
+def _addresses(data: dict, field: str, required: bool = False, form: Callable[[str], str] = wire_address) -> list[str]:
+    values = _list(data, field)
+    if required and not values:
+        raise _invalid(field, "must hold at least one address")
+    return [_address(value, f"{field}.{index}", form) for index, value in enumerate(values)]
+
+
+def _mailbox(data: dict, field: str) -> tuple[str, str]:
+    name, addr = split_mailbox(_string(data, field))
+    return name, _address(addr, field)
+
+
+def _date(data: dict) -> float:
+    value = data.get("date")
+    if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= _LATEST_DATE:
+        raise _invalid("date", "must be a Unix time in seconds")
+    return value
+
+
+def _text_field(name: str, value: str) -> headers.Field:
+    try:
+        return headers.unstructured(name, value)
+    except headers.HeaderEncodingError as exc:
+        raise _invalid(name, str(exc)) from None
+
+
+def _extra_headers(data: dict) -> dict[str, str]:
+    value = data.get("headers", {})
+    if not isinstance(value, dict):
+        raise _invalid("headers", "must be an object")
+    for name, text in value.items():
+        lowered = name.lower()
+        if (
+            not _HEADER_NAME.fullmatch(name)
+            or len(name) > MAX_EMAIL_HEADER_NAME
+            or lowered in RESERVED_EMAIL_HEADERS
+            or lowered.startswith(("content-", "resent-"))
+        ):
+            raise _invalid(f"headers.{name[:100]}", "is not a header name the API accepts")
+        if not isinstance(text, str):
+            raise _invalid(f"headers.{name}", "must be a string")
+    return value
+
+
+# --- The MIME tree ----------------------------------------------------------------------------
+
+
+def _body(data: dict, policy: email.policy.EmailPolicy) -> MIMEPart:
+    text, html = data.get("text"), data.get("html")
+    for field, value in (("text", text), ("html", html)):
+        if value is not None and not isinstance(value, str):
+            raise _invalid(field, "must be a string")
+    if text is None and html is None:
+        raise _invalid("text", "or html must be given")
+    parts = [
+        _text_part(body, subtype, policy) for body, subtype in ((text, "plain"), (html, "html")) if body is not None
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    alternative = MIMEPart(policy=policy)
+    alternative.make_alternative()
+    for part in parts:
+        alternative.attach(part)
+    return alternative
+
+
+def _text_part(body: str, subtype: str, policy: email.policy.EmailPolicy) -> MIMEPart:
+    part = MIMEPart(policy=policy)
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid("html" if subtype == "html" else "text", "is not valid Unicode (a lone surrogate)") from None
+    # Heuristics pick 7bit for short ASCII lines; control characters are not for a 7bit body.
+    part.set_content(body, subtype=subtype, cte="quoted-printable" if _CONTROL.search(body) else None)
+    return part
+
+
+def _attachment(data: dict, index: int, policy: email.policy.EmailPolicy) -> MIMEPart:
+    item = data["attachments"][index]
+    field = f"attachments.{index}"
+    if not isinstance(item, dict):
+        raise _invalid(field, "must be an object")
+    filename, content_type, content = item.get("filename"), item.get("content_type"), item.get("content")
+    if not isinstance(filename, str) or not 1 <= len(filename) <= 255:
+        raise _invalid(f"{field}.filename", "must be a string of 1-255 characters")
+    problem = attachment_type_problem(content_type) if isinstance(content_type, str) else "must be a string"
+    if problem:
+        raise _invalid(f"{field}.content_type", problem)
+    try:
+        raw = base64.b64decode(content, validate=True) if isinstance(content, str) else None
+    except (binascii.Error, ValueError):
+        raw = None
+    if raw is None:
+        raise _invalid(f"{field}.content", "must be base64")
+    try:
+        disposition = headers.attachment_disposition(filename)
+    except headers.HeaderEncodingError as exc:
+        raise _invalid(f"{field}.filename", str(exc)) from None
+    maintype, _, subtype = content_type.partition("/")
+    part = MIMEPart(policy=policy)
+    part.set_content(raw, maintype=maintype, subtype=subtype)
+    part["Content-Disposition"] = disposition
+    return part
+
+
+def _adopt(msg: EmailMessage, part: MIMEPart) -> None:
+    """Make `part`'s content the whole message's, after the message's own headers."""
+    for name, value in part.raw_items():
+        msg[name] = value
+    msg.set_payload(part.get_payload())
+    if "MIME-Version" not in msg:
+        msg["MIME-Version"] = "1.0"
