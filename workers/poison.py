@@ -162,11 +162,11 @@ def _restore(worker: DispatcherWorker, job_id: str, raw: dict) -> Job:
         if name == b"data":
             continue
         trial = {k: v for k, v in raw.items() if k != name}
-        with contextlib.suppress(Exception):
+        try:
             worker.job_class(job_id, connection=worker.connection, serializer=worker.serializer).restore(trial)
-            raise UnreadableJob(
-                f"its field {_text(name)[:40]!r} cannot be read ({type(error).__name__}: {short(error)})"
-            )
+        except Exception:
+            continue
+        raise UnreadableJob(f"its field {_text(name)[:40]!r} cannot be read ({type(error).__name__}: {short(error)})")
     raise UnreadableJob(f"its record cannot be read ({type(error).__name__}: {short(error)})")
 
 

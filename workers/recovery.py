@@ -38,20 +38,26 @@ log = logging.getLogger(__name__)
 # KEYS: started registry, job hash, queue list, attempts hash, execution hash, scheduled registry
 # ARGV: registry member, job id, now (ISO), error text
 # A job counts as abandoned if it is still "started", or "scheduled" without being in the
-# scheduled registry (a worker died half-way through rescheduling it).
+# scheduled registry (a worker died half-way through rescheduling it). A job whose hash is not a
+# hash is requeued as it is: the worker that pops it fails it alone. Garbage in the attempt history
+# is left alone (the worker fails the job for it); it must not make the script fail.
 _REQUEUE_STARTED = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[5])
-local status = redis.call('HGET', KEYS[2], 'status')
-if status ~= 'started' and not (status == 'scheduled' and not redis.call('ZSCORE', KEYS[6], ARGV[2])) then
-  return 0
+local is_hash = redis.call('TYPE', KEYS[2])['ok'] == 'hash'
+if is_hash then
+  local status = redis.call('HGET', KEYS[2], 'status')
+  if status ~= 'started' and not (status == 'scheduled' and not redis.call('ZSCORE', KEYS[6], ARGV[2])) then
+    return 0
+  end
 end
-local n = redis.call('HGET', KEYS[4], 'n')
-if n then
-  local raw = redis.call('HGET', KEYS[4], n)
-  if raw then
-    local attempt = cjson.decode(raw)
-    if attempt['finished_at'] == cjson.null or attempt['finished_at'] == nil then
+if redis.call('TYPE', KEYS[4])['ok'] == 'hash' then
+  local n = redis.call('HGET', KEYS[4], 'n')
+  if n and string.match(n, '^%d+$') then
+    local raw = redis.call('HGET', KEYS[4], n)
+    local ok, attempt = false, nil
+    if raw then ok, attempt = pcall(cjson.decode, raw) end
+    if ok and type(attempt) == 'table' and (attempt['finished_at'] == cjson.null or attempt['finished_at'] == nil) then
       attempt['finished_at'] = ARGV[3]
       attempt['outcome'] = 'retryable'
       attempt['error'] = ARGV[4]
@@ -59,7 +65,7 @@ if n then
     end
   end
 end
-redis.call('HSET', KEYS[2], 'status', 'queued')
+if is_hash then redis.call('HSET', KEYS[2], 'status', 'queued') end
 redis.call('LPUSH', KEYS[3], ARGV[2])
 return 1
 """
@@ -67,8 +73,9 @@ return 1
 # KEYS: intermediate list, job hash, queue list; ARGV: job id
 _REQUEUE_LIMBO = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], 'status', 'queued')
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind == 'none' then return 0 end
+if kind == 'hash' then redis.call('HSET', KEYS[2], 'status', 'queued') end
 redis.call('LPUSH', KEYS[3], ARGV[1])
 return 1
 """
@@ -129,24 +136,37 @@ class Reaper:
 
     def _reap_started(self) -> int:
         registry = self.queue.started_job_registry
-        members = [m.decode() for m in self.connection.zrange(registry.key, 0, -1)]
-        if not members:
+        entries = [
+            (m.decode(errors="replace"), score)
+            for m, score in self.connection.zrange(registry.key, 0, -1, withscores=True)
+        ]
+        if not entries:
             return 0
         with self.connection.pipeline(transaction=False) as pipe:
-            for member in members:
+            for member, _score in entries:
                 pipe.hget(f"rq:execution:{member}", "worker_name")
-            owners = pipe.execute()
+            # An execution hash of the wrong type answers an error for that job only.
+            owners = [o if isinstance(o, bytes) else None for o in pipe.execute(raise_on_error=False)]
         with self.connection.pipeline(transaction=False) as pipe:
             for owner in owners:
-                pipe.exists(self.alive_key(owner.decode())) if owner else pipe.exists("")
+                pipe.exists(self.alive_key(owner.decode(errors="replace"))) if owner else pipe.exists("")
             alive = pipe.execute()
         requeued = 0
-        for member, owner, is_alive in zip(members, owners, alive, strict=True):
+        for (member, score), owner, is_alive in zip(entries, owners, alive, strict=True):
             if is_alive:
                 continue
+            if owner is None and score > time.time():
+                # Whose it is cannot be read: it may be running on a live worker, so wait for RQ's
+                # own verdict, the registry entry's expiry (the workers renew it while it runs).
+                continue
             job_id = member.rsplit(":", 1)[0]
-            owner_name = owner.decode() if owner else "unknown"
-            if self.requeue(member, f"interrupted: worker {owner_name} stopped during this attempt"):
+            owner_name = owner.decode(errors="replace") if owner else "unknown"
+            try:
+                done = self.requeue(member, f"interrupted: worker {owner_name} stopped during this attempt")
+            except redis.ResponseError as exc:  # this job's keys only; the others still get their turn
+                log.error("could not requeue job %s: %s", job_id, exc)
+                continue
+            if done:
                 requeued += 1
                 log.warning("requeued job %s: its worker %s stopped while running it", job_id, owner_name)
         return requeued
@@ -171,11 +191,11 @@ class Reaper:
 
     def _reap_limbo(self) -> int:
         intermediate_key = self.queue.intermediate_queue_key
-        job_ids = [j.decode() for j in self.connection.lrange(intermediate_key, 0, -1)]
+        job_ids = [j.decode(errors="replace") for j in self.connection.lrange(intermediate_key, 0, -1)]
         if not job_ids:
             return 0
         started = self.connection.zrange(self.queue.started_job_registry.key, 0, -1)
-        registered = {member.decode().rsplit(":", 1)[0] for member in started}
+        registered = {member.decode(errors="replace").rsplit(":", 1)[0] for member in started}
         requeued = 0
         for job_id in job_ids:
             if job_id in registered:
@@ -184,7 +204,12 @@ class Reaper:
             if first_sighting:
                 continue
             job_key = self.queue.job_class.key_for(job_id)
-            if self._requeue_limbo(keys=[intermediate_key, job_key, self.queue.key], args=[job_id]):
+            try:
+                done = self._requeue_limbo(keys=[intermediate_key, job_key, self.queue.key], args=[job_id])
+            except redis.ResponseError as exc:
+                log.error("could not requeue job %s: %s", job_id, exc)
+                continue
+            if done:
                 requeued += 1
                 log.warning("requeued job %s: its worker stopped between dequeuing and starting it", job_id)
         return requeued
