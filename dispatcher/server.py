@@ -77,9 +77,10 @@ def check_address_free(host: str, port: int) -> None:
 class WebServer(BaseApplication):
     """`dispatcher web`: the API on `host:settings.port`, built in each worker from `settings`."""
 
-    def __init__(self, settings: Settings, host: str | None = None) -> None:
+    def __init__(self, settings: Settings, host: str | None = None, log_level: str = "info") -> None:
         self.settings = settings
         self.host = host or settings.web_host or DEFAULT_WEB_HOST
+        self.log_level = log_level
         self.workers = web_concurrency()
         super().__init__()
 
@@ -97,6 +98,7 @@ class WebServer(BaseApplication):
         # gunicorn 25+ opens an unauthenticated control socket at a path shared by every instance on
         # the host; nothing here uses it.
         self.cfg.set("control_socket_disable", True)
+        self.cfg.set("loglevel", self.log_level)
         self.cfg.set("accesslog", "-" if os.environ.get("DISPATCHER_ACCESS_LOG") == "1" else None)
 
     def load(self):  # type: ignore[no-untyped-def]
@@ -178,6 +180,11 @@ class JsonGeventWorker(GeventWorker):
         # sync client reaches ssl through the module, which is patched), so gevent's warning is noise.
         warnings.filterwarnings("ignore", message="Monkey-patching ssl after ssl", category=MonkeyPatchWarning)
         super().patch()
+
+    def handle_quit(self, sig, frame):  # type: ignore[no-untyped-def]
+        """SIGINT/SIGQUIT: stop like SIGTERM, letting requests in hand finish. gunicorn's quick exit
+        calls sys.exit in a greenlet, which gevent prints as a traceback."""
+        self.alive = False
 
     def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
         body = req.body

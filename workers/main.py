@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
-import time
+import threading
 
 import redis
 from rq.serializers import JSONSerializer
@@ -18,6 +19,38 @@ from workers.worker import MAX_CONNECTION_WAIT, DispatcherWorker
 
 log = logging.getLogger("dispatcher.worker")
 
+#: The first wait before trying Redis again; it doubles up to MAX_CONNECTION_WAIT.
+FIRST_CONNECTION_WAIT = 0.5
+
+
+class _Stop:
+    """SIGTERM/SIGINT while no RQ worker is running (it installs handlers of its own): exit cleanly."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.event.set()
+
+
+def wait_for_redis(connection: redis.Redis, stop: _Stop) -> bool:
+    """Block until Redis answers PING, logging one line per failed try; False if a stop came first."""
+    delay = FIRST_CONNECTION_WAIT
+    while not stop.event.is_set():
+        try:
+            connection.ping()
+            return True
+        except redis.RedisError as exc:
+            log.warning("Redis is unreachable (%s); trying again in %.1fs", exc, delay)
+        if stop.event.wait(delay):
+            break
+        delay = min(delay * 2, MAX_CONNECTION_WAIT)
+    return False
+
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -28,25 +61,40 @@ def main() -> int:
         print(f"dispatcher worker: {exc}", file=sys.stderr)
         return 2
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
-    warn_about_server(connection, log)
     queue = make_queue(connection, settings)
+    stop = _Stop()
+    checked = False
     while True:
-        worker = DispatcherWorker(
-            [queue],
-            connection=connection,
-            serializer=JSONSerializer,
-            concurrency=settings.concurrency,
-            index_ttl=max(settings.result_ttl, settings.failure_ttl),
-        )
+        stop.install()
+        if not wait_for_redis(connection, stop):
+            log.info("stopped while waiting for Redis")
+            return 0
+        if not checked:
+            warn_about_server(connection, log)
+            checked = True
+        worker = None
         try:
+            # The constructor talks to Redis already (CLIENT SETNAME): inside the try, so Redis going
+            # away now means another wait, not a traceback.
+            worker = DispatcherWorker(
+                [queue],
+                connection=connection,
+                serializer=JSONSerializer,
+                concurrency=settings.concurrency,
+                index_ttl=max(settings.result_ttl, settings.failure_ttl),
+            )
             worker.work(with_scheduler=True, logging_level="INFO")
         except redis.RedisError as exc:
             log.warning("Redis unavailable (%s)", exc)
         except Exception:
-            log.exception("worker %s failed", worker.name)
+            log.exception("the worker failed")
+        if worker is None:
+            continue  # Redis went away before the worker existed: wait for it again
         if worker.stop_requested_by_signal:
             return 0
         # The loop gave up (Redis went away, or a bug): a new worker takes over instead of the
         # process exiting. The old one's jobs in flight are requeued by the reaper.
         log.warning("worker %s stopped; starting a new one in %.0fs", worker.name, MAX_CONNECTION_WAIT)
-        time.sleep(MAX_CONNECTION_WAIT)
+        stop.install()
+        if stop.event.wait(MAX_CONNECTION_WAIT):
+            return 0
