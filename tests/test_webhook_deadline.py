@@ -128,6 +128,14 @@ def trickles_headers(sock: socket.socket, stop: threading.Event) -> None:
     trickle(sock, stop, b"HTTP/1.1 200 OK\r\n", forever=b"X-Slow: a\r\n")
 
 
+def status_then_trickles_headers(sock: socket.socket, stop: threading.Event) -> None:
+    """A 2xx status line at once, then headers that never end: no answer has arrived, whatever the
+    status line said (cut short by the deadline, the headers must not read as complete)."""
+    read_request(sock)
+    sock.sendall(b"HTTP/1.1 200 OK\r\n")
+    trickle(sock, stop, b"", forever=b"X-Slow: a\r\n")
+
+
 BODY = b'{"accepted": true, "padding": "' + b"x" * 4000 + b'"}'
 
 
@@ -185,6 +193,7 @@ def send_timed(webhooks: WebhookSender, url: str) -> tuple[float, tuple[int, str
     [
         pytest.param(never_answers, "http", id="accepts-and-never-answers"),
         pytest.param(trickles_headers, "http", id="trickles-status-and-headers"),
+        pytest.param(status_then_trickles_headers, "http", id="2xx-status-then-trickled-headers"),
         pytest.param(slow_tls_handshake, "https", id="trickles-the-tls-handshake"),
     ],
 )

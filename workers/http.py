@@ -149,6 +149,11 @@ class HttpClient:
                 if attempt.expired:
                     raise DeadlineExceeded(self.seconds, "before the response headers arrived") from None
                 raise
+            if attempt.expired:
+                # Cut off by the deadline, the status line and headers can look complete (http.client
+                # takes the end of the stream for their end): only headers that came in time count.
+                response.close()
+                raise DeadlineExceeded(self.seconds, "before the response headers arrived")
             excerpt, clean = _read_excerpt(response)
             remaining = response.length_remaining
             reusable = clean and remaining is not None and remaining <= DRAIN_LIMIT
