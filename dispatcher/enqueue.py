@@ -19,6 +19,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
+from dispatcher.addresses import AddressError, split_mailbox, wire_address
 from dispatcher.config import RetrySchedule, Settings
 from dispatcher.history import isoformat
 from dispatcher.keys import JOB_FUNCTIONS, Keys, Kind, new_job_id
@@ -78,7 +79,7 @@ def email_job(request: EmailRequest, settings: Settings, accepted_at: datetime) 
     job_id = new_job_id("email")
     sender = request.from_
     assert sender is not None  # the model fills the default sender or rejects the request
-    domain = _ascii_domain(sender.rpartition("@")[2].rstrip(">"))
+    domain = _ascii_domain(sender)
     data = request.model_dump(
         by_alias=True, exclude={"metadata", "retry"}, exclude_none=True
     ) | {
@@ -94,11 +95,12 @@ def email_job(request: EmailRequest, settings: Settings, accepted_at: datetime) 
     return job_id, data, meta
 
 
-def _ascii_domain(domain: str) -> str:
-    """The domain for the Message-ID, which must be ASCII: an internationalized one in its IDNA form."""
+def _ascii_domain(sender: str) -> str:
+    """The sender's domain for the Message-ID, which must be ASCII: as its A-label, as the worker
+    writes it in From (IDNA 2008, via email_validator)."""
     try:
-        return domain.encode("idna").decode("ascii") or "dispatcher.invalid"
-    except UnicodeError:
+        return wire_address(split_mailbox(sender)[1]).rpartition("@")[2]
+    except AddressError:
         return "dispatcher.invalid"
 
 

@@ -423,3 +423,23 @@ def test_job_data_that_reaches_headers_without_text_is_checked(burst_worker, red
         assert job["status"] == "failed", (name, job)
         assert job["error"].startswith("invalid job data: "), (name, job["error"])
     assert tree(tmp_path) == set()
+
+
+@pytest.mark.parametrize(
+    ("domain", "a_label"), [("bücher.example", "xn--bcher-kva.example"), ("straße.de", "xn--strae-oqa.de")]
+)
+def test_an_internationalized_sender_domain_is_one_a_label_in_from_and_message_id(
+    burst_worker, server, domain, a_label
+):
+    """IDNA 2008 in both (IDNA 2003, Python's "idna" codec, would make straße.de strasse.de)."""
+    _, recorder, smtp = server
+    local = f"shop{uuid.uuid4().hex[:8]}"
+    to = unique()
+    job = send(burst_worker, smtp, to=[to], **{"from": f"Shop <{local}@{domain}>"})
+
+    assert job["status"] == "succeeded", job
+    seen = recorder.to(to)
+    assert seen.mail_from == f"{local}@{a_label}"
+    message = parse(seen.content)
+    assert message["From"].addresses[0].addr_spec == f"{local}@{a_label}"
+    assert message["Message-ID"] == f"<{job['id']}@{a_label}>"
