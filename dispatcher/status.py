@@ -143,6 +143,9 @@ def _view(job_id: str, fields: list | Exception, raw_attempts: dict | Exception,
     if fatal:
         status = Status.FAILED
     assert status is not None
+    if status is Status.RUNNING and (not attempts or attempts[-1]["finished_at"] is not None):
+        # Started in RQ's sense but no attempt in hand: held by a worker until its host has a free slot.
+        status = Status.QUEUED
     error = None
     if status is Status.FAILED:
         candidates = [f"the job cannot be read: {'; '.join(fatal)}" if fatal else None, _unreadable_failure(results)]

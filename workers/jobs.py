@@ -15,7 +15,7 @@ from __future__ import annotations
 from rq import Retry, get_current_job
 from rq.job import Job
 
-from dispatcher.history import History
+from dispatcher.history import UNREADABLE, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from workers.attempt import Decision, decide, history_ttl, max_attempts, record, run, settled
 from workers.errors import DeliveryFailed
@@ -41,7 +41,10 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
     with job.connection.pipeline() as pipe:
         started = history.begin(pipe, job.id, max_attempts(data), history_ttl(job))
         (reply,) = pipe.execute()
-    attempt, fresh = history.began(reply, started)
+    try:
+        attempt, fresh = history.began(reply, started)
+    except UnreadableHistory as exc:
+        raise DeliveryFailed(f"{UNREADABLE}: its attempt history cannot be read: {exc}") from None
     if not fresh:  # a rerun after a crash, with nothing left to do but settle
         decision = settled(attempt)
     else:

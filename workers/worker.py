@@ -366,7 +366,12 @@ class DispatcherWorker(SimpleWorker):
             raw_jobs = pipe.execute(raise_on_error=False)
         ready = []
         poisoned = []
+        seen: set[bytes] = set()
         for job_id, raw in zip((i.decode(errors="replace") for i in ids), raw_jobs, strict=True):
+            if job_id.encode() in seen:  # a duplicate queue entry: running it twice would deliver it twice
+                connection.lrem(queue.intermediate_queue_key, 1, job_id)
+                continue
+            seen.add(job_id.encode())
             try:
                 ready.append(read_job(self, job_id, raw))
             except ValueError as exc:  # undecodable, foreign or damaged: fail it visibly, keep going
