@@ -438,7 +438,7 @@ def run_wrk(wrk: str, script_path: Path, port: int, seconds: float, connections:
 
 
 def accept(ctx: Context, sizes: Sizes, runs: int) -> list[dict]:
-    """POST /v1/webhooks under `dispatcher web` (gunicorn, the Procfile's web process), driven by wrk."""
+    """POST /v1/webhooks under `dispatcher web` (gunicorn with gevent workers, the Procfile's web process), by wrk."""
     wrk = ensure_binary("wrk", ["wrk"])
     version = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
     ctx.wrk_version = (version.stdout or version.stderr).strip().splitlines()[0]  # type: ignore[attr-defined]
@@ -487,7 +487,7 @@ def accept(ctx: Context, sizes: Sizes, runs: int) -> list[dict]:
             f"non-2xx {run['non_2xx']}, socket errors {run['socket_errors']}, "
             f"{run['redis_calls_per_job'] or 0:.1f} Redis calls/request{background_note(run)}"
         )
-    label = f"dispatcher web (gunicorn), wrk -t1 -c{sizes.wrk_connections}"
+    label = f"dispatcher web (gunicorn, gevent workers), wrk -t1 -c{sizes.wrk_connections}"
     kept, discarded = select(ctx, run_results, runs)
     good = [r for r in kept if "error" not in r]
     rate = setup_entry(label, kept) | {"discarded_runs": discarded}

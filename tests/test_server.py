@@ -250,6 +250,7 @@ def test_slow_clients_do_not_delay_health_or_posts(web: Web) -> None:
             assert answer.status == 202, answer
             worst["post"] = max(worst["post"], took)
             time.sleep(0.5)
+    print(f"with {2 * SLOW_CLIENTS} slow clients, the slowest answers took: {worst}")  # shown with -s
     assert worst["healthz"] < ANSWER_BOUND, worst
     assert worst["post"] < ANSWER_BOUND, worst
 
@@ -400,7 +401,8 @@ def test_no_control_socket(web: Web, settings: Settings) -> None:
     assert exchange(web.port, get("/healthz")).status == 200
     assert WebServer(settings).cfg.control_socket_disable is True
     assert not list(web.home.rglob("*.ctl")), "gunicorn opened a control socket under HOME or XDG_RUNTIME_DIR"
-    assert not [path for path in _unix_socket_paths() if "gunicorn" in path or str(web.home) in path]
+    # Only this server's HOME: other gunicorns on the machine are not under test.
+    assert not [path for path in _unix_socket_paths() if path.startswith(str(web.home))]
 
 
 def listening_addresses(port: int) -> set[str]:
