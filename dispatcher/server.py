@@ -140,19 +140,20 @@ _PARSE_ERRORS: list[tuple[type[Exception], tuple[int, str, str, str]]] = [
 _CHUNK_ERRORS = (http_errors.InvalidChunkSize, http_errors.ChunkMissingTerminator, http_errors.InvalidChunkExtension)
 
 
-class _DeadlineBody:
+class DeadlineBody:
     """A request body that must arrive by a deadline; gunicorn's chunk errors become 400s."""
 
     def __init__(self, body: Any, seconds: float) -> None:
         self._body = body
         self._deadline = time.monotonic() + seconds
+        self._timeout = RequestTimeout("the request body did not arrive in time")
 
     def _call(self, method: str, *args: Any) -> Any:
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
-            raise RequestTimeout("the request body did not arrive in time")
+            raise self._timeout
         try:
-            with gevent.Timeout(remaining, RequestTimeout("the request body did not arrive in time")):
+            with gevent.Timeout(remaining, self._timeout):
                 return getattr(self._body, method)(*args)
         except http_errors.ParseException as exc:
             # Raised while the app reads a chunked body: the client's fault, answered as a 400 JSON.
@@ -190,7 +191,7 @@ class JsonGeventWorker(GeventWorker):
         body = req.body
         if body is None:
             return super().handle_request(listener_name, req, sock, addr)
-        req.body = _DeadlineBody(body, BODY_TIMEOUT)
+        req.body = DeadlineBody(body, BODY_TIMEOUT)
         try:
             return super().handle_request(listener_name, req, sock, addr)
         finally:
@@ -201,7 +202,7 @@ class JsonGeventWorker(GeventWorker):
     def handle_error(self, req, client, addr, exc):  # type: ignore[no-untyped-def]
         """Answer what gunicorn refused itself as JSON (its default is an HTML page)."""
         if isinstance(exc, _CHUNK_ERRORS):
-            # The app reads bodies through _DeadlineBody, which turns these into a 400; here the parser
+            # The app reads bodies through DeadlineBody, which turns these into a 400; here the parser
             # met them draining a body the app left unread, after its answer went out: just close.
             self.log.debug("Closing after a malformed chunked body from %s: %s", (addr or ("",))[0], exc)
             return

@@ -458,3 +458,32 @@ def test_port_in_use_is_one_line(service_env: dict[str, str], tmp_path: Path) ->
     assert result.returncode == 2, result
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1 and "in use" in lines[0] and "PORT" in lines[0], lines
+
+
+class _TricklingBody:
+    """Stands in for gunicorn's socket body: each read waits `delay` seconds (cooperatively) for one byte."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def read(self, size: int | None = None) -> bytes:
+        import gevent
+
+        gevent.sleep(self.delay)
+        return b"x"
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408() -> None:
+    """BODY_TIMEOUT bounds the whole body, not each read: reads that each come in time still run out."""
+    from werkzeug.exceptions import RequestTimeout
+
+    from dispatcher.server import DeadlineBody
+
+    body = DeadlineBody(_TricklingBody(0.05), seconds=0.3)
+    started = time.monotonic()
+    with pytest.raises(RequestTimeout):
+        while True:
+            body.read(1)
+    assert 0.25 < time.monotonic() - started < 2
+    with pytest.raises(RequestTimeout):
+        DeadlineBody(_TricklingBody(5), seconds=0.2).read(1)  # one read that never ends
