@@ -81,6 +81,7 @@ def main() -> int:
                 connection=connection,
                 serializer=JSONSerializer,
                 concurrency=settings.concurrency,
+                max_per_host=settings.max_per_host,
                 index_ttl=max(settings.result_ttl, settings.failure_ttl),
             )
             worker.work(with_scheduler=True, logging_level="INFO")
