@@ -34,6 +34,7 @@ class CountingReceiver:
     """Answers 200 after SLOW seconds; records when each request came and the most it held at once."""
 
     port: int
+    delay: float = SLOW
     arrivals: dict[str, float] = field(default_factory=dict)
     deliveries: dict[str, int] = field(default_factory=dict)
     in_flight: int = 0
@@ -58,7 +59,7 @@ def _handler(state: CountingReceiver) -> type[BaseHTTPRequestHandler]:
                 state.most = max(state.most, state.in_flight)
                 state.arrivals.setdefault(self.path, time.time())
                 state.deliveries[self.path] = state.deliveries.get(self.path, 0) + 1
-            time.sleep(SLOW)
+            time.sleep(state.delay)
             with state.lock:
                 state.in_flight -= 1
             try:
@@ -72,11 +73,10 @@ def _handler(state: CountingReceiver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def slow_receivers() -> Iterator[list[CountingReceiver]]:
+def _serve(count: int, delay: float) -> Iterator[list[CountingReceiver]]:
     servers, states = [], []
-    for _ in range(3):
-        state = CountingReceiver(free_port())
+    for _ in range(count):
+        state = CountingReceiver(free_port(), delay)
         server = ThreadingHTTPServer(("127.0.0.1", state.port), _handler(state))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -88,6 +88,18 @@ def slow_receivers() -> Iterator[list[CountingReceiver]]:
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+@pytest.fixture
+def slow_receivers() -> Iterator[list[CountingReceiver]]:
+    yield from _serve(3, SLOW)
+
+
+@pytest.fixture
+def quick_receiver() -> Iterator[CountingReceiver]:
+    """Answers in 0.2 s: well under the worker's FAST_ATTEMPT."""
+    for (state,) in _serve(1, 0.2):
+        yield state
 
 
 def _when(iso: str) -> float:
@@ -161,3 +173,19 @@ def test_jobs_held_for_their_host_go_back_to_the_queue_on_stop(service, slow_rec
         assert wait_for(svc.client, job_id, timeout=60)["status"] == "succeeded", svc.logs()
     held_paths = {"/slow/" + str(jobs[v["id"]]) for v in held}
     assert all(host.deliveries[path] == 1 for path in held_paths), host.deliveries
+
+
+def test_a_host_that_proved_fast_may_use_all_slots_but_a_share(service, quick_receiver):
+    """Capping a fast receiver at its share would cut the throughput to one host; once its attempts
+    have proven quick it may use every slot but `max_per_host`, which stay free for other hosts."""
+    svc = service(DISPATCHER_CONCURRENCY=str(CONCURRENCY), DISPATCHER_MAX_PER_HOST=str(MAX_PER_HOST))
+    svc.start_worker()
+    jobs = [
+        svc.post("/v1/webhooks", {"url": quick_receiver.url(n), "event_type": "quick", "payload": {}})
+        for n in range(60)
+    ]
+    for job_id in jobs:
+        assert wait_for(svc.client, job_id, timeout=60)["status"] == "succeeded", svc.logs()
+    assert all(count == 1 for count in quick_receiver.deliveries.values()), quick_receiver.deliveries
+    # Never more than all slots but the share; more than the share once it proved fast.
+    assert MAX_PER_HOST < quick_receiver.most <= CONCURRENCY - MAX_PER_HOST, quick_receiver.most

@@ -17,11 +17,15 @@ import heapq
 import itertools
 import os
 import socket
+import ssl
 import threading
 import time
 from types import TracebackType
 
 _local = threading.local()
+#: How late the watchdog may act: it wakes once for every deadline falling due within this much,
+#: instead of once per attempt (a thousand wake-ups a second at full speed).
+SLACK = 0.05
 
 
 class Deadline:
@@ -35,6 +39,7 @@ class Deadline:
         #: original too, whatever object (plain or TLS socket) holds it now, and closing ours
         #: never closes theirs.
         self._watched: list[socket.socket] = []
+        self._owned: set[int] = set()  # ids of the duplicates among them, ours to close
         self._expired = False
         self._done = False
         self._previous: Deadline | None = None
@@ -47,15 +52,34 @@ class Deadline:
         """Seconds left, never below zero."""
         return max(0.0, self.at - time.monotonic())
 
-    def watch(self, sock: socket.socket) -> None:
-        """Shut `sock` down at the deadline (at once if it has passed); a closed socket is ignored."""
+    def watch(self, sock: socket.socket, *, duplicate: bool = True) -> None:
+        """Shut `sock` down at the deadline (at once if it has passed); a closed socket is ignored.
+
+        `duplicate=False` watches the socket object itself, saving two system calls: right for a
+        socket that keeps its object for the whole attempt (a kept-alive connection), not for one
+        about to be wrapped in TLS, which takes its descriptor away. (A closed socket object has
+        no descriptor left, so shutting it down never touches another socket's.)
+        """
+        # (A TLS socket's own shutdown() also drops its TLS state under the reading thread.)
+        if not duplicate and not isinstance(sock, ssl.SSLSocket):
+            with self._lock:
+                if not self._done and not self._expired:
+                    self._watched.append(sock)
+                    return
+            if self._expired:
+                _shutdown(sock)
+            return
         try:
-            duplicate = socket.socket(fileno=os.dup(sock.fileno()))
+            duplicate_sock = socket.socket(fileno=os.dup(sock.fileno()))
         except OSError:
             return  # already closed: nothing left to interrupt
+        self._watch_duplicate(duplicate_sock)
+
+    def _watch_duplicate(self, duplicate: socket.socket) -> None:
         with self._lock:
             if not self._done and not self._expired:
                 self._watched.append(duplicate)
+                self._owned.add(id(duplicate))
                 duplicate = None  # type: ignore[assignment]
         if duplicate is not None:  # the deadline has passed or the attempt is over
             if self._expired:
@@ -68,17 +92,21 @@ class Deadline:
                 return
             self._expired = True
             watched, self._watched = self._watched, []
-        for duplicate in watched:
-            _shutdown(duplicate)
-            duplicate.close()
+            owned, self._owned = self._owned, set()
+        for sock in watched:
+            _shutdown(sock)
+            if id(sock) in owned:
+                sock.close()
 
     def close(self) -> None:
         """The attempt is over: forget the sockets (they stay open for reuse) and disarm."""
         with self._lock:
             self._done = True
             watched, self._watched = self._watched, []
-        for duplicate in watched:
-            duplicate.close()
+            owned, self._owned = self._owned, set()
+        for sock in watched:
+            if id(sock) in owned:
+                sock.close()
 
     def __enter__(self) -> Deadline:
         self._previous = getattr(_local, "deadline", None)
@@ -129,9 +157,12 @@ class _Watchdog:
         while True:
             with self._wake:
                 while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._wake.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
-                _, _, deadline = heapq.heappop(self._heap)
-            deadline._expire()  # a no-op when its attempt is already over
+                    self._wake.wait(None if not self._heap else self._heap[0][0] - time.monotonic() + SLACK)
+                due = []
+                while self._heap and self._heap[0][0] <= time.monotonic():
+                    due.append(heapq.heappop(self._heap)[2])
+            for deadline in due:
+                deadline._expire()  # a no-op when its attempt is already over
 
 
 _watchdog = _Watchdog()

@@ -99,7 +99,8 @@ class _GuardedMixin:
     def request(self, *args: Any, **kwargs: Any) -> None:
         active = deadline.active()
         if active is not None and getattr(self, "sock", None) is not None:
-            active.watch(self.sock)  # type: ignore[attr-defined]  # a kept-alive connection, reused
+            # A kept-alive connection, reused: its socket object stays the same for the whole attempt.
+            active.watch(self.sock, duplicate=False)  # type: ignore[attr-defined]
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 

@@ -16,6 +16,11 @@ Fairness: one webhook host (host and port) may hold at most `max_per_host`
 delivery slots. A job popped while its host is at that limit is started in RQ's
 sense (registered as this worker's, heartbeat kept) but held without beginning
 an attempt; held jobs get slots first, oldest first, as their hosts free some.
+A host that has proven fast (its last FAST_SAMPLES attempts each under
+FAST_ATTEMPT, none in hand older than that) may use every slot but a share:
+capping a fast receiver at a quarter of the slots cost a third of the
+throughput to one host, and a share stays free for the others should it turn
+slow (it is capped again as soon as one of its attempts passes FAST_ATTEMPT).
 
 Poison: one job's garbage (a key of the wrong type, a field that does not parse,
 a history that is not ours) fails that job alone. Every batch pipeline runs with
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -62,6 +68,10 @@ BUSY_BLOCK = 0.005
 HOUSEKEEPING_INTERVAL = 5.0
 #: Jobs held waiting for their host, per delivery slot; popping pauses beyond it.
 HELD_PER_SLOT = 4
+#: A host whose last FAST_SAMPLES attempts each took less than FAST_ATTEMPT seconds, and none of
+#: whose attempts in hand has run longer, is fast: it may use all slots but `max_per_host`.
+FAST_ATTEMPT = 1.0
+FAST_SAMPLES = 8
 
 # KEYS: queue list, intermediate list. ARGV: how many. Pops up to ARGV[1] ids the way RQ's
 # single-queue dequeue does (LMOVE into the intermediate list), in one round trip.
@@ -87,6 +97,7 @@ class Running:
     host: str | None
     attempt: Attempt | None = None
     decision: Decision | None = None
+    began: float = 0.0
 
     def perform(self) -> None:
         attempt = self.attempt
@@ -131,6 +142,10 @@ class DispatcherWorker(SimpleWorker):
         #: Jobs held for their host, oldest first; webhooks in the pool per host.
         self.held: deque[Running] = deque()
         self.per_host: Counter[str] = Counter()
+        #: Per host: when each of its attempts in hand began (monotonic), and how long its last ones took.
+        self.began: dict[str, list[float]] = {}
+        self.took: dict[str, deque[float]] = {}
+        self.fast_cap = max(self.max_per_host, concurrency - self.max_per_host)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -175,6 +190,8 @@ class DispatcherWorker(SimpleWorker):
                 running[pool.submit(item.perform)] = item
                 if item.host is not None:
                     self.per_host[item.host] += 1
+                    item.began = time.monotonic()
+                    self.began.setdefault(item.host, []).append(item.began)
 
         try:
             while True:
@@ -215,9 +232,7 @@ class DispatcherWorker(SimpleWorker):
                     finished = [running.pop(future) for future in done]
                     for item in finished:
                         if item.host is not None:
-                            self.per_host[item.host] -= 1
-                            if not self.per_host[item.host]:
-                                del self.per_host[item.host]
+                            self._done_with(item)
                     self._finish(finished)
                     completed += len(done)
         finally:
@@ -249,7 +264,33 @@ class DispatcherWorker(SimpleWorker):
     # --- starting jobs -------------------------------------------------------------------
 
     def _room(self, host: str | None, planned: Counter[str]) -> bool:
-        return host is None or self.per_host[host] + planned[host] < self.max_per_host
+        if host is None:
+            return True
+        return self.per_host[host] + planned[host] < (self.fast_cap if self._fast(host) else self.max_per_host)
+
+    def _fast(self, host: str) -> bool:
+        took = self.took.get(host)
+        if took is None or len(took) < FAST_SAMPLES or max(took) >= FAST_ATTEMPT:
+            return False
+        began = self.began.get(host)
+        return not began or time.monotonic() - min(began) < FAST_ATTEMPT
+
+    def _done_with(self, item: Running) -> None:
+        """Book a finished attempt against its host: one slot free, and how long it took."""
+        host = item.host
+        assert host is not None
+        self.per_host[host] -= 1
+        if not self.per_host[host]:
+            del self.per_host[host]
+        began = self.began[host]
+        began.remove(item.began)
+        if not began:
+            del self.began[host]
+        took = self.took.setdefault(host, deque(maxlen=FAST_SAMPLES))
+        took.append(time.monotonic() - item.began)
+        if len(self.took) > 4 * self.concurrency * HELD_PER_SLOT:  # forget hosts long gone
+            for gone in [h for h in self.took if h not in self.per_host][: len(self.took) // 2]:
+                del self.took[gone]
 
     def _start(self, limit: int, free: int, block: float | None) -> list[Running]:
         """Pop up to `limit` jobs and mark them started as RQ does; begin the attempts of up to `free`
