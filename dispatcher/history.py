@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal, cast
 
 import redis
 from redis.client import Pipeline
@@ -117,7 +117,8 @@ class Attempt:
                 raise UnreadableHistory(f"attempt record {number} has an invalid {name}")
         if record.get("outcome") not in _OUTCOMES:
             raise UnreadableHistory(f"attempt record {number} has an unknown outcome")
-        return cls(number=number, **{name: record.get(name) for name in _FIELD_TYPES})
+        fields: dict[str, Any] = {name: record.get(name) for name in _FIELD_TYPES}  # types checked above
+        return cls(number=number, **fields)
 
 
 class History:
@@ -208,10 +209,11 @@ class History:
 
     def attempts(self, job_id: str) -> list[dict]:
         """Every attempt of a job, oldest first."""
-        return parse_attempts(self.connection.hgetall(self.keys.attempts(job_id)))
+        # The connection does not decode responses: redis-py's stubs say bytes | str.
+        return parse_attempts(cast(dict[bytes, bytes], self.connection.hgetall(self.keys.attempts(job_id))))
 
     def totals(self) -> dict[str, int]:
-        raw = self.connection.hgetall(self.keys.totals)
+        raw = cast(dict[bytes, bytes], self.connection.hgetall(self.keys.totals))  # responses are not decoded
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def recent_failures(self) -> list[dict]:

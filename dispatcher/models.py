@@ -58,8 +58,19 @@ RESERVED_WEBHOOK_HEADERS = frozenset({"content-type", "content-length", "host", 
 #: Header names the email builder sets itself, from the request's own fields.
 RESERVED_EMAIL_HEADERS = frozenset(
     {
-        "from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "mime-version",
-        "content-type", "content-transfer-encoding", "content-disposition", "sender",
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "content-disposition",
+        "sender",
     }
 )
 
@@ -323,7 +334,7 @@ def _json_key(key: Any) -> bool:
     return isinstance(key, int | float) or key is None
 
 
-def _members(container: dict | list) -> Iterator[tuple[Any, Any]]:
+def _members(container: dict | list | tuple) -> Iterator[tuple[Any, Any]]:
     return iter(container.items()) if isinstance(container, dict) else enumerate(container)
 
 

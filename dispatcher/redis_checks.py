@@ -9,7 +9,7 @@ import redis
 
 def warn_about_server(connection: redis.Redis, log: logging.Logger) -> list[str]:
     """Log (and return) a warning for each server setting that can lose jobs; never raises."""
-    warnings = []
+    warnings: list[str] = []
     try:
         policy = connection.config_get("maxmemory-policy").get("maxmemory-policy")
         persistence = connection.config_get("appendonly").get("appendonly")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import builtins
 import zlib
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import cast
 
 import redis
 from rq import Queue
@@ -62,7 +64,8 @@ class StatusReader:
         found: list[dict] = []
         start = 0
         while len(found) < limit and start < _LIST_SCAN_LIMIT:
-            ids = [i.decode() for i in self.connection.zrevrange(self.keys.index, start, start + _LIST_PAGE - 1)]
+            page = cast(builtins.list[bytes], self.connection.zrevrange(self.keys.index, start, start + _LIST_PAGE - 1))
+            ids = [i.decode() for i in page]
             if not ids:
                 break
             start += len(ids)
@@ -77,7 +80,9 @@ class StatusReader:
         return found[:limit]
 
     def stats(self) -> dict:
-        counts = {kind: {s: 0 for s in ("queued", "scheduled", "running", "succeeded", "failed")} for kind in KINDS}
+        counts: dict[str, dict[str, int]] = {
+            kind: {s: 0 for s in ("queued", "scheduled", "running", "succeeded", "failed")} for kind in KINDS
+        }
         current = (
             ("queued", self.queue.get_job_ids()),
             ("scheduled", self.queue.scheduled_job_registry.get_job_ids()),
@@ -85,7 +90,7 @@ class StatusReader:
         )
         for status, ids in current:
             for job_id in ids:
-                kind = kind_of(job_id)
+                kind: str | None = kind_of(job_id)
                 if kind:
                     counts[kind][status] += 1
         for field, value in self.history.totals().items():
@@ -94,7 +99,8 @@ class StatusReader:
                 counts[kind][status] = value
         return {**counts, "recent_failures": self.history.recent_failures()}
 
-    def _views(self, ids: list[str]) -> list[dict | None]:
+    # (`builtins.list`: in this class, `list` is the method above)
+    def _views(self, ids: builtins.list[str]) -> builtins.list[dict | None]:
         scheduled_key = self.queue.scheduled_job_registry.key
         with self.connection.pipeline(transaction=False) as pipe:
             for job_id in ids:

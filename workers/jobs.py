@@ -72,4 +72,5 @@ def _to_rq(job: Job, decision: Decision) -> dict | Retry:
         raise DeliveryFailed(decision.error)
     # RQ counts its own retries; a max one above that count lets us alone decide when to stop.
     delay = decision.rq_delay
-    return Retry(max=(job.number_of_retries or 0) + 1, interval=[delay], enqueue_at_front=delay == 0)
+    # RQ annotates the interval as int seconds; it schedules with a timedelta, so a float is fine.
+    return Retry(max=(job.number_of_retries or 0) + 1, interval=[delay], enqueue_at_front=delay == 0)  # type: ignore[list-item]

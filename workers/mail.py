@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from email.message import EmailMessage, MIMEPart
 from email.utils import formatdate
-from typing import Any
+from typing import Any, cast
 
 from dispatcher.addresses import AddressError, split_mailbox, validate_address, wire_address
 from dispatcher.models import MAX_EMAIL_HEADER_NAME, RESERVED_EMAIL_HEADERS, attachment_type_problem
@@ -68,15 +68,17 @@ def build_message(data: dict) -> EmailMessage:
     msg = EmailMessage(policy=UTF8_POLICY if any(f.needs_utf8 for f in fields) else POLICY)
     for field in fields:
         msg[field.name] = field
-    body = _body(data, msg.policy)
-    attachments = [_attachment(data, index, msg.policy) for index in range(len(_list(data, "attachments")))]
+    # msg.policy is POLICY or UTF8_POLICY, both EmailPolicy; the stubs only know it as a Policy.
+    policy = cast(email.policy.EmailPolicy, msg.policy)
+    body = _body(data, policy)
+    attachments = [_attachment(data, index, policy) for index in range(len(_list(data, "attachments")))]
     if not attachments:
         _adopt(msg, body)
         return msg
     msg.make_mixed()
-    msg.attach(body)
+    msg.attach(body)  # type: ignore[arg-type]  # typeshed: EmailMessage.attach takes any MIMEPart at runtime
     for part in attachments:
-        msg.attach(part)
+        msg.attach(part)  # type: ignore[arg-type]  # as above
     msg["MIME-Version"] = "1.0"
     return msg
 
@@ -139,7 +141,7 @@ def _mailbox(data: dict, field: str) -> tuple[str, str]:
 
 
 def _date(data: dict) -> float:
-    value = data.get("date")
+    value: Any = data.get("date")  # an int or float once the check below passes
     if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= _LATEST_DATE:
         raise _invalid("date", "must be a Unix time in seconds")
     return value
@@ -224,7 +226,7 @@ def _attachment(data: dict, index: int, policy: email.policy.EmailPolicy) -> MIM
         disposition = headers.attachment_disposition(filename)
     except headers.HeaderEncodingError as exc:
         raise _invalid(f"{field}.filename", str(exc)) from None
-    maintype, _, subtype = content_type.partition("/")
+    maintype, _, subtype = cast(str, content_type).partition("/")  # a str, or `problem` was set above
     part = MIMEPart(policy=policy)
     part.set_content(raw, maintype=maintype, subtype=subtype)
     part["Content-Disposition"] = disposition

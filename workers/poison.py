@@ -29,6 +29,8 @@ from dispatcher.keys import JOB_FUNCTIONS, Kind, kind_of
 from workers.attempt import failure_ttl
 
 if TYPE_CHECKING:
+    from redis.typing import EncodableT
+
     from workers.worker import DispatcherWorker
 
 _KINDS: dict[str, Kind] = {func: kind for kind, func in JOB_FUNCTIONS.items()}
@@ -268,7 +270,7 @@ def fail_alone(worker: DispatcherWorker, poisoned: list[Poisoned]) -> None:
             job = item.job or worker.job_class(item.job_id, connection=connection, serializer=worker.serializer)
             ttl = failure_ttl(job)
             ended = now()
-            fields = {"status": JobStatus.FAILED.value, "ended_at": utcformat(ended)}
+            fields: dict[EncodableT, EncodableT] = {"status": JobStatus.FAILED.value, "ended_at": utcformat(ended)}
             if kinds[job.key] != b"hash":  # no record we could keep: enough of one for RQ and the API
                 nothing = worker.serializer.dumps((None, None, (), {}))
                 fields |= {"origin": queue.name, "created_at": utcformat(ended), "data": zlib.compress(nothing)}

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
+from typing import cast
 
 import redis
 from rq import Queue
@@ -138,7 +139,10 @@ class Reaper:
         registry = self.queue.started_job_registry
         entries = [
             (m.decode(errors="replace"), score)
-            for m, score in self.connection.zrange(registry.key, 0, -1, withscores=True)
+            # Responses are not decoded, and WITHSCORES answers (member, float) pairs.
+            for m, score in cast(
+                list[tuple[bytes, float]], self.connection.zrange(registry.key, 0, -1, withscores=True)
+            )
         ]
         if not entries:
             return 0
@@ -191,10 +195,11 @@ class Reaper:
 
     def _reap_limbo(self) -> int:
         intermediate_key = self.queue.intermediate_queue_key
-        job_ids = [j.decode(errors="replace") for j in self.connection.lrange(intermediate_key, 0, -1)]
+        in_limbo = cast(list[bytes], self.connection.lrange(intermediate_key, 0, -1))  # responses are not decoded
+        job_ids = [j.decode(errors="replace") for j in in_limbo]
         if not job_ids:
             return 0
-        started = self.connection.zrange(self.queue.started_job_registry.key, 0, -1)
+        started = cast(list[bytes], self.connection.zrange(self.queue.started_job_registry.key, 0, -1))
         registered = {member.decode(errors="replace").rsplit(":", 1)[0] for member in started}
         requeued = 0
         for job_id in job_ids:

@@ -78,7 +78,7 @@ class _WatchedSMTP(smtplib.SMTP):
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         current = deadline.active()
         connect_timeout = timeout if current is None else max(0.001, min(timeout, current.remaining()))
-        sock = super()._get_socket(host, port, connect_timeout)
+        sock = super()._get_socket(host, port, connect_timeout)  # type: ignore[misc]  # private; typeshed omits it
         sock.settimeout(timeout)  # each later read, also on reuse; the deadline bounds the whole send
         if current is not None:
             current.watch(sock)  # before the greeting is read (and, for SMTPS, before the TLS handshake)

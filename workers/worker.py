@@ -37,6 +37,7 @@ from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import cast
 
 import redis
 from redis.client import Pipeline
@@ -175,7 +176,10 @@ class DispatcherWorker(SimpleWorker):
 
     # --- the loop ------------------------------------------------------------------------
 
-    def work(self, burst: bool = False, logging_level: str = "INFO", with_scheduler: bool = True, **_: object) -> bool:
+    # RQ's other work() parameters are accepted and ignored: this loop has its own.
+    def work(  # type: ignore[override]
+        self, burst: bool = False, logging_level: str = "INFO", with_scheduler: bool = True, **_: object
+    ) -> bool:
         self.bootstrap(logging_level)
         if with_scheduler:
             self._start_scheduler(burst, logging_level)
@@ -393,14 +397,16 @@ class DispatcherWorker(SimpleWorker):
         queue, connection = self.queue, self.connection
         ids: list[bytes] = []
         if block:
-            first = connection.blmove(queue.key, queue.intermediate_queue_key, block)
+            # redis-py's stub says an int timeout; BLMOVE takes seconds as a float.
+            first = connection.blmove(queue.key, queue.intermediate_queue_key, block)  # type: ignore[arg-type]
             if first is None:
                 return []
-            ids.append(first)
+            ids.append(cast(bytes, first))  # responses are not decoded
         if limit > len(ids):
             ids += self._pop_many(keys=[queue.key, queue.intermediate_queue_key], args=[limit - len(ids)])
         if not ids:
             return []
+        job_id: bytes | str  # bytes in the queue, str once decoded
         with connection.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(queue.job_class.key_for(job_id.decode(errors="replace")))
