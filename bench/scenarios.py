@@ -732,7 +732,10 @@ def rss(ctx: Context, sizes: Sizes, runs: int) -> list[dict]:
         ctx.redis.flush()
         ctx.quiet()
         token = new_token()
-        setup = make_setup("ours", concurrency=str(sizes.rss_in_flight), processes=1)
+        # Every delivery goes to one receiver: the per-host share would keep a quarter of the slots
+        # free for other hosts, and the point here is the memory of all of them in flight.
+        in_flight = str(sizes.rss_in_flight)
+        setup = make_setup("ours", concurrency=in_flight, processes=1, max_per_host=in_flight)
         try:
             setup.start(ctx.procs, ctx.redis.url, f"bench-{token}")
             setup.wait_ready()

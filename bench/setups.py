@@ -105,6 +105,7 @@ class Setup:
     label: str
     kind: str = "webhook"  # or "email"
     concurrency: str | None = None  # DISPATCHER_CONCURRENCY for ours
+    max_per_host: str | None = None  # DISPATCHER_MAX_PER_HOST for ours
     processes_count: int = PROCESSES
     workers: list[subprocess.Popen] = field(default_factory=list)
 
@@ -125,6 +126,8 @@ class Setup:
                 env["DISPATCHER_SMTP_URL"] = smtp_url
             if self.concurrency:
                 env["DISPATCHER_CONCURRENCY"] = self.concurrency
+            if self.max_per_host:
+                env["DISPATCHER_MAX_PER_HOST"] = self.max_per_host
             argv = [*script("dispatcher", "dispatcher.cli"), "worker"]
             self.workers = [procs.start(f"ours-{i}", argv, child_env(env)) for i in range(self.processes_count)]
         elif self.name in ("rq", "simple"):
@@ -276,11 +279,24 @@ SETUP_LABELS = {
 }
 
 
-def make_setup(name: str, kind: str = "webhook", concurrency: str | None = None, processes: int = PROCESSES) -> Setup:
+def make_setup(
+    name: str,
+    kind: str = "webhook",
+    concurrency: str | None = None,
+    processes: int = PROCESSES,
+    max_per_host: str | None = None,
+) -> Setup:
     label = SETUP_LABELS[name]
     if processes != PROCESSES:
         label = label.replace("x2", f"x{processes}").replace("-c2", f"-c{processes}")
-    return Setup(name=name, label=label, kind=kind, concurrency=concurrency, processes_count=processes)
+    return Setup(
+        name=name,
+        label=label,
+        kind=kind,
+        concurrency=concurrency,
+        processes_count=processes,
+        max_per_host=max_per_host,
+    )
 
 
 def log_tail(procs: Processes, setup: Setup) -> str:

@@ -15,6 +15,19 @@ class DestinationRefused(DispatcherError):
     """A webhook destination resolves to, or connected to, an address the network guard forbids."""
 
 
+class ResolutionFailed(DispatcherError):
+    """A webhook host did not resolve (no such name, or a DNS error)."""
+
+
+class ResolutionTimedOut(ResolutionFailed):
+    """A webhook host did not resolve within the time allowed."""
+
+    def __init__(self, host: str, seconds: float) -> None:
+        super().__init__(f"host {host!r} did not resolve within {seconds:.3g} s")
+        self.host = host
+        self.seconds = seconds
+
+
 class FieldProblem(DispatcherError, ValueError):
     """One request field is wrong; `field` is its dotted path."""
 

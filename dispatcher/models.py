@@ -32,8 +32,7 @@ from urllib3.util import parse_url
 
 from dispatcher.addresses import LINE_BREAKS, AddressError, format_mailbox, parse_mailbox, validate_address
 from dispatcher.config import MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_SECONDS
-from dispatcher.errors import DestinationRefused, FieldProblem
-from dispatcher.netguard import ResolutionFailed, ResolutionTimedOut
+from dispatcher.errors import DestinationRefused, FieldProblem, ResolutionFailed, ResolutionTimedOut
 
 MAX_RECIPIENTS = 50
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024

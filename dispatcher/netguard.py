@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from dispatcher.config import DEFAULT_DNS_TIMEOUT
-from dispatcher.errors import DestinationRefused, DispatcherError
+from dispatcher.errors import DestinationRefused, ResolutionFailed, ResolutionTimedOut
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -99,19 +99,6 @@ REFUSED_IPV6: tuple[tuple[IPNetwork, str], ...] = tuple(
 GLOBAL_UNICAST_V6 = _net("2000::/3")
 #: Prefixes whose addresses carry an IPv4 address, and how to read it out.
 _NAT64 = _net("64:ff9b::/96")
-
-
-class ResolutionFailed(DispatcherError):
-    """A webhook host did not resolve (no such name, or a DNS error)."""
-
-
-class ResolutionTimedOut(ResolutionFailed):
-    """A webhook host did not resolve within the time allowed."""
-
-    def __init__(self, host: str, seconds: float) -> None:
-        super().__init__(f"host {host!r} did not resolve within {seconds:.3g} s")
-        self.host = host
-        self.seconds = seconds
 
 
 def embedded_ipv4(ip: IPAddress) -> tuple[ipaddress.IPv4Address, str] | None:

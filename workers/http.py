@@ -29,7 +29,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import connection
 
-from dispatcher.netguard import NetworkGuard, ResolutionFailed, ResolutionTimedOut
+from dispatcher.errors import ResolutionFailed, ResolutionTimedOut
+from dispatcher.netguard import NetworkGuard
 from workers import deadline
 from workers.deadline import Deadline
 
