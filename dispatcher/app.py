@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
-    408: "request_timeout",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "body_too_large",
     415: "unsupported_media_type",
 }

@@ -43,7 +43,7 @@ MAX_METADATA_KEYS = 50
 #: Objects and arrays nested in a webhook payload, the payload itself included.
 MAX_PAYLOAD_DEPTH = 100
 #: HTTP token characters (RFC 9110), which is also safe for email header names.
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}")
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}")
 _CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*/[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 #: Lone surrogates: JSON can escape them (\ud800), UTF-8 cannot encode them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -110,7 +110,7 @@ def _check_headers(
         raise FieldProblem("headers", f"at most {MAX_HEADERS} headers")
     for name, value in headers.items():
         field = f"headers.{name}"
-        if not _HEADER_NAME.fullmatch(name):
+        if not HEADER_NAME.fullmatch(name):
             raise FieldProblem(field, "is not a valid header name")
         lowered = name.lower()
         if lowered in reserved or (reserved_prefix and lowered.startswith(reserved_prefix)):

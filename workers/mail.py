@@ -20,14 +20,12 @@ from email.utils import formatdate
 from typing import Any, cast
 
 from dispatcher.addresses import AddressError, split_mailbox, validate_address, wire_address
-from dispatcher.models import MAX_EMAIL_HEADER_NAME, RESERVED_EMAIL_HEADERS, attachment_type_problem
+from dispatcher.models import HEADER_NAME, MAX_EMAIL_HEADER_NAME, RESERVED_EMAIL_HEADERS, attachment_type_problem
 from workers import headers
 from workers.errors import PermanentDeliveryError
 
 #: The Message-ID Dispatcher writes (dispatcher.enqueue.email_job): the job id at an ASCII domain.
 MESSAGE_ID = re.compile(r"<(?P<job_id>em_[0-9a-f]{32})@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?>")
-#: Header names the API accepts (RFC 9110 tokens, also valid mail header names).
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}")
 #: Dates from 1970 to 9999: what formatdate and every mail program can show.
 _LATEST_DATE = 253402300799
 #: Bodies are never 8bit: with cte_type "7bit" the email package picks 7bit, quoted-printable or base64.
@@ -161,7 +159,7 @@ def _extra_headers(data: dict) -> dict[str, str]:
     for name, text in value.items():
         lowered = name.lower()
         if (
-            not _HEADER_NAME.fullmatch(name)
+            not HEADER_NAME.fullmatch(name)
             or len(name) > MAX_EMAIL_HEADER_NAME
             or lowered in RESERVED_EMAIL_HEADERS
             or lowered.startswith(("content-", "resent-"))
