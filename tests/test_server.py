@@ -487,3 +487,15 @@ def test_a_body_that_does_not_arrive_in_time_is_408() -> None:
     assert 0.25 < time.monotonic() - started < 2
     with pytest.raises(RequestTimeout):
         DeadlineBody(_TricklingBody(5), seconds=0.2).read(1)  # one read that never ends
+
+
+def test_the_base_install_brings_what_the_gevent_worker_imports():
+    """gunicorn's gevent worker imports `packaging`, which only its `gevent` extra declares; the test extras
+    bring it anyway (pytest needs it), so without this the suite passes and a fresh `pip install -e .` fails."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    wanted = [Requirement(r) for r in requires("dispatcher") or []]
+    base = [r for r in wanted if r.marker is None]
+    assert any(r.name == "gunicorn" and "gevent" in r.extras for r in base), base
