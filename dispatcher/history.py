@@ -21,18 +21,29 @@ from dispatcher.keys import Keys, Kind
 
 Outcome = Literal["succeeded", "retryable", "permanent"]
 RECENT_FAILURES = 10
-#: The counter's field in the attempts hash; every other field is an attempt number.
+#: The fields of the attempts hash that are not attempt numbers: the counter, and the attempt
+#: that settled the job.
 _COUNTER = "n"
+_SETTLED = "settled"
 
 # KEYS: attempts hash. ARGV: max attempts, the new attempt's JSON (without its number), TTL.
 # Returns {number} for a new attempt; {0, last attempt JSON, its number} when the job is already
-# settled (delivered, failed for good, or out of attempts) and must not be delivered again; or
+# settled (delivered, failed for good, or out of attempts: the `settled` field names the attempt
+# that settled it, even when a later one was begun) and must not be delivered again; or
 # {-1, why} when the history cannot be read (garbage in it must fail that job, not the script:
 # a script error would fail every command of the worker's pipeline).
 _BEGIN = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'hash' and kind ~= 'none' then
   return {-1, 'the attempt history is a ' .. kind .. ', not a hash'}
+end
+local settled = redis.call('HGET', KEYS[1], 'settled')
+if settled then
+  if not string.match(settled, '^%d+$') or #settled > 15 then
+    return {-1, 'the settled attempt number is not a number'}
+  end
+  local record = redis.call('HGET', KEYS[1], settled)
+  if record then return {0, record, tonumber(settled)} end
 end
 local n = 0
 local counter = redis.call('HGET', KEYS[1], 'n')
@@ -62,6 +73,23 @@ n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('HSET', KEYS[1], tostring(n), ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {n}
+"""
+# KEYS: attempts hash, totals hash, recent failures list.
+# ARGV: attempt number ('' for none), its JSON, totals field, failure JSON ('' for a success),
+# how many recent failures to keep, TTL ('' for none).
+# Settles a job once: the first final outcome marks the history `settled` and is counted; a later
+# one (the same job run twice, say after a worker was wrongly taken for dead) is stored, not counted.
+_SETTLE = """
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+if redis.call('HSETNX', KEYS[1], 'settled', ARGV[1] == '' and '0' or ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  if ARGV[4] ~= '' then
+    redis.call('LPUSH', KEYS[3], ARGV[4])
+    redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
+  end
+end
+if ARGV[6] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+return 0
 """
 #: What the worker's failure Result says when a job could not be read; the status view shows it.
 UNREADABLE = "the worker could not read the job"
@@ -128,6 +156,7 @@ class History:
         self.connection = connection
         self.keys = keys
         self._begin = connection.register_script(_BEGIN)
+        self._settle = connection.register_script(_SETTLE)
 
     def begin(self, pipe: Pipeline, job_id: str, max_attempts: int, keep_for: int) -> datetime:
         """Queue the start of a new attempt in `pipe`; read its reply with `began()`.
@@ -165,21 +194,20 @@ class History:
         target: dict | None = None,
     ) -> None:
         """Queue in `pipe`: store the attempt; when `final`, count the outcome and let the history expire."""
-        key = self.keys.attempts(job_id)
-        pipe.hset(key, str(attempt.number), attempt.to_json())
-        if final:
-            self.count(
-                pipe,
-                kind,
-                job_id,
-                succeeded=attempt.outcome == "succeeded",
-                at=attempt.finished_at,
-                attempts=attempt.number,
-                error=attempt.error,
-                target=target,
-            )
-            if ttl is not None:
-                pipe.expire(key, ttl)
+        if not final:
+            pipe.hset(self.keys.attempts(job_id), str(attempt.number), attempt.to_json())
+            return
+        self.count(
+            pipe,
+            kind,
+            job_id,
+            succeeded=attempt.outcome == "succeeded",
+            at=attempt.finished_at,
+            attempt=attempt,
+            error=attempt.error,
+            target=target,
+            ttl=ttl,
+        )
 
     def count(
         self,
@@ -189,23 +217,38 @@ class History:
         *,
         succeeded: bool,
         at: datetime | str | None,
-        attempts: int,
+        attempt: Attempt | None,
         error: str | None,
         target: dict | None = None,
+        ttl: int | None = None,
     ) -> None:
-        """Queue in `pipe`: count a job's final outcome; a failure also joins the recent failures."""
-        pipe.hincrby(self.keys.totals, f"{kind}:{'succeeded' if succeeded else 'failed'}", 1)
+        """Queue in `pipe`: settle the job with `attempt` (None: it never got one) and count its
+        outcome, unless it was settled already; a failure also joins the recent failures."""
+        failure = ""
         if not succeeded:
-            failure = {
-                "id": job_id,
-                "kind": kind,
-                "failed_at": isoformat(at) if isinstance(at, datetime) else at,
-                "attempts": attempts,
-                "error": error,
-                "target": target,
-            }
-            pipe.lpush(self.keys.recent_failures, json.dumps(failure, separators=(",", ":")))
-            pipe.ltrim(self.keys.recent_failures, 0, RECENT_FAILURES - 1)
+            failure = json.dumps(
+                {
+                    "id": job_id,
+                    "kind": kind,
+                    "failed_at": isoformat(at) if isinstance(at, datetime) else at,
+                    "attempts": attempt.number if attempt else 0,
+                    "error": error,
+                    "target": target,
+                },
+                separators=(",", ":"),
+            )
+        self._settle(
+            keys=[self.keys.attempts(job_id), self.keys.totals, self.keys.recent_failures],
+            args=[
+                str(attempt.number) if attempt else "",
+                attempt.to_json() if attempt else "",
+                f"{kind}:{'succeeded' if succeeded else 'failed'}",
+                failure,
+                RECENT_FAILURES,
+                "" if ttl is None else ttl,
+            ],
+            client=pipe,
+        )
 
     def attempts(self, job_id: str) -> list[dict]:
         """Every attempt of a job, oldest first."""
@@ -235,7 +278,7 @@ def read_attempts(raw: dict[bytes, bytes]) -> tuple[list[dict], list[str]]:
     """
     attempts, problems = [], []
     for field, value in raw.items():
-        if field == _COUNTER.encode():
+        if field in (_COUNTER.encode(), _SETTLED.encode()):
             continue
         if not (field.isdigit() and len(field) <= 15):
             problems.append(f"the attempt history has a field {field[:40]!r}")

@@ -45,3 +45,7 @@ class Keys:
     def attempts(self, job_id: str) -> str:
         """Hash of one job's attempts: field `n` is the counter, fields `1`, `2`, ... the records."""
         return f"{self.prefix}:attempts:{job_id}"
+
+    def limbo(self, job_id: str) -> str:
+        """When a reaper first saw this job popped but not started (a worker clears it as it starts the job)."""
+        return f"{self.prefix}:limbo:{job_id}"

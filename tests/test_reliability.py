@@ -18,8 +18,13 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from dispatcher.enqueue import make_queue
+from dispatcher.history import History
+from dispatcher.keys import Keys
 from dispatcher.redis_checks import warn_about_server
 from tests.conftest import AUTH, SmtpHandler, free_port, wait_for, wait_until
+from workers.attempt import Decision
+from workers.recovery import BEAT_INTERVAL, Reaper
+from workers.worker import DispatcherWorker
 
 #: Recovery must happen within this many seconds of a SIGKILL, with default settings.
 RECOVERY_BOUND = 60
@@ -223,8 +228,6 @@ def test_failed_job_hash_is_readable_by_rq(service, receiver, redis_conn):
 
 
 def test_maintenance_drops_expired_jobs_from_the_job_index(redis_conn, settings):
-    from workers.recovery import Reaper
-
     queue = make_queue(redis_conn, dataclasses.replace(settings, queue_name=f"index-{uuid.uuid4().hex[:8]}"))
     reaper = Reaper(redis_conn, queue, "maintenance-test", index_ttl=60)
     now = time.time()
@@ -233,3 +236,93 @@ def test_maintenance_drops_expired_jobs_from_the_job_index(redis_conn, settings)
     reaper.reap()
 
     assert redis_conn.zrange(reaper.keys.index, 0, -1) == [b"wh_new"]
+
+
+def _history_of(redis_conn, svc) -> History:
+    return History(redis_conn, Keys(svc.settings.queue_name))
+
+
+def _begin(history, job_id: str, max_attempts: int = 5):
+    with history.connection.pipeline() as pipe:
+        started = history.begin(pipe, job_id, max_attempts, 600)
+        (reply,) = pipe.execute()
+    return history.began(reply, started)
+
+
+def _finish(history, job_id: str, attempt, outcome: str, final: bool) -> None:
+    attempt.outcome, attempt.finished_at = outcome, attempt.started_at
+    with history.connection.pipeline() as pipe:
+        history.finish(pipe, "webhook", job_id, attempt, final=final, ttl=600)
+        pipe.execute()
+
+
+def test_a_job_run_twice_at_once_is_counted_once(service, receiver, redis_conn):
+    """Two runs of one job that overlap (a worker wrongly taken for dead) both settle it: /v1/stats
+    counts the job once, however many of its runs succeed."""
+    svc = service()
+    job_id = svc.post("/v1/webhooks", {"url": receiver.url("ok"), "event_type": "a.b", "payload": {}})
+    history = _history_of(redis_conn, svc)
+    first, first_fresh = _begin(history, job_id)
+    second, second_fresh = _begin(history, job_id)  # the first is still running
+    assert (first.number, first_fresh, second.number, second_fresh) == (1, True, 2, True)
+
+    _finish(history, job_id, first, "succeeded", final=True)
+    _finish(history, job_id, second, "succeeded", final=True)
+
+    stats = svc.client.get("/v1/stats", headers=AUTH).get_json()["webhook"]
+    assert (stats["succeeded"], stats["failed"]) == (1, 0)
+    view = svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()
+    assert [a["outcome"] for a in view["attempts"]] == ["succeeded", "succeeded"]
+
+
+def test_a_settled_job_is_not_delivered_again_when_an_overlapping_run_asks_for_a_retry(service, receiver, redis_conn):
+    svc = service()
+    job_id = svc.post("/v1/webhooks", {"url": receiver.url("ok"), "event_type": "a.b", "payload": {}})
+    history = _history_of(redis_conn, svc)
+    first, _ = _begin(history, job_id)
+    second, _ = _begin(history, job_id)
+    _finish(history, job_id, first, "succeeded", final=True)
+    _finish(history, job_id, second, "retryable", final=False)  # the overlapping run failed: a retry is due
+
+    again, fresh = _begin(history, job_id)
+
+    assert (again.number, again.outcome, fresh) == (1, "succeeded", False)
+    stats = svc.client.get("/v1/stats", headers=AUTH).get_json()["webhook"]
+    assert (stats["succeeded"], stats["failed"]) == (1, 0)
+
+
+def test_a_reaper_note_of_an_earlier_pop_never_requeues_a_later_one(service, receiver, redis_conn):
+    """A reaper pass sees a job between pop and start; a live worker starts it; the job is popped
+    again later (a retry) and the next pass catches that pop too. It judges that pop afresh: it
+    does not take the job from the worker that holds it (which would deliver it twice at once)."""
+    svc = service()
+    job_id = svc.post("/v1/webhooks", {"url": receiver.url("ok"), "event_type": "a.b", "payload": {}})
+    queue = make_queue(redis_conn, svc.settings)
+    reaper = Reaper(redis_conn, queue, "limbo-test", index_ttl=60)
+
+    def reap() -> int:
+        redis_conn.delete(f"{reaper.keys.prefix}:reaper")  # one pass per 3 s otherwise
+        return reaper.reap()
+
+    # A pass catches the job in RQ's intermediate list, popped and not yet started...
+    assert redis_conn.lmove(queue.key, queue.intermediate_queue_key) == job_id.encode()
+    assert reap() == 0
+    # ... then the worker that popped it starts it.
+    assert redis_conn.lmove(queue.intermediate_queue_key, queue.key) == job_id.encode()
+    worker = DispatcherWorker([queue], connection=redis_conn, serializer=JSONSerializer, concurrency=1)
+    worker.reaper.beat()  # alive, as its liveness thread would keep it
+    started = worker._start(1, 1, None)
+    assert [item.job.id for item in started] == [job_id]
+    assert redis_conn.llen(queue.intermediate_queue_key) == 0
+    # Its attempt fails and it goes back on the queue for another; a pop takes it again...
+    (item,) = started
+    item.attempt.outcome, item.attempt.finished_at = "retryable", item.attempt.started_at
+    item.decision = Decision("retry", item.attempt)
+    worker._finish([item])
+    assert redis_conn.lmove(queue.key, queue.intermediate_queue_key) == job_id.encode()
+    # ... and the next pass catches that pop before its worker starts it.
+    time.sleep(BEAT_INTERVAL)
+
+    assert reap() == 0
+    assert redis_conn.lrange(queue.key, 0, -1) == []
+    assert redis_conn.lrange(queue.intermediate_queue_key, 0, -1) == [job_id.encode()]

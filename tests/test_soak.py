@@ -72,22 +72,27 @@ def check_and_report(capsys, svc, kind: str, figures: dict, seen: Counter, expec
     figures.update(
         total=len(ids), deliveries=sum(seen.values()), unique=len(seen), duplicates=sum(seen.values()) - len(seen)
     )
-    figures["attempts"], figures["interrupted"] = attempt_counts(svc, ids)
+    figures["attempts"], figures["interrupted"], statuses = attempt_counts(svc, ids)
     report(capsys, kind, figures)
 
     assert len(ids) == expected
     assert figures["succeeded"] == expected, svc.logs()
     assert figures["failed"] == 0
+    # The totals count jobs, not runs: a job delivered twice is still one success, so when they
+    # say every job is done, every job is.
+    assert statuses == Counter({"succeeded": expected}), statuses
     assert set(ids) <= set(seen), f"{len(set(ids) - set(seen))} {kind} never reached the receiver"
 
 
-def attempt_counts(svc, ids: list[str]) -> tuple[int, int]:
+def attempt_counts(svc, ids: list[str]) -> tuple[int, int, Counter]:
     attempts = interrupted = 0
+    statuses: Counter = Counter()
     for job_id in ids:
         job = svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()
+        statuses[job["status"]] += 1
         attempts += len(job["attempts"])
         interrupted += sum(1 for a in job["attempts"] if "interrupted" in (a["error"] or ""))
-    return attempts, interrupted
+    return attempts, interrupted, statuses
 
 
 def test_webhook_soak_with_flaky_receiver_and_killed_workers(service, receiver, capsys):

@@ -220,16 +220,20 @@ def repair_and_replay(worker: DispatcherWorker, job: Job, batch: Batch, index: i
     True if that worked; False if a failure was on another key, or not a wrong type, or the replay failed.
     """
     own = own_keys(job.id, worker)
-    broken = {_text(args[1]) for args, _exc in batch.failed(index) if len(args) > 1}
-    if not broken or not broken <= own.keys():
+    failed = [_keys_of(args) for args, _exc in batch.failed(index)]
+    # A command names its key; a failed script does not say which of its keys failed it: any of
+    # the job's own among them may have.
+    suspects = {key for keys in failed for key in keys if len(keys) == 1 or key in own}
+    if not suspects or not suspects <= own.keys():
         return False
     connection = worker.connection
     with connection.pipeline(transaction=False) as pipe:
-        for key in broken:
+        for key in suspects:
             pipe.type(key)
         types = pipe.execute()
-    if any(t in (own[key], b"none") for key, t in zip(broken, types, strict=True)):
-        return False  # the key has the right type: something else failed (out of memory, say)
+    broken = {key for key, t in zip(suspects, types, strict=True) if t not in (own[key], b"none")}
+    if not broken or any(not broken & set(keys) for keys in failed):
+        return False  # a failure on keys of the right type: something else failed (out of memory, say)
     with connection.pipeline(transaction=False) as pipe:
         for key in broken:
             pipe.delete(key)
@@ -238,13 +242,20 @@ def repair_and_replay(worker: DispatcherWorker, job: Job, batch: Batch, index: i
         if worker.history.keys.attempts(job.id) in broken:
             pipe.hset(worker.history.keys.attempts(job.id), "n", attempt_number)
         for args, options in batch.commands(index):
-            if len(args) > 1 and _text(args[1]) in broken:
+            if broken & set(_keys_of(args)):
                 pipe.execute_command(*args, **options)
         replies = pipe.execute(raise_on_error=False)
     if any(isinstance(r, Exception) for r in replies):
         return False
     worker.log.warning("Worker %s: job %s: replaced its keys of the wrong type %s", worker.name, job.id, sorted(broken))
     return True
+
+
+def _keys_of(args: tuple) -> list[str]:
+    """The keys a queued command acts on: a script's KEYS, else its first argument."""
+    if args and args[0] in ("EVALSHA", "EVAL") and len(args) > 2:
+        return [_text(key) for key in args[3 : 3 + int(args[2])]]
+    return [_text(args[1])] if len(args) > 1 else []
 
 
 def fail_alone(worker: DispatcherWorker, poisoned: list[Poisoned]) -> None:
@@ -277,7 +288,6 @@ def fail_alone(worker: DispatcherWorker, poisoned: list[Poisoned]) -> None:
             pipe.hset(job.key, mapping=fields)
             pipe.persist(job.key)
             pipe.expire(job.key, ttl)
-            pipe.expire(worker.history.keys.attempts(item.job_id), ttl)
             pipe.zadd(registry.key, {item.job_id: ended.timestamp() + ttl})
             pipe.lrem(queue.intermediate_queue_key, 1, item.job_id)
             if item.execution is not None:
@@ -288,7 +298,11 @@ def fail_alone(worker: DispatcherWorker, poisoned: list[Poisoned]) -> None:
             Result.create_failure(job, ttl, exc_string=error, worker_name=worker.name, pipeline=pipe)
             kind = kind_of(item.job_id)
             if kind is not None:
-                worker.history.count(pipe, kind, item.job_id, succeeded=False, at=ended, attempts=0, error=error)
+                worker.history.count(
+                    pipe, kind, item.job_id, succeeded=False, at=ended, attempt=None, error=error, ttl=ttl
+                )
+            else:
+                pipe.expire(worker.history.keys.attempts(item.job_id), ttl)
             worker.increment_failed_job_count(pipeline=pipe)
         replies = pipe.execute(raise_on_error=False)
     errors = [r for r in replies if isinstance(r, Exception)]

@@ -31,8 +31,9 @@ from dispatcher.keys import Keys
 BEAT_INTERVAL = 3.0
 #: A worker whose key is older than this is dead: a few missed beats.
 ALIVE_TTL = 10
-#: A job seen in RQ's intermediate list, unregistered, on two passes this far apart is abandoned.
-LIMBO_TTL = int(BEAT_INTERVAL * 2) + 1
+#: A job popped but not started (in RQ's intermediate list, unregistered) for this long is
+#: abandoned: a live worker starts what it pops in one round trip.
+LIMBO_AGE = 2 * int(BEAT_INTERVAL)
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,25 @@ redis.call('LPUSH', KEYS[3], ARGV[2])
 return 1
 """
 
-# KEYS: intermediate list, job hash, queue list; ARGV: job id
+# KEYS: intermediate list, job hash, queue list, sighting key. ARGV: job id, LIMBO_AGE, sighting TTL.
+# A job in RQ's intermediate list is popped but not started. The first time a reaper sees it there it
+# notes when (Redis's clock, the same for every host); it is abandoned once still there LIMBO_AGE later.
+# A worker deletes the note as it starts the job, so a job popped again later (a retry) is never
+# judged by an earlier pop's note; and the note is only written while the job is in the list.
 _REQUEUE_LIMBO = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then
+  redis.call('DEL', KEYS[4])
+  return 0
+end
+local now = tonumber(redis.call('TIME')[1])
+local seen = tonumber(redis.call('GET', KEYS[4]) or '')
+if not seen then
+  redis.call('SET', KEYS[4], now, 'EX', ARGV[3])
+  return 0
+end
+if now - seen < tonumber(ARGV[2]) then return 0 end
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+redis.call('DEL', KEYS[4])
 local kind = redis.call('TYPE', KEYS[2])['ok']
 if kind == 'none' then return 0 end
 if kind == 'hash' then redis.call('HSET', KEYS[2], 'status', 'queued') end
@@ -205,12 +222,9 @@ class Reaper:
         for job_id in job_ids:
             if job_id in registered:
                 continue
-            first_sighting = self.connection.set(f"{self.keys.prefix}:limbo:{job_id}", 1, nx=True, ex=LIMBO_TTL)
-            if first_sighting:
-                continue
-            job_key = self.queue.job_class.key_for(job_id)
+            keys = [intermediate_key, self.queue.job_class.key_for(job_id), self.queue.key, self.keys.limbo(job_id)]
             try:
-                done = self._requeue_limbo(keys=[intermediate_key, job_key, self.queue.key], args=[job_id])
+                done = self._requeue_limbo(keys=keys, args=[job_id, LIMBO_AGE, 4 * LIMBO_AGE])
             except redis.ResponseError as exc:
                 log.error("could not requeue job %s: %s", job_id, exc)
                 continue

@@ -326,6 +326,8 @@ class DispatcherWorker(SimpleWorker):
                         index = len(pipe.command_stack)
                         begin = (index, self.history.begin(pipe, job.id, max_attempts(data), history_ttl(job)))
                 begins.append((execution, begin))
+            # Started: forget any reaper's note of these pops, so a later pop is judged afresh.
+            pipe.delete(*(self.history.keys.limbo(job.id) for job, *_ in popped))
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             replies = batch.execute(pipe)
 
