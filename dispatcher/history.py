@@ -37,7 +37,8 @@ local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'hash' and kind ~= 'none' then
   return {-1, 'the attempt history is a ' .. kind .. ', not a hash'}
 end
-local settled = redis.call('HGET', KEYS[1], 'settled')
+local fields = redis.call('HMGET', KEYS[1], 'settled', 'n')
+local settled, counter = fields[1], fields[2]
 if settled then
   if not string.match(settled, '^%d+$') or #settled > 15 then
     return {-1, 'the settled attempt number is not a number'}
@@ -46,7 +47,6 @@ if settled then
   if record then return {0, record, tonumber(settled)} end
 end
 local n = 0
-local counter = redis.call('HGET', KEYS[1], 'n')
 if counter then
   if not string.match(counter, '^%d+$') or #counter > 15 then
     return {-1, 'the attempt counter is not a number'}

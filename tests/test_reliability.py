@@ -7,8 +7,11 @@ killing a worker here never disturbs the rest of the suite.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -21,7 +24,7 @@ from dispatcher.enqueue import make_queue
 from dispatcher.history import History
 from dispatcher.keys import Keys
 from dispatcher.redis_checks import warn_about_server
-from tests.conftest import AUTH, SmtpHandler, free_port, wait_for, wait_until
+from tests.conftest import API_KEY, AUTH, ROOT, SmtpHandler, free_port, process_env, wait_for, wait_until
 from workers.attempt import Decision
 from workers.recovery import BEAT_INTERVAL, Reaper
 from workers.worker import DispatcherWorker
@@ -326,3 +329,48 @@ def test_a_reaper_note_of_an_earlier_pop_never_requeues_a_later_one(service, rec
     assert reap() == 0
     assert redis_conn.lrange(queue.key, 0, -1) == []
     assert redis_conn.lrange(queue.intermediate_queue_key, 0, -1) == [job_id.encode()]
+
+
+#: Runs the API in a process of its own, so that it reads RQ_KEY_PREFIX as RQ does (once, at import).
+_API_CALL = """
+import json, sys
+from dispatcher.app import create_app
+from dispatcher.config import Settings
+method, path, body, key = sys.argv[1:]
+client = create_app(Settings.from_env()).test_client()
+answer = client.open(path, method=method, json=json.loads(body) if body else None,
+                     headers={"Authorization": f"Bearer {key}"})
+print(json.dumps(answer.get_json()))
+"""
+
+
+def test_under_rq_key_prefix_a_job_whose_worker_was_killed_is_recovered_in_seconds(service, receiver, redis_conn):
+    """RQ_KEY_PREFIX (RQ 3.0's documented setting) renames every key RQ writes, executions included:
+    the reaper must find a worker's execution under it, or a killed worker's job waits for RQ's
+    own expiry of its registry entry (minutes)."""
+    svc = service(RQ_KEY_PREFIX="dsp", DISPATCHER_WEBHOOK_TIMEOUT="15")
+    env = process_env(svc.env)
+
+    def api(method: str, path: str, body: dict | None = None) -> dict:
+        args = [sys.executable, "-c", _API_CALL, method, path, json.dumps(body) if body else "", API_KEY]
+        done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(done.stdout)
+
+    url = receiver.url("slow/4")
+    job_id = api("POST", "/v1/webhooks", {"url": url, "event_type": "a.b", "payload": {}, "retry": {"backoff": [1]}})[
+        "id"
+    ]
+    assert redis_conn.exists(f"dsp:job:{job_id}") and not redis_conn.exists(f"rq:job:{job_id}")
+    first = svc.start_worker()
+    wait_until(lambda: receiver.received(url), 15, "the first delivery never reached the receiver")
+
+    first.send_signal(signal.SIGKILL)
+    svc.start_worker()
+    wait_until(lambda: len(receiver.received(url)) == 2, 30, f"not delivered again within 30 s: {svc.logs()}")
+
+    deadline = time.monotonic() + 15
+    while (job := api("GET", f"/v1/jobs/{job_id}"))["status"] != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", svc.logs()
+    assert "interrupted" in job["attempts"][0]["error"]
+    assert len(receiver.received(url)) == 2

@@ -23,6 +23,7 @@ from typing import cast
 
 import redis
 from rq import Queue
+from rq.executions import Execution
 
 from dispatcher.history import isoformat
 from dispatcher.keys import Keys
@@ -165,7 +166,7 @@ class Reaper:
             return 0
         with self.connection.pipeline(transaction=False) as pipe:
             for member, _score in entries:
-                pipe.hget(f"rq:execution:{member}", "worker_name")
+                pipe.hget(self._execution_key(member), "worker_name")
             # An execution hash of the wrong type answers an error for that job only.
             owners = [o if isinstance(o, bytes) else None for o in pipe.execute(raise_on_error=False)]
         with self.connection.pipeline(transaction=False) as pipe:
@@ -192,6 +193,11 @@ class Reaper:
                 log.warning("requeued job %s: its worker %s stopped while running it", job_id, owner_name)
         return requeued
 
+    def _execution_key(self, member: str) -> str:
+        """The execution hash of a StartedJobRegistry entry, named by RQ (it follows RQ_KEY_PREFIX)."""
+        job_id, _, execution_id = member.rpartition(":")
+        return Execution(execution_id, job_id, self.connection).key
+
     def requeue(self, member: str, error: str) -> bool:
         """Put the job of a StartedJobRegistry entry (`job id:execution id`) back at the front of
         the queue and mark its unfinished attempt with `error`; False if it was no longer running."""
@@ -203,7 +209,7 @@ class Reaper:
                     self.queue.job_class.key_for(job_id),
                     self.queue.key,
                     self.keys.attempts(job_id),
-                    f"rq:execution:{member}",
+                    self._execution_key(member),
                     self.queue.scheduled_job_registry.key,
                 ],
                 args=[member, job_id, isoformat(datetime.now(UTC)), error],
