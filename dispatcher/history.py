@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import redis
 from redis.client import Pipeline
@@ -21,48 +21,66 @@ from dispatcher.keys import Keys, Kind
 
 Outcome = Literal["succeeded", "retryable", "permanent"]
 RECENT_FAILURES = 10
-#: The fields of the attempts hash that are not attempt numbers: the counter, and the attempt
-#: that settled the job.
-_COUNTER = "n"
-_SETTLED = "settled"
+#: The fields of the attempts hash that are not attempt numbers: the counter, the attempt that
+#: settled the job, and how many attempts came before the current series (see _BEGIN).
+_BOOKKEEPING = frozenset({b"n", b"settled", b"base"})
 
-# KEYS: attempts hash. ARGV: max attempts, the new attempt's JSON (without its number), TTL.
-# Returns {number} for a new attempt; {0, last attempt JSON, its number} when the job is already
-# settled (delivered, failed for good, or out of attempts: the `settled` field names the attempt
-# that settled it, even when a later one was begun) and must not be delivered again; or
-# {-1, why} when the history cannot be read (garbage in it must fail that job, not the script:
-# a script error would fail every command of the worker's pipeline).
+# KEYS: attempts hash, totals hash, the queue's FailedJobRegistry.
+# ARGV: max attempts, the new attempt's JSON (without its number), TTL, job id, the job's
+# `<kind>:failed` totals field.
+# Returns {number, series start} for a new attempt; {0, JSON, number, series start} of the attempt
+# that settled the job when it is settled (delivered, failed for good, or out of attempts: the
+# `settled` field names that attempt, even when a later one was begun) and must not be delivered
+# again; or {-1, why} when the history cannot be read (garbage in it must fail that job, not the
+# script: a script error would fail every command of the worker's pipeline).
+# A job settled as failed that is no longer in the FailedJobRegistry was taken out and queued again
+# by RQ's requeue (`rq requeue`, rq-dashboard's Requeue): it starts a new series of attempts, with
+# its own max attempts, appended to the same history; the totals stop counting it as failed.
 _BEGIN = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'hash' and kind ~= 'none' then
   return {-1, 'the attempt history is a ' .. kind .. ', not a hash'}
 end
-local fields = redis.call('HMGET', KEYS[1], 'settled', 'n')
-local settled, counter = fields[1], fields[2]
+local fields = redis.call('HMGET', KEYS[1], 'n', 'settled', 'base')
+for i, name in ipairs({'attempt counter', 'settled attempt number', 'series start'}) do
+  if fields[i] and (not string.match(fields[i], '^%d+$') or #fields[i] > 15) then
+    return {-1, 'the ' .. name .. ' is not a number'}
+  end
+end
+local n = tonumber(fields[1] or '0')
+local settled = fields[2]
+local base = tonumber(fields[3] or '0')
+local function attempt_at(number)
+  local raw = redis.call('HGET', KEYS[1], tostring(number))
+  if not raw then return nil, nil end
+  local ok, attempt = pcall(cjson.decode, raw)
+  if not ok or type(attempt) ~= 'table' or type(attempt['started_at']) ~= 'string' then
+    return raw, false
+  end
+  return raw, attempt
+end
+local renewed = false
 if settled then
-  if not string.match(settled, '^%d+$') or #settled > 15 then
-    return {-1, 'the settled attempt number is not a number'}
+  local raw, attempt = attempt_at(settled)
+  if attempt == false then return {-1, 'attempt record ' .. settled .. ' is not an attempt record'} end
+  local failed = not attempt or attempt['outcome'] ~= 'succeeded'
+  if failed and not redis.call('ZSCORE', KEYS[3], ARGV[4]) then
+    redis.call('HDEL', KEYS[1], 'settled')
+    redis.call('HINCRBY', KEYS[2], ARGV[5], -1)
+    base = n
+    redis.call('HSET', KEYS[1], 'base', base)
+    renewed = true
+  elseif raw then
+    return {0, raw, tonumber(settled), base}
   end
-  local record = redis.call('HGET', KEYS[1], settled)
-  if record then return {0, record, tonumber(settled)} end
 end
-local n = 0
-if counter then
-  if not string.match(counter, '^%d+$') or #counter > 15 then
-    return {-1, 'the attempt counter is not a number'}
-  end
-  n = tonumber(counter)
-end
-if n > 0 then
-  local last = redis.call('HGET', KEYS[1], tostring(n))
-  if last then
-    local ok, attempt = pcall(cjson.decode, last)
-    if not ok or type(attempt) ~= 'table' or type(attempt['started_at']) ~= 'string' then
-      return {-1, 'attempt record ' .. n .. ' is not an attempt record'}
-    end
+if n > base and not renewed then
+  local last, attempt = attempt_at(n)
+  if attempt == false then return {-1, 'attempt record ' .. n .. ' is not an attempt record'} end
+  if attempt then
     local outcome = attempt['outcome']
-    if outcome == 'succeeded' or outcome == 'permanent' or n >= tonumber(ARGV[1]) then
-      return {0, last, n}
+    if outcome == 'succeeded' or outcome == 'permanent' or n - base >= tonumber(ARGV[1]) then
+      return {0, last, n, base}
     end
     if outcome ~= nil and outcome ~= cjson.null and outcome ~= 'retryable' then
       return {-1, 'attempt record ' .. n .. ' has an unknown outcome'}
@@ -72,7 +90,7 @@ end
 n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('HSET', KEYS[1], tostring(n), ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return {n}
+return {n, base}
 """
 # KEYS: attempts hash, totals hash, recent failures list.
 # ARGV: attempt number ('' for none), its JSON, totals field, failure JSON ('' for a success),
@@ -149,6 +167,16 @@ class Attempt:
         return cls(number=number, **fields)
 
 
+class Began(NamedTuple):
+    """What `History.begin` came to."""
+
+    attempt: Attempt
+    #: True: make `attempt`. False: the job is settled, and `attempt` is the one that settled it.
+    fresh: bool
+    #: How many attempts came before the current series (a job requeued by RQ's tools starts one).
+    series_start: int
+
+
 class History:
     """Writes and reads attempt records and outcome totals."""
 
@@ -158,20 +186,28 @@ class History:
         self._begin = connection.register_script(_BEGIN)
         self._settle = connection.register_script(_SETTLE)
 
-    def begin(self, pipe: Pipeline, job_id: str, max_attempts: int, keep_for: int) -> datetime:
+    def begin(
+        self, pipe: Pipeline, kind: Kind, job_id: str, max_attempts: int, keep_for: int, failed_registry: str
+    ) -> datetime:
         """Queue the start of a new attempt in `pipe`; read its reply with `began()`.
 
         `keep_for` bounds the history's life until the job ends (then `finish` sets the
         job's own TTL), so a job deleted behind our back does not leave it forever.
+        `failed_registry` is the key of the job's queue's FailedJobRegistry: a job settled as
+        failed and no longer in it was requeued by RQ's tools, and starts a new series.
         """
         started = datetime.now(UTC)
         record = json.dumps({"started_at": isoformat(started)}, separators=(",", ":"))
-        self._begin(keys=[self.keys.attempts(job_id)], args=[max_attempts, record, keep_for], client=pipe)
+        self._begin(
+            keys=[self.keys.attempts(job_id), self.keys.totals, failed_registry],
+            args=[max_attempts, record, keep_for, job_id, f"{kind}:failed"],
+            client=pipe,
+        )
         return started
 
     @staticmethod
-    def began(reply: list, started: datetime) -> tuple[Attempt, bool]:
-        """(the attempt to make, True) or (the job's last attempt, False) when it is already settled.
+    def began(reply: list, started: datetime) -> Began:
+        """The attempt to make, or the attempt that settled the job (`fresh` False).
 
         Raises UnreadableHistory when the job's history holds garbage.
         """
@@ -179,8 +215,8 @@ class History:
             why = reply[1].decode(errors="replace") if isinstance(reply[1], bytes) else str(reply[1])
             raise UnreadableHistory(why)
         if int(reply[0]) == 0:
-            return Attempt.from_record(int(reply[2]), reply[1]), False
-        return Attempt(number=int(reply[0]), started_at=isoformat(started)), True
+            return Began(Attempt.from_record(int(reply[2]), reply[1]), False, int(reply[3]))
+        return Began(Attempt(number=int(reply[0]), started_at=isoformat(started)), True, int(reply[1]))
 
     def finish(
         self,
@@ -278,7 +314,7 @@ def read_attempts(raw: dict[bytes, bytes]) -> tuple[list[dict], list[str]]:
     """
     attempts, problems = [], []
     for field, value in raw.items():
-        if field in (_COUNTER.encode(), _SETTLED.encode()):
+        if field in _BOOKKEEPING:
             continue
         if not (field.isdigit() and len(field) <= 15):
             problems.append(f"the attempt history has a field {field[:40]!r}")

@@ -17,6 +17,7 @@ import uuid
 
 import redis
 from aiosmtpd.controller import Controller
+from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -246,10 +247,13 @@ def _history_of(redis_conn, svc) -> History:
 
 
 def _begin(history, job_id: str, max_attempts: int = 5):
+    queue = Queue(history.keys.prefix.removeprefix("dispatcher:"), connection=history.connection)
+    failed = queue.failed_job_registry.key
     with history.connection.pipeline() as pipe:
-        started = history.begin(pipe, job_id, max_attempts, 600)
+        started = history.begin(pipe, "webhook", job_id, max_attempts, 600, failed)
         (reply,) = pipe.execute()
-    return history.began(reply, started)
+    began = history.began(reply, started)
+    return began.attempt, began.fresh
 
 
 def _finish(history, job_id: str, attempt, outcome: str, final: bool) -> None:

@@ -83,11 +83,14 @@ class Decision:
     verdict: Literal["succeeded", "retry", "failed"]
     attempt: Attempt
     delay: float = 0.0
+    #: Attempts made before this series (see dispatcher.history.Began).
+    series_start: int = 0
 
     @property
     def error(self) -> str:
         if self.attempt.outcome == "retryable" and self.verdict == "failed":
-            return f"gave up after {self.attempt.number} attempt(s): {self.attempt.error}"
+            made = self.attempt.number - self.series_start
+            return f"gave up after {made} attempt(s): {self.attempt.error}"
         return self.attempt.error or "permanent failure"
 
     @property
@@ -101,13 +104,16 @@ class Decision:
         return {"status_code": self.attempt.status_code, "attempts": self.attempt.number}
 
 
-def decide(data: dict, attempt: Attempt, retry_after: float | None = None) -> Decision:
-    """Succeeded; retryable with attempts left (after backoff, jitter and Retry-After); or failed."""
+def decide(data: dict, attempt: Attempt, retry_after: float | None = None, series_start: int = 0) -> Decision:
+    """Succeeded; retryable with attempts left in its series (after backoff, jitter and Retry-After);
+    or failed. `series_start`: attempts made before this series, which do not count."""
+    made = attempt.number - series_start
     if attempt.outcome == "succeeded":
-        return Decision("succeeded", attempt)
-    if attempt.outcome == "retryable" and attempt.number < max_attempts(data):
-        return Decision("retry", attempt, next_delay(data["retry"].get("backoff", []), attempt.number + 1, retry_after))
-    return Decision("failed", attempt)
+        return Decision("succeeded", attempt, series_start=series_start)
+    if attempt.outcome == "retryable" and made < max_attempts(data):
+        delay = next_delay(data["retry"].get("backoff", []), made + 1, retry_after)
+        return Decision("retry", attempt, delay, series_start)
+    return Decision("failed", attempt, series_start=series_start)
 
 
 def result_ttl(job: Job) -> int:

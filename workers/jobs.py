@@ -39,10 +39,11 @@ def _job() -> Job:
 def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
     history = History(job.connection, Keys(job.origin))
     with job.connection.pipeline() as pipe:
-        started = history.begin(pipe, job.id, max_attempts(data), history_ttl(job))
+        failed = job.failed_job_registry.key
+        started = history.begin(pipe, kind, job.id, max_attempts(data), history_ttl(job), failed)
         (reply,) = pipe.execute()
     try:
-        attempt, fresh = history.began(reply, started)
+        attempt, fresh, series_start = history.began(reply, started)
     except UnreadableHistory as exc:
         raise DeliveryFailed(f"{UNREADABLE}: its attempt history cannot be read: {exc}") from None
     if not fresh:  # a rerun after a crash, with nothing left to do but settle
@@ -57,7 +58,7 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
             attempt.error = "interrupted: the worker was shut down during this attempt"
             decision = Decision("retry", attempt)
         else:
-            decision = decide(data, attempt, retry_after)
+            decision = decide(data, attempt, retry_after, series_start)
     if fresh or decision.attempt.outcome == "retryable":
         with job.connection.pipeline() as pipe:
             record(pipe, history, kind, job, decision)

@@ -43,6 +43,10 @@ class UnreadableJob(ValueError):
     """A job's Redis data cannot be read as a Dispatcher job; the message says what."""
 
 
+class JobGone(Exception):
+    """A popped job that must not run: deleted (rq-dashboard's Delete) or canceled (`rq cancel`)."""
+
+
 @dataclass
 class Poisoned:
     """A job to fail alone, with what could not be read; `job` and `execution` when they got that far."""
@@ -127,12 +131,14 @@ def _text(value: object) -> str:
 def read_job(worker: DispatcherWorker, job_id: str, raw: dict | Exception) -> tuple[Job, Kind, dict, str | None]:
     """The job, its kind, its data and its webhook host (None for emails), from its HGETALL reply.
 
-    Raises UnreadableJob saying what cannot be read.
+    Raises UnreadableJob saying what cannot be read, JobGone for a job deleted or canceled.
     """
     if isinstance(raw, Exception):
         raise UnreadableJob(f"its record cannot be read ({short(raw)})")
     if not raw:
-        raise UnreadableJob("it has no record (deleted or expired)")
+        raise JobGone("deleted")
+    if raw.get(b"status") == JobStatus.CANCELED.value.encode():
+        raise JobGone("canceled")
     job = _restore(worker, job_id, raw)
     if job.origin != worker.queue.name:
         raise UnreadableJob(f"its origin {job.origin[:80]!r} is not this queue")

@@ -36,7 +36,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import cast
 
 import redis
@@ -51,7 +51,7 @@ from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, default_
 from dispatcher.history import Attempt, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from workers.attempt import Decision, decide, failure_ttl, history_ttl, max_attempts, record, result_ttl, run, settled
-from workers.poison import Batch, Poisoned, fail_alone, read_job, repair_and_replay
+from workers.poison import Batch, JobGone, Poisoned, fail_alone, read_job, repair_and_replay
 from workers.recovery import Reaper
 
 #: RQ's defaults (420 s TTL, so a ~400 s blocking dequeue, and maintenance every 10 minutes)
@@ -99,13 +99,14 @@ class Running:
     attempt: Attempt | None = None
     decision: Decision | None = None
     began: float = 0.0
+    series_start: int = 0
 
     def perform(self) -> None:
         attempt = self.attempt
         assert attempt is not None
         try:
             retry_after = run(self.kind, self.job.id, self.data, attempt)
-            self.decision = decide(self.data, attempt, retry_after)
+            self.decision = decide(self.data, attempt, retry_after, self.series_start)
         except Exception as exc:  # a bug, or data read_job let through: this job fails, the loop goes on
             attempt.outcome = "permanent"
             attempt.error = f"unexpected error: {type(exc).__name__}: {exc}"
@@ -315,7 +316,7 @@ class DispatcherWorker(SimpleWorker):
         batch = Batch()
         with self.connection.pipeline(transaction=False) as pipe:
             begins = []
-            for (job, _kind, data, _host), run_now in zip(popped, now_flags, strict=True):
+            for (job, kind, data, _host), run_now in zip(popped, now_flags, strict=True):
                 with batch.span(pipe):
                     execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name)
                     job.prepare_for_execution(self.name, pipeline=pipe)
@@ -324,7 +325,7 @@ class DispatcherWorker(SimpleWorker):
                     begin = None
                     if run_now:
                         index = len(pipe.command_stack)
-                        begin = (index, self.history.begin(pipe, job.id, max_attempts(data), history_ttl(job)))
+                        begin = (index, self._begin(pipe, kind, job, data))
                 begins.append((execution, begin))
             # Started: forget any reaper's note of these pops, so a later pop is judged afresh.
             pipe.delete(*(self.history.keys.limbo(job.id) for job, *_ in popped))
@@ -367,7 +368,7 @@ class DispatcherWorker(SimpleWorker):
             begins = []
             for item in chosen:
                 with batch.span(pipe):
-                    begins.append(self.history.begin(pipe, item.job.id, max_attempts(item.data), history_ttl(item.job)))
+                    begins.append(self._begin(pipe, item.kind, item.job, item.data))
             replies = batch.execute(pipe)
         poisoned: list[Poisoned] = []
         for index, (item, started_at) in enumerate(zip(chosen, begins, strict=True)):
@@ -380,10 +381,14 @@ class DispatcherWorker(SimpleWorker):
         self._fail_alone(poisoned)
         return [item for item in chosen if item.attempt is not None and item.decision is None]
 
+    def _begin(self, pipe: Pipeline, kind: Kind, job: Job, data: dict) -> datetime:
+        failed = self.queue.failed_job_registry.key
+        return self.history.begin(pipe, kind, job.id, max_attempts(data), history_ttl(job), failed)
+
     def _began(self, item: Running, reply: object, started_at, poisoned: list[Poisoned]) -> None:  # type: ignore[no-untyped-def]
         """Read History.begin's reply: an attempt to make, a job already settled, or an unreadable history."""
         try:
-            attempt, fresh = History.began(reply, started_at)  # type: ignore[arg-type]
+            attempt, fresh, item.series_start = History.began(reply, started_at)  # type: ignore[arg-type]
         except UnreadableHistory as exc:
             poisoned.append(
                 Poisoned(item.job.id, f"its attempt history cannot be read: {exc}", item.job, item.execution)
@@ -423,6 +428,9 @@ class DispatcherWorker(SimpleWorker):
             seen.add(job_id.encode())
             try:
                 ready.append(read_job(self, job_id, raw))
+            except JobGone as gone:  # RQ's tools took it back after it was queued: never deliver it
+                connection.lrem(queue.intermediate_queue_key, 1, job_id)
+                self.log.info("Worker %s: job %s was %s; skipped", self.name, job_id, gone)
             except ValueError as exc:  # undecodable, foreign or damaged: fail it visibly, keep going
                 poisoned.append(Poisoned(job_id, str(exc)))
         self._fail_alone(poisoned)
