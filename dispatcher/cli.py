@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("dev", help="run Redis (embedded unless REDIS_URL is set), the API and a worker")
     web = commands.add_parser("web", help="serve the API with gunicorn (gevent workers) on $PORT")
     web.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the web server's log level")
-    commands.add_parser("worker", help="run a worker (with the scheduler) on $REDIS_URL")
+    worker = commands.add_parser("worker", help="run a worker (with the scheduler) on $REDIS_URL")
+    add_worker_options(worker)
     args = parser.parse_args(argv)
     try:
         if args.command == "web":
             return run_web(log_level=args.log_level)
         if args.command == "worker":
-            return run_worker()
+            return run_worker(worker_argv(args))
         return run_dev()
     except ConfigError as exc:
         print(f"dispatcher {args.command}: {exc}", file=sys.stderr)
@@ -65,10 +66,53 @@ def run_web(host: str | None = None, log_level: str = "info") -> int:
     return 0
 
 
-def run_worker() -> int:
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """The worker's options: `dispatcher worker` passes them on to `python -m workers`, which reads them."""
+    parser.description = "Run one worker: deliver the jobs of the Dispatcher queue, with RQ's scheduler."
+    parser.epilog = (
+        "`rq suspend -u $REDIS_URL` makes every worker take no new jobs (deliveries in flight finish; "
+        "its state is `suspended`) until `rq resume -u $REDIS_URL`; a --burst worker exits instead."
+    )
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="deliver what is queued, then exit once nothing is in flight (retries due later stay scheduled)",
+    )
+    parser.add_argument(
+        "--max-jobs",
+        type=_positive_int,
+        metavar="N",
+        help="exit after finishing N jobs; each attempt counts, as with `rq worker --max-jobs`",
+    )
+    parser.add_argument(
+        "--max-idle-time",
+        type=_positive_int,
+        metavar="SECONDS",
+        help="exit after SECONDS with nothing to deliver (time suspended by `rq suspend` does not count)",
+    )
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The worker's options in `args`, as `python -m workers` takes them."""
+    argv = ["--burst"] if args.burst else []
+    if args.max_jobs is not None:
+        argv += ["--max-jobs", str(args.max_jobs)]
+    if args.max_idle_time is not None:
+        argv += ["--max-idle-time", str(args.max_idle_time)]
+    return argv
+
+
+def run_worker(argv: list[str] | None = None) -> int:
+    """Run `python -m workers` with `argv` (the options of add_worker_options) in place of this process."""
     Settings.from_env().require_webhook_secret()
     # The worker is its own package (`python -m workers`): the web side never imports delivery code.
-    os.execv(sys.executable, [sys.executable, "-m", "workers"])
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *(argv or [])])
     return 0  # not reached
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
@@ -10,6 +11,7 @@ import threading
 import redis
 from rq.serializers import JSONSerializer
 
+from dispatcher.cli import add_worker_options
 from dispatcher.config import Settings
 from dispatcher.enqueue import make_queue
 from dispatcher.errors import ConfigError
@@ -52,7 +54,12 @@ def wait_for_redis(connection: redis.Redis, stop: _Stop) -> bool:
     return False
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run workers until a stop signal, or until `--burst`, `--max-jobs` or `--max-idle-time` ends one."""
+    parser = argparse.ArgumentParser(prog="python -m workers")
+    add_worker_options(parser)
+    args = parser.parse_args(argv)
+    jobs_left = args.max_jobs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings = Settings.from_env()
@@ -84,7 +91,14 @@ def main() -> int:
                 max_per_host=settings.max_per_host,
                 index_ttl=max(settings.result_ttl, settings.failure_ttl),
             )
-            worker.work(with_scheduler=True, logging_level="INFO")
+            worker.work(
+                with_scheduler=True,
+                logging_level="INFO",
+                burst=args.burst,
+                max_jobs=jobs_left,
+                max_idle_time=args.max_idle_time,
+            )
+            return 0  # it ended as asked: a stop, or the end of its burst, jobs or idle time
         except redis.RedisError as exc:
             log.warning("Redis unavailable (%s)", exc)
         except Exception:
@@ -93,6 +107,10 @@ def main() -> int:
             continue  # Redis went away before the worker existed: wait for it again
         if worker.stop_requested_by_signal:
             return 0
+        if jobs_left is not None:  # the next worker does what is left of --max-jobs
+            jobs_left -= worker.jobs_done
+            if jobs_left < 1:
+                return 0
         # The loop gave up (Redis went away, or a bug): a new worker takes over instead of the
         # process exiting. The old one's jobs in flight are requeued by the reaper.
         log.warning("worker %s stopped; starting a new one in %.0fs", worker.name, MAX_CONNECTION_WAIT)

@@ -23,7 +23,7 @@ from typing import cast
 
 import redis
 from rq import Queue
-from rq.executions import Execution
+from rq.executions import Execution, ExecutionRegistry
 
 from dispatcher.history import isoformat
 from dispatcher.keys import Keys
@@ -38,15 +38,19 @@ LIMBO_AGE = 2 * int(BEAT_INTERVAL)
 
 log = logging.getLogger(__name__)
 
-# KEYS: started registry, job hash, queue list, attempts hash, execution hash, scheduled registry
-# ARGV: registry member, job id, now (ISO), error text
-# A job counts as abandoned if it is still "started", or "scheduled" without being in the
+# KEYS: started registry, job hash, queue list, attempts hash, execution hash, scheduled registry,
+# the job's execution registry, and (if known) its worker's executions set
+# ARGV: registry member, job id, now (ISO), error text, execution id
+# The execution is removed wherever RQ lists it, as RQ's Execution.delete does. A job counts as
+# abandoned if it is still "started", or "scheduled" without being in the
 # scheduled registry (a worker died half-way through rescheduling it). A job whose hash is not a
 # hash is requeued as it is: the worker that pops it fails it alone. Garbage in the attempt history
-# is left alone (the worker fails the job for it); it must not make the script fail.
+# (or in the execution's other keys) is left alone; it must not make the script fail.
 _REQUEUE_STARTED = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[5])
+if redis.call('TYPE', KEYS[7])['ok'] == 'zset' then redis.call('ZREM', KEYS[7], ARGV[5]) end
+if KEYS[8] and redis.call('TYPE', KEYS[8])['ok'] == 'set' then redis.call('SREM', KEYS[8], ARGV[1]) end
 local is_hash = redis.call('TYPE', KEYS[2])['ok'] == 'hash'
 if is_hash then
   local status = redis.call('HGET', KEYS[2], 'status')
@@ -200,20 +204,28 @@ class Reaper:
 
     def requeue(self, member: str, error: str) -> bool:
         """Put the job of a StartedJobRegistry entry (`job id:execution id`) back at the front of
-        the queue and mark its unfinished attempt with `error`; False if it was no longer running."""
-        job_id = member.rsplit(":", 1)[0]
+        the queue and mark its unfinished attempt with `error`; False if it was no longer running.
+        The execution goes from every list RQ keeps of it: its job's and its worker's."""
+        job_id, _, execution_id = member.rpartition(":")
+        execution_key = self._execution_key(member)
+        keys = [
+            self.queue.started_job_registry.key,
+            self.queue.job_class.key_for(job_id),
+            self.queue.key,
+            self.keys.attempts(job_id),
+            execution_key,
+            self.queue.scheduled_job_registry.key,
+            ExecutionRegistry(job_id, self.connection).key,
+        ]
+        try:  # whose it was, to name that worker's executions set (the script deletes the hash)
+            owner = cast(bytes | None, self.connection.hget(execution_key, "worker_name"))  # not decoded
+        except redis.ResponseError:  # not a hash: garbage the script deletes
+            owner = None
+        if owner:
+            worker_name = owner.decode(errors="replace")
+            keys.append(Execution(execution_id, job_id, self.connection, worker_name).worker_executions_key)
         return bool(
-            self._requeue_started(
-                keys=[
-                    self.queue.started_job_registry.key,
-                    self.queue.job_class.key_for(job_id),
-                    self.queue.key,
-                    self.keys.attempts(job_id),
-                    self._execution_key(member),
-                    self.queue.scheduled_job_registry.key,
-                ],
-                args=[member, job_id, isoformat(datetime.now(UTC)), error],
-            )
+            self._requeue_started(keys=keys, args=[member, job_id, isoformat(datetime.now(UTC)), error, execution_id])
         )
 
     def _reap_limbo(self) -> int:

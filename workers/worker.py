@@ -41,11 +41,13 @@ from typing import cast
 
 import redis
 from redis.client import Pipeline
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.results import Result
+from rq.suspension import is_suspended
 from rq.utils import now, utcformat
-from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker import DequeueStrategy, SimpleWorker, WorkerStatus
 
 from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, default_max_per_host
 from dispatcher.history import Attempt, History, UnreadableHistory
@@ -67,6 +69,10 @@ IDLE_BLOCK = 1.0
 BUSY_BLOCK = 0.005
 #: How often the worker renews its RQ heartbeat (and its jobs') and checks for maintenance.
 HOUSEKEEPING_INTERVAL = 5.0
+#: How often the worker looks for `rq suspend`'s key (RQ's own worker looks before each job).
+SUSPENSION_CHECK_INTERVAL = 1.0
+#: How long a stopping worker waits for RQ's command listener thread (a daemon thread) to end.
+PUBSUB_STOP_WAIT = 2.0
 #: Jobs held waiting for their host, per delivery slot; popping pauses beyond it.
 HELD_PER_SLOT = 4
 #: A host whose last FAST_SAMPLES attempts each took less than FAST_ATTEMPT seconds, and none of
@@ -130,6 +136,13 @@ class DispatcherWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         if len(self.queues) != 1:
             raise ValueError(f"a DispatcherWorker listens on exactly one queue, got {len(self.queues)}")
+        # RQ options it cannot honour: it records every failure itself and runs no work horse.
+        if self._exc_handlers:
+            raise ValueError("a DispatcherWorker does not support exception_handlers (it records failures itself)")
+        if self.disable_default_exception_handler:
+            raise ValueError("a DispatcherWorker does not support disable_default_exception_handler")
+        if self._work_horse_killed_handler is not None:
+            raise ValueError("a DispatcherWorker does not support work_horse_killed_handler (it runs no work horse)")
         self.queue = self.queues[0]
         self.concurrency = concurrency
         self.max_per_host = max_per_host if max_per_host is not None else default_max_per_host(concurrency)
@@ -148,6 +161,11 @@ class DispatcherWorker(SimpleWorker):
         self.began: dict[str, list[float]] = {}
         self.took: dict[str, deque[float]] = {}
         self.fast_cap = max(self.max_per_host, concurrency - self.max_per_host)
+        #: Jobs this worker has finished, one per RQ job count it added (what `max_jobs` counts).
+        self.jobs_done = 0
+        #: Whether `rq suspend` was in force when last looked at, and when to look again (monotonic).
+        self.suspended = False
+        self._next_suspension_check = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -158,6 +176,20 @@ class DispatcherWorker(SimpleWorker):
     def teardown(self) -> None:
         self.reaper.stop()
         super().teardown()
+
+    def unsubscribe(self) -> None:
+        """Stop listening on RQ's command channel. RQ sends UNSUBSCRIBE before it tells its listener
+        thread to stop: the thread can read the reply, loop, and wait 60 s for a subscription, with
+        RQ waiting on it (a worker that quits soon after starting often did). Told first, it ends
+        with the reply."""
+        thread = self.pubsub_thread
+        if not thread or self.pubsub is None:
+            return
+        self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
+        thread._running.clear()  # what stop() does, without its wait: the reply is what wakes the thread
+        self.pubsub.unsubscribe()
+        thread.join(timeout=PUBSUB_STOP_WAIT)
+        self.pubsub.close()
 
     def request_stop(self, signum, frame) -> None:  # type: ignore[no-untyped-def]
         """First SIGTERM/SIGINT: take no new jobs, finish the deliveries in flight, then exit."""
@@ -177,18 +209,32 @@ class DispatcherWorker(SimpleWorker):
 
     # --- the loop ------------------------------------------------------------------------
 
-    # RQ's other work() parameters are accepted and ignored: this loop has its own.
-    def work(  # type: ignore[override]
-        self, burst: bool = False, logging_level: str = "INFO", with_scheduler: bool = True, **_: object
+    def work(
+        self,
+        burst: bool = False,
+        logging_level: str | None = "INFO",
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+        max_jobs: int | None = None,
+        max_idle_time: int | None = None,
+        with_scheduler: bool = True,
+        dequeue_strategy: DequeueStrategy | str = DequeueStrategy.DEFAULT,
+        **unsupported: object,
     ) -> bool:
-        self.bootstrap(logging_level)
+        """RQ's work loop with many jobs in flight, on RQ's terms: `rq suspend` and `rq resume`, the
+        worker states and counts, `burst` (quit once the queue is empty), `max_jobs` (quit after that
+        many jobs) and `max_idle_time` (quit after that many seconds without a job). Raises ValueError,
+        before starting, for an option it cannot honour. True if it finished any job."""
+        self._refuse_options(max_jobs, max_idle_time, dequeue_strategy, unsupported)
+        self.bootstrap(logging_level, date_format, log_format)
         if with_scheduler:
-            self._start_scheduler(burst, logging_level)
+            self._start_scheduler(burst, logging_level, date_format, log_format)
         self._install_signal_handlers()
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="delivery")
         running: dict[Future, Running] = {}
-        completed = 0
+        self.jobs_done = 0
         last_housekeeping = now() - timedelta(seconds=HOUSEKEEPING_INTERVAL)
+        idle_since = time.monotonic()
 
         def submit(items: list[Running]) -> None:
             for item in items:
@@ -204,31 +250,56 @@ class DispatcherWorker(SimpleWorker):
                     self._put_back([*running.values(), *self.held], "interrupted: the worker was shut down")
                     self.held.clear()
                     break
-                if self._stop_requested and self.held:
+                suspended = self._check_suspension(burst, bool(running or self.held))
+                # A burst worker quits when suspended, as RQ's does; any other waits for `rq resume`.
+                quitting = self._stop_requested or (burst and suspended)
+                if (quitting or suspended) and self.held:
                     self._put_back(list(self.held), None)  # never begun: back to the queue as they were
                     self.held.clear()
-                if self._stop_requested and not running:
+                if quitting and not running:
                     break
                 if now() - last_housekeeping > timedelta(seconds=HOUSEKEEPING_INTERVAL):
                     self._housekeeping(list(running.values()))
                     last_housekeeping = now()
                 started = 0
-                if self.held and not self._stop_requested:
+                if self.held:
                     admitted = self._admit(self.concurrency - len(running))
                     submit(admitted)
                     started += len(admitted)
                 free = self.concurrency - len(running)
                 room = self.max_held - len(self.held)
-                may_pop = free > 0 and room > 0 and not self._stop_requested
+                # Under `max_jobs`, never take more jobs than are left to do.
+                in_hand = len(running) + len(self.held)
+                left = self.concurrency if max_jobs is None else max_jobs - self.jobs_done - in_hand
+                may_pop = free > 0 and room > 0 and left > 0 and not quitting and not suspended
                 if may_pop:
-                    block = None if burst else (BUSY_BLOCK if running else IDLE_BLOCK)
-                    fresh = self._start(min(self.concurrency, free + room), free, block)
+                    if burst or (not running and self.get_state() != WorkerStatus.IDLE):
+                        block = None  # (just out of work: look once without waiting before reporting idle)
+                    else:
+                        block = BUSY_BLOCK if running else IDLE_BLOCK
+                    fresh = self._start(min(self.concurrency, free + room, left), free, block)
                     submit(fresh)
                     started += len(fresh)
                 if not running:
-                    if burst and not started and not self.held:
+                    if self.held or started:
+                        idle_since = time.monotonic()
+                        continue
+                    if max_jobs is not None and self.jobs_done >= max_jobs:
+                        self.log.info("Worker %s: finished executing %d jobs, quitting", self.name, self.jobs_done)
+                        break
+                    if burst:
+                        self.log.info("Worker %s: done, quitting", self.name)
+                        break
+                    if suspended:  # nothing to take or wait for until `rq resume`; not idle time, as in RQ
+                        time.sleep(IDLE_BLOCK)
+                        idle_since = time.monotonic()
+                        continue
+                    self._report_idle()
+                    if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+                        self.log.info("Worker %s: idle for %d seconds, quitting", self.name, max_idle_time)
                         break
                     continue
+                idle_since = time.monotonic()
                 if may_pop and len(running) < self.concurrency:
                     done = [future for future in running if future.done()]
                 else:
@@ -239,11 +310,60 @@ class DispatcherWorker(SimpleWorker):
                         if item.host is not None:
                             self._done_with(item)
                     self._finish(finished)
-                    completed += len(done)
         finally:
             pool.shutdown(wait=not self._force_stop, cancel_futures=True)
             self.teardown()
-        return bool(completed)
+        return bool(self.jobs_done)
+
+    @staticmethod
+    def _refuse_options(
+        max_jobs: int | None, max_idle_time: int | None, dequeue_strategy: object, unsupported: dict[str, object]
+    ) -> None:
+        """Raise ValueError naming the first work() option this loop cannot honour, or a value out of range."""
+        for name, value in unsupported.items():
+            raise ValueError(f"DispatcherWorker.work() does not support the option {name}={value!r}")
+        if dequeue_strategy != DequeueStrategy.DEFAULT:
+            strategy = getattr(dequeue_strategy, "value", dequeue_strategy)
+            raise ValueError(f"dequeue_strategy must be 'default' (a DispatcherWorker has one queue), got {strategy!r}")
+        if max_jobs is not None and max_jobs < 1:
+            raise ValueError(f"max_jobs must be at least 1, got {max_jobs!r}")
+        if max_idle_time is not None and max_idle_time <= 0:
+            raise ValueError(f"max_idle_time must be a positive number of seconds, got {max_idle_time!r}")
+
+    def _check_suspension(self, burst: bool, in_hand: bool) -> bool:
+        """Whether `rq suspend` is in force, looked up at most every SUSPENSION_CHECK_INTERVAL. A change is
+        logged in one line and shown in the worker's state, as RQ's `check_for_suspension` does."""
+        if time.monotonic() < self._next_suspension_check:
+            return self.suspended
+        self._next_suspension_check = time.monotonic() + SUSPENSION_CHECK_INTERVAL
+        suspended = bool(is_suspended(self.connection))
+        if suspended and not self.suspended:
+            if burst:
+                self.log.info("Worker %s: suspended in burst mode, exiting (jobs may remain on the queue)", self.name)
+            else:
+                self.log.info("Worker %s: suspended, run `rq resume` to resume", self.name)
+                self.set_state(WorkerStatus.SUSPENDED)
+        elif self.suspended and not suspended:
+            self.log.info("Worker %s: resumed", self.name)
+            self.set_state(WorkerStatus.BUSY if in_hand else WorkerStatus.IDLE)
+        self.suspended = suspended
+        return suspended
+
+    def _report_idle(self) -> None:
+        """Nothing in hand: RQ's `idle` state (starting jobs sets `busy`, in the same round trip)."""
+        if self.get_state() != WorkerStatus.IDLE:
+            self.set_state(WorkerStatus.IDLE)
+
+    def increment_successful_job_count(self, pipeline: Pipeline | None = None) -> None:
+        """RQ's count in the worker's hash, and `jobs_done` (each job finished adds one to one count)."""
+        self.jobs_done += 1
+        super().increment_successful_job_count(pipeline)
+
+    def increment_failed_job_count(self, pipeline: Pipeline | None = None) -> None:
+        """RQ's count in the worker's hash (one per failed attempt, retried or not, as RQ's own worker
+        counts), and `jobs_done`."""
+        self.jobs_done += 1
+        super().increment_failed_job_count(pipeline)
 
     def _housekeeping(self, running: list[Running]) -> None:
         self.heartbeat()
@@ -527,6 +647,7 @@ class DispatcherWorker(SimpleWorker):
                 execution_ended_at=job.ended_at,
             )
             self.increment_failed_job_count(pipeline=pipe)
+        self.increment_total_working_time(job.ended_at - started_at, pipe)
         execution.delete(job=job, pipeline=pipe)
 
     def _put_back(self, items: list[Running], error: str | None) -> None:
