@@ -26,10 +26,12 @@ from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 from bench.services import ROOT, BenchError, Processes, child_env, script
+from dispatcher.channels import CHANNELS
+from dispatcher.channels.email import EmailRequest
+from dispatcher.channels.webhook import WebhookRequest
 from dispatcher.config import Settings
-from dispatcher.enqueue import enqueue_many, webhook_job
+from dispatcher.enqueue import build_job, enqueue_many
 from dispatcher.keys import Keys
-from dispatcher.models import EmailRequest, WebhookRequest
 
 #: Worker processes per setup: the machine has 2 cores.
 PROCESSES = 2
@@ -208,7 +210,7 @@ class Setup:
         accepted_at = datetime.now(UTC)
         if self.kind == "webhook":
             request = WebhookRequest.model_validate(webhook_request(url or ""))
-            template = webhook_job(request, settings, accepted_at)[1]
+            template = build_job(CHANNELS["webhook"], request, accepted_at, settings)[1]
         else:
             request = EmailRequest.model_validate(email_request(token))
         pipe = self.connection.pipeline(transaction=True)
@@ -240,10 +242,11 @@ class Setup:
 
         app.conf.broker_url = self.redis_url
         staging = f"{self.queue_name}-staging"
-        body = webhook_job(
+        body = build_job(
+            CHANNELS["webhook"],
             WebhookRequest.model_validate(webhook_request(url or "")),
-            Settings.from_env({"DISPATCHER_QUEUE": self.queue_name}),
             datetime.now(UTC),
+            Settings.from_env({"DISPATCHER_QUEUE": self.queue_name}),
         )[1]["body"]
         with app.producer_or_acquire() as producer:
             for _ in range(n):

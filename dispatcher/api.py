@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hmac
 import json
@@ -13,10 +12,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ValidationError
 
+from dispatcher.channels import CHANNELS, KINDS, Channel
 from dispatcher.enqueue import enqueue, enqueue_many
 from dispatcher.errors import APIError, FieldProblem
-from dispatcher.keys import KINDS, Kind
-from dispatcher.models import EmailBatch, EmailRequest, WebhookBatch, WebhookRequest, parse_webhook_url
 from dispatcher.runtime import Runtime
 from dispatcher.status import Status
 
@@ -63,24 +61,21 @@ def authenticate() -> None:
         raise APIError(401, "unauthorized", "the API key is not valid")
 
 
-@v1.post("/emails")
-def create_email() -> tuple[Response, int, dict[str, str]]:
-    return _accept("email", EmailRequest)
+def _add_channel_routes(channel: Channel) -> None:
+    """POST /v1/<path> (one job, 202 with its id) and /v1/<path>/batch (all or none) for a channel."""
+
+    def accept_one() -> tuple[Response, int, dict[str, str]]:
+        return _accept(channel)
+
+    def accept_batch() -> tuple[Response, int]:
+        return _accept_batch(channel)
+
+    v1.add_url_rule(f"/{channel.path}", f"create_{channel.name}", accept_one, methods=["POST"])
+    v1.add_url_rule(f"/{channel.path}/batch", f"create_{channel.name}_batch", accept_batch, methods=["POST"])
 
 
-@v1.post("/webhooks")
-def create_webhook() -> tuple[Response, int, dict[str, str]]:
-    return _accept("webhook", WebhookRequest)
-
-
-@v1.post("/emails/batch")
-def create_emails() -> tuple[Response, int]:
-    return _accept_batch("email", EmailBatch)
-
-
-@v1.post("/webhooks/batch")
-def create_webhooks() -> tuple[Response, int]:
-    return _accept_batch("webhook", WebhookBatch)
+for _channel in CHANNELS.values():
+    _add_channel_routes(_channel)
 
 
 @v1.get("/jobs/<job_id>")
@@ -116,19 +111,19 @@ def stats() -> Response:
     return jsonify(runtime().status.stats())
 
 
-def _accept(kind: Kind, model: type[BaseModel]) -> tuple[Response, int, dict[str, str]]:
+def _accept(channel: Channel) -> tuple[Response, int, dict[str, str]]:
     rt = runtime()
-    job_id = enqueue(rt.connection, rt.settings, kind, _validate(model))  # type: ignore[arg-type]
+    job_id = enqueue(rt.connection, rt.settings, channel.name, _validate(channel, channel.request))
     accepted = _accepted(job_id)
     return jsonify(accepted), 202, {"Location": accepted["status_url"]}
 
 
-def _accept_batch(kind: Kind, model: type[EmailBatch | WebhookBatch]) -> tuple[Response, int]:
+def _accept_batch(channel: Channel) -> tuple[Response, int]:
     """Every item valid and enqueued in one atomic Redis call, or a 422 naming each bad `items.<i>.<field>`."""
     rt = runtime()
     with _gc_paused():
-        batch = _validate(model)
-        job_ids = enqueue_many(rt.connection, rt.settings, kind, batch.items)  # type: ignore[attr-defined]
+        batch = _validate(channel, channel.batch)
+        job_ids = enqueue_many(rt.connection, rt.settings, channel.name, batch.items)  # type: ignore[attr-defined]
     return jsonify(items=[_accepted(job_id) for job_id in job_ids]), 202
 
 
@@ -150,28 +145,20 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _validate(model: type[BaseModel]) -> BaseModel:
+def _validate(channel: Channel, model: type[BaseModel]) -> BaseModel:
     rt = runtime()
     body = _json_body()
-    # Every webhook host of the request is looked up at once, before validation waits on any of them:
+    # Every host the request names is looked up at once, before validation waits on any of them:
     # a batch of distinct hosts takes one lookup's time, and all of them share one bound (dns_timeout).
     lookups = rt.guard.lookups()
-    if model in (WebhookRequest, WebhookBatch):
-        lookups.start(_webhook_hosts(body))
+    if channel.hosts is not None:
+        items = body.get("items") if model is channel.batch else [body]
+        hosts = channel.hosts
+        lookups.start(host for item in (items if isinstance(items, list) else ()) for host in hosts(item))
     try:
         return model.model_validate(body, context={"guard": lookups, "email_from": rt.settings.email_from})
     except ValidationError as exc:
         raise APIError(422, "validation_error", "the request has invalid fields", _details(exc)) from None
-
-
-def _webhook_hosts(body: dict[str, Any]) -> Iterator[str]:
-    """The hosts of the `url` strings in a webhook body or batch body; validation judges the rest."""
-    items = body.get("items")
-    for item in (body, *(items if isinstance(items, list) else ())):
-        url = item.get("url") if isinstance(item, dict) else None
-        if isinstance(url, str):
-            with contextlib.suppress(ValueError):  # validation reports it
-                yield parse_webhook_url(url)[0]
 
 
 def _accepted(job_id: str) -> dict[str, str]:

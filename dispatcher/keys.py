@@ -1,33 +1,9 @@
-"""Names shared by the API and the workers: job kinds, job ids, Redis keys, job functions."""
+"""The Redis keys Dispatcher keeps beside RQ's own, shared by the API and the workers."""
 
 from __future__ import annotations
 
-import secrets
-from typing import Literal
-
-Kind = Literal["email", "webhook"]
-KINDS: tuple[Kind, ...] = ("email", "webhook")
-
-#: Job ids carry their kind, so counting a registry by kind needs no job lookups.
-_ID_PREFIX: dict[Kind, str] = {"email": "em_", "webhook": "wh_"}
-
-#: The API enqueues by dotted path and never imports the worker code.
-JOB_FUNCTIONS: dict[Kind, str] = {
-    "email": "workers.jobs.send_email",
-    "webhook": "workers.jobs.deliver_webhook",
-}
-
-
-def new_job_id(kind: Kind) -> str:
-    """The kind's prefix and 128 random bits in hex (as a uuid4's hex, without building a UUID)."""
-    return _ID_PREFIX[kind] + secrets.token_hex(16)
-
-
-def kind_of(job_id: str) -> Kind | None:
-    for kind, prefix in _ID_PREFIX.items():
-        if job_id.startswith(prefix):
-            return kind
-    return None
+#: A channel's name (dispatcher.channels): the `kind` of a job in the API.
+Kind = str
 
 
 class Keys:

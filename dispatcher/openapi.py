@@ -12,12 +12,16 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from dispatcher.api import MAX_LIST_LIMIT
-from dispatcher.keys import KINDS
-from dispatcher.models import EmailBatch, EmailRequest, WebhookBatch, WebhookRequest
+from dispatcher.channels import CHANNELS, KINDS, Channel
+from dispatcher.models import MAX_BATCH
 from dispatcher.status import Status
 
 _REF = "#/components/schemas/{model}"
 _COUNTS = ("queued", "scheduled", "running", "succeeded", "failed")
+
+
+def _target(channel: Channel) -> str:
+    return f"{channel.name.capitalize()}Target"
 
 
 def _ref(name: str) -> dict:
@@ -60,8 +64,7 @@ _SCHEMAS: dict[str, dict] = {
         {"id": _STRING, "status": {"type": "string", "enum": ["queued"]}, "status_url": _STRING}
     ),
     "Health": _object({"status": {"type": "string", "enum": ["ok"]}}),
-    "WebhookTarget": _object({"url": _STRING, "event_type": _STRING}),
-    "EmailTarget": _object({"to": _STRINGS, "cc": _STRINGS, "bcc": _STRINGS, "subject": _STRING}),
+    **{_target(c): _object(c.target_schema["properties"]) for c in CHANNELS.values()},
     "Attempt": _object(
         {
             "number": {"type": "integer", "minimum": 1},
@@ -85,7 +88,7 @@ _SCHEMAS: dict[str, dict] = {
             "attempts": {"type": "array", "items": _ref("Attempt")},
             "error": _nullable(_STRING),
             "metadata": {"type": "object", "additionalProperties": _STRING},
-            "target": {"anyOf": [_ref("WebhookTarget"), _ref("EmailTarget"), {"type": "null"}]},
+            "target": {"anyOf": [*(_ref(_target(c)) for c in CHANNELS.values()), {"type": "null"}]},
         }
     ),
     "JobList": _object({"jobs": {"type": "array", "items": _ref("Job")}}),
@@ -97,13 +100,12 @@ _SCHEMAS: dict[str, dict] = {
             "failed_at": _nullable(_TIME),
             "attempts": {"type": "integer"},
             "error": _nullable(_STRING),
-            "target": {"anyOf": [_ref("WebhookTarget"), _ref("EmailTarget"), {"type": "null"}]},
+            "target": {"anyOf": [*(_ref(_target(c)) for c in CHANNELS.values()), {"type": "null"}]},
         }
     ),
     "Stats": _object(
         {
-            "email": _ref("Counts"),
-            "webhook": _ref("Counts"),
+            **{kind: _ref("Counts") for kind in KINDS},
             "recent_failures": {"type": "array", "items": _ref("Failure")},
         }
     ),
@@ -131,13 +133,16 @@ def _responses(ok: int, schema: dict, description: str, errors: tuple[int, ...],
     return answers
 
 
-def _accept(summary: str, model: str) -> dict:
+def _accept(channel: Channel) -> dict:
     location = {"Location": {"description": "the job's status URL", "schema": _STRING}}
     return {
         "post": {
-            "operationId": f"create_{model.removesuffix('Request').lower()}",
-            "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}},
+            "operationId": f"create_{channel.name}",
+            "summary": channel.summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(channel.request.__name__)}},
+            },
             "responses": _responses(
                 202, _ref("Accepted"), "accepted and queued", (400, 401, 413, 415, 422, 503), headers=location
             ),
@@ -145,13 +150,16 @@ def _accept(summary: str, model: str) -> dict:
     }
 
 
-def _accept_batch(summary: str, model: str) -> dict:
+def _accept_batch(channel: Channel) -> dict:
     accepted = _object({"items": {"type": "array", "items": _ref("Accepted")}})
     return {
         "post": {
-            "operationId": f"create_{model.removesuffix('Batch').lower()}_batch",
-            "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}},
+            "operationId": f"create_{channel.name}_batch",
+            "summary": f"{channel.summary}, for each of up to {MAX_BATCH:,} items: all or none",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(channel.batch.__name__)}},
+            },
             "responses": _responses(
                 202, accepted, "every item accepted and queued (a 422 accepts none)", (400, 401, 413, 415, 422, 503)
             ),
@@ -175,10 +183,8 @@ def _query(name: str, schema: dict, description: str) -> dict:
 
 
 _PATHS = {
-    "/v1/emails": _accept("Send an email", "EmailRequest"),
-    "/v1/webhooks": _accept("Call a webhook", "WebhookRequest"),
-    "/v1/emails/batch": _accept_batch("Send up to 10,000 emails, all or none", "EmailBatch"),
-    "/v1/webhooks/batch": _accept_batch("Call up to 10,000 webhooks, all or none", "WebhookBatch"),
+    **{f"/v1/{c.path}": _accept(c) for c in CHANNELS.values()},
+    **{f"/v1/{c.path}/batch": _accept_batch(c) for c in CHANNELS.values()},
     "/v1/jobs/{id}": _get(
         "get_job",
         "One job's status and attempts",
@@ -211,7 +217,7 @@ _PATHS = {
 def openapi_document() -> dict:
     """The whole document; built once, it only depends on the code."""
     _, generated = models_json_schema(
-        [(model, "validation") for model in (EmailRequest, WebhookRequest, EmailBatch, WebhookBatch)],
+        [(model, "validation") for c in CHANNELS.values() for model in (c.request, c.batch)],
         by_alias=True,
         ref_template=_REF,
     )

@@ -15,8 +15,9 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
+from dispatcher.channels import KINDS, kind_of
 from dispatcher.history import UNREADABLE, History, isoformat, read_attempts
-from dispatcher.keys import KINDS, Keys, kind_of
+from dispatcher.keys import Keys
 
 
 class Status(StrEnum):

@@ -12,7 +12,7 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
-from dispatcher.models import EmailRequest
+from dispatcher.channels.email import EmailRequest
 from tests.conftest import AUTH, wait_for
 
 DEFAULT_FROM = "Dispatcher Tests <tests@example.com>"

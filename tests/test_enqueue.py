@@ -20,9 +20,11 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
+from dispatcher.channels import JOB_FUNCTION
+from dispatcher.channels.email import EmailRequest
+from dispatcher.channels.webhook import WebhookRequest
 from dispatcher.enqueue import OWN_FIELDS, enqueue_many, make_queue
-from dispatcher.keys import JOB_FUNCTIONS, Keys
-from dispatcher.models import EmailRequest, WebhookRequest
+from dispatcher.keys import Keys
 from tests.conftest import free_port
 
 REQUESTS = {
@@ -69,7 +71,7 @@ def test_job_hash_is_the_one_rq_writes(redis_conn, queue_settings, kind):
     queue = make_queue(redis_conn, queue_settings)
     job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
 
-    assert job.func_name == JOB_FUNCTIONS[kind]
+    assert job.func_name == JOB_FUNCTION
     assert job.get_status() == JobStatus.QUEUED
     assert job.origin == queue_settings.queue_name
     assert queue.get_job_ids() == [job_id]

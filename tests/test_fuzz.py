@@ -43,10 +43,13 @@ from standardwebhooks import Webhook
 from urllib3.util import parse_url
 
 from dispatcher.app import create_app
+from dispatcher.channels import CHANNELS, JOB_FUNCTION
+from dispatcher.channels.email import EmailRequest
+from dispatcher.channels.webhook import WebhookRequest, parse_webhook_url
 from dispatcher.config import Settings
-from dispatcher.enqueue import email_job, make_queue, webhook_job
-from dispatcher.keys import JOB_FUNCTIONS, Keys
-from dispatcher.models import MAX_PAYLOAD_DEPTH, EmailRequest, RetryPolicy, WebhookRequest, parse_webhook_url
+from dispatcher.enqueue import build_job, make_queue
+from dispatcher.keys import Keys
+from dispatcher.models import MAX_PAYLOAD_DEPTH, RetryPolicy
 from dispatcher.netguard import NetworkGuard
 from tests.conftest import AUTH, WEBHOOK_SECRET
 from workers.mail import build_message, envelope
@@ -406,7 +409,7 @@ def check_email(data: object, context: dict) -> EmailRequest | None:
         request = EmailRequest.model_validate(data, context=context)
     except ValidationError:
         return None
-    job_id, job_data, meta = email_job(request, JOB_SETTINGS, datetime.now(UTC))
+    job_id, job_data, meta, _ = build_job(CHANNELS["email"], request, datetime.now(UTC), JOB_SETTINGS)
     assert_email_job_deliverable(job_id, round_trip(job_data), round_trip(meta))
     return request
 
@@ -416,7 +419,7 @@ def check_webhook(data: object, context: dict) -> WebhookRequest | None:
         request = WebhookRequest.model_validate(data, context=context)
     except ValidationError:
         return None
-    job_id, job_data, meta = webhook_job(request, JOB_SETTINGS, datetime.now(UTC))
+    job_id, job_data, meta, _ = build_job(CHANNELS["webhook"], request, datetime.now(UTC), JOB_SETTINGS)
     job_data, meta = round_trip(job_data), round_trip(meta)
     assert_webhook_job_deliverable(job_id, job_data, meta)
     assert json.loads(job_data["body"])["data"] == request.payload
@@ -427,7 +430,7 @@ def assert_job_deliverable(redis_conn, job_id: str) -> None:
     """The job, as stored, decodes with RQ's JSON serializer and passes the worker-side checks."""
     job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
     (data,) = job.args
-    assert job.func_name == JOB_FUNCTIONS[job.meta["kind"]]
+    assert job.func_name == JOB_FUNCTION
     if job.meta["kind"] == "email":
         assert_email_job_deliverable(job_id, data, job.meta)
     else:
@@ -1062,7 +1065,7 @@ def test_email_from_an_idn_domain_gets_an_ascii_message_id():
     request = EmailRequest.model_validate({"to": ["a@example.com"], "from": "Shop <shop@bücher.example>",
                                            "subject": "s", "text": "t"}, context=GUARDED)
 
-    job_id, data, _ = email_job(request, JOB_SETTINGS, datetime.now(UTC))
+    job_id, data, _, _ = build_job(CHANNELS["email"], request, datetime.now(UTC), JOB_SETTINGS)
 
     assert data["message_id"] == f"<{job_id}@xn--bcher-kva.example>"
     assert f"Message-ID: <{job_id}@xn--bcher-kva.example>".encode() in build_message(data).as_bytes()

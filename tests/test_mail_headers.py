@@ -30,7 +30,7 @@ from rq.job import Job
 
 from dispatcher.addresses import LINE_BREAKS
 from dispatcher.app import create_app
-from dispatcher.models import EmailRequest
+from dispatcher.channels.email import EmailRequest
 from tests.conftest import AUTH
 from workers import headers
 

@@ -19,9 +19,9 @@ from rq.executions import ExecutionRegistry
 from rq.job import Job
 from rq.results import Result
 
+from dispatcher.channels.webhook import WebhookRequest
 from dispatcher.enqueue import enqueue_many, make_queue
 from dispatcher.keys import Keys
-from dispatcher.models import WebhookRequest
 from tests.conftest import AUTH, Receiver, Service, wait_for, wait_until
 
 #: (name, how to write it) pairs of garbage for one hash field.

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
+from dispatcher.channels.email import EmailRequest
 from dispatcher.config import SmtpSettings
-from dispatcher.models import EmailRequest
 from tests.conftest import free_port
 from tests.test_mail_headers import parse, rewrite_job_data
 from workers.errors import RetryableDeliveryError

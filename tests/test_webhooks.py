@@ -12,7 +12,7 @@ from rq.job import Job, cancel_job
 from rq.serializers import JSONSerializer
 from standardwebhooks import Webhook
 
-from dispatcher.models import WebhookRequest
+from dispatcher.channels.webhook import WebhookRequest
 from tests.conftest import AUTH, TERMINAL, TEST_WEBHOOK_TIMEOUT, WEBHOOK_SECRET, free_port, wait_for
 
 

@@ -19,9 +19,8 @@ from rq.timeouts import JobTimeoutException
 from dispatcher.config import DEFAULT_FAILURE_TTL, DEFAULT_RESULT_TTL
 from dispatcher.history import Attempt, History, isoformat
 from dispatcher.keys import Kind
-from workers import context
+from workers.channels import DELIVERERS
 from workers.errors import DeliveryError, RetryableDeliveryError
-from workers.mail import build_message, envelope
 from workers.retry import next_delay
 
 #: Beyond the failure TTL, how long an unfinished job's history is kept: more than the longest
@@ -33,15 +32,6 @@ def max_attempts(data: dict) -> int:
     return int(data.get("retry", {}).get("max_attempts", 1))
 
 
-def deliver(kind: Kind, job_id: str, data: dict) -> tuple[int, str | None]:
-    """Send once: (status code, response excerpt or note), or raise a DeliveryError."""
-    ctx = context.current()
-    if kind == "webhook":
-        return ctx.webhooks.send(job_id, data)
-    sender, recipients = envelope(data)
-    return ctx.mail().send(build_message(data), sender, recipients)
-
-
 def run(kind: Kind, job_id: str, data: dict, attempt: Attempt) -> float | None:
     """Make the attempt, filling in `attempt`; return the receiver's Retry-After, if any.
 
@@ -50,12 +40,11 @@ def run(kind: Kind, job_id: str, data: dict, attempt: Attempt) -> float | None:
     started = time.monotonic()
     retry_after: float | None = None
     try:
-        attempt.status_code, note = deliver(kind, job_id, data)
+        delivered = DELIVERERS[kind].deliver(job_id, data)
         attempt.outcome = "succeeded"
-        if kind == "webhook":
-            attempt.response_excerpt = note
-        else:
-            attempt.error = note
+        attempt.status_code = delivered.status_code
+        attempt.response_excerpt = delivered.response_excerpt
+        attempt.error = delivered.note
     except DeliveryError as exc:
         retryable = isinstance(exc, RetryableDeliveryError)
         attempt.outcome = "retryable" if retryable else "permanent"

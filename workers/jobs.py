@@ -15,12 +15,24 @@ from __future__ import annotations
 from rq import Retry, get_current_job
 from rq.job import Job
 
+from dispatcher.channels import JOB_FUNCTION
 from dispatcher.history import UNREADABLE, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from workers.attempt import Decision, decide, history_ttl, max_attempts, record, run, settled
+from workers.channels import UnknownPayload, channel_of
 from workers.errors import DeliveryFailed
 
 
+def deliver(payload: dict) -> dict | Retry:
+    """Every job's function (dispatcher.channels.JOB_FUNCTION): the payload names its channel."""
+    try:
+        channel = channel_of(JOB_FUNCTION, payload)
+    except UnknownPayload as exc:
+        raise DeliveryFailed(f"{UNREADABLE}: {exc}") from None
+    return _run(_job(), channel, payload)
+
+
+# Version-1 jobs (before channels) name their channel by their function; they still deliver.
 def deliver_webhook(data: dict) -> dict | Retry:
     return _run(_job(), "webhook", data)
 

@@ -20,7 +20,8 @@ from email.utils import formatdate
 from typing import Any, cast
 
 from dispatcher.addresses import AddressError, split_mailbox, validate_address, wire_address
-from dispatcher.models import HEADER_NAME, MAX_EMAIL_HEADER_NAME, RESERVED_EMAIL_HEADERS, attachment_type_problem
+from dispatcher.channels.email import RESERVED_EMAIL_HEADERS, attachment_type_problem
+from dispatcher.models import HEADER_NAME, MAX_EMAIL_HEADER_NAME
 from workers import headers
 from workers.errors import PermanentDeliveryError
 

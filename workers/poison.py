@@ -16,7 +16,6 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from redis.client import Pipeline
 from rq.executions import Execution, ExecutionRegistry
@@ -24,19 +23,19 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.utils import now, utcformat
 
+from dispatcher.channels import JOB_FUNCTION, LEGACY_JOB_FUNCTIONS, kind_of
 from dispatcher.history import UNREADABLE
-from dispatcher.keys import JOB_FUNCTIONS, Kind, kind_of
+from dispatcher.keys import Kind
 from workers.attempt import failure_ttl
+from workers.channels import DELIVERERS, UnknownPayload, channel_of
 
 if TYPE_CHECKING:
     from redis.typing import EncodableT
 
     from workers.worker import DispatcherWorker
 
-_KINDS: dict[str, Kind] = {func: kind for kind, func in JOB_FUNCTIONS.items()}
 #: Longest error text kept from an exception about garbage (it may quote the garbage).
 _MAX_ERROR = 300
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class UnreadableJob(ValueError):
@@ -148,14 +147,17 @@ def read_job(worker: DispatcherWorker, job_id: str, raw: dict | Exception) -> tu
         func_name, args = job.func_name, job.args
     except Exception as exc:  # the serializer's own error types
         raise UnreadableJob(f"its data cannot be decoded ({type(exc).__name__}: {short(exc)})") from None
-    kind = _KINDS.get(func_name or "")
-    if kind is None:
+    if func_name != JOB_FUNCTION and func_name not in LEGACY_JOB_FUNCTIONS:
         raise UnreadableJob(f"{str(func_name)[:80]!r} is not a Dispatcher job function")
     if not isinstance(args, list | tuple) or len(args) != 1 or not isinstance(args[0], dict):
         raise UnreadableJob("its data is not a Dispatcher job's arguments")
     data = args[0]
+    try:
+        kind = channel_of(func_name, data)
+    except UnknownPayload as exc:
+        raise UnreadableJob(str(exc)) from None
     _check_retry(data)
-    return job, kind, data, webhook_host(data) if kind == "webhook" else None
+    return job, kind, data, DELIVERERS[kind].host(data)
 
 
 def _restore(worker: DispatcherWorker, job_id: str, raw: dict) -> Job:
@@ -191,19 +193,6 @@ def _check_retry(data: dict) -> None:
         or not all(isinstance(d, int | float) and not isinstance(d, bool) and d >= 0 for d in backoff)
     ):
         raise UnreadableJob("its retry policy cannot be read")
-
-
-def webhook_host(data: dict) -> str | None:
-    """`host:port` of the webhook's URL, the unit the per-host share counts; None if it has none."""
-    url = data.get("url")
-    if not isinstance(url, str):
-        return None
-    try:
-        parts = urlsplit(url)
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
-    except ValueError:
-        return None
-    return f"{parts.hostname}:{port}" if parts.hostname else None
 
 
 # --- repairing and failing --------------------------------------------------------------------

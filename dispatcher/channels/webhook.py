@@ -1,0 +1,193 @@
+"""The webhook channel, what to send: the request, the payload a job carries, its description.
+
+The worker's side (signing and the guarded POST) is `workers.channels.webhook`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Any, TypedDict
+from urllib.parse import urlsplit
+
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
+
+from dispatcher.channels import PAYLOAD_VERSION, Channel, JobParts
+from dispatcher.config import Settings
+from dispatcher.errors import DestinationRefused, FieldProblem, ResolutionFailed, ResolutionTimedOut
+from dispatcher.history import isoformat
+from dispatcher.models import (
+    _SURROGATE,
+    MAX_BATCH,
+    JsonObject,
+    Metadata,
+    RequestModel,
+    RetryPolicy,
+    _check_headers,
+    json_text,
+    resolve_retry,
+)
+
+NAME = "webhook"
+#: Margin the job timeout leaves beyond a delivery's own deadline; it is only a safety net.
+_JOB_TIMEOUT_MARGIN = 60
+
+#: Header names the webhook delivery sets itself; a request may not override them.
+RESERVED_WEBHOOK_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding"})
+
+
+class WebhookRequest(RequestModel):
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    event_type: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+    payload: dict[str, Any]
+    headers: dict[str, str] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
+    retry: RetryPolicy | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        host, port = parse_webhook_url(value)
+        # A NetworkGuard, or the request's HostLookups (its lookups started together, one time bound).
+        guard = (info.context or {}).get("guard")
+        if guard is not None:
+            try:
+                guard.check_host(host, port)
+            except ResolutionTimedOut as exc:
+                raise ValueError(str(exc)) from None  # unknown yet, not refused: the client may try again
+            except (DestinationRefused, ResolutionFailed) as exc:
+                raise ValueError(f"destination refused: {exc}") from None
+        return value
+
+    @field_validator("payload", mode="before")
+    @classmethod
+    def _payload_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict) and not all(type(key) is str and not _SURROGATE.search(key) for key in value):
+            raise FieldProblem("payload", "has a key that is not a valid Unicode string")
+        return value
+
+    @field_validator("payload")
+    @classmethod
+    def _payload(cls, value: dict[str, Any]) -> JsonObject:
+        return JsonObject(value, json_text(value, "payload"))
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_headers(value, RESERVED_WEBHOOK_HEADERS, "webhook-", http=True)
+        return value
+
+
+@functools.lru_cache(maxsize=4096)  # a batch often holds one partner's URL many times
+def parse_webhook_url(value: str) -> tuple[str, int]:
+    """Check a webhook URL's form and return its (ASCII host, port); raise ValueError when unfit."""
+    if any(ord(c) <= 0x20 or c == "\x7f" for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    if "\\" in value:
+        # Parsers disagree on it (urllib3 ends the host there, urlsplit does not): percent-encode it.
+        raise ValueError("must not contain a backslash (write it as %5C)")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if "@" in parts.netloc:
+        raise ValueError("must not contain credentials (user:password@); send them in headers instead")
+    host = parts.hostname
+    if not host:
+        raise ValueError("must have a host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port (must be 1-65535)") from None
+    if port == 0:
+        raise ValueError("has an invalid port (must be 1-65535)")
+    if parts.fragment:
+        raise ValueError("must not contain a #fragment")
+    if ":" not in host:
+        try:
+            if host.isascii():
+                host.encode("idna")  # empty or overlong labels
+            # The host as the worker's HTTP client (urllib3) will send it: IDNA 2008 for a non-ASCII name.
+            host = (parse_url(value).host or "").lower()
+        except (UnicodeError, LocationParseError):
+            raise ValueError(f"host {parts.hostname!r} is not a valid domain name") from None
+        if not host:
+            raise ValueError("must have a host")
+    else:
+        try:
+            parse_url(value)
+        except LocationParseError:
+            raise ValueError(f"host {parts.hostname!r} is not a valid IPv6 address") from None
+    return host, port or (443 if parts.scheme == "https" else 80)
+
+
+class WebhookBatch(RequestModel):
+    """Webhooks accepted together: all of them or, if any item is invalid, none."""
+
+    items: list[WebhookRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class WebhookPayload(TypedDict):
+    """A webhook job's payload (version 2). The body is fixed, and so signed the same way, at acceptance."""
+
+    v: int
+    channel: str
+    url: str
+    headers: dict[str, str]
+    #: The Standard Webhooks envelope: {"type", "timestamp", "data"}, compact JSON.
+    body: str
+    retry: dict
+
+
+def job(request: WebhookRequest, job_id: str, accepted_at: datetime, settings: Settings) -> JobParts:
+    # The envelope as json.dumps(separators=(",", ":"), ensure_ascii=False) writes it, with the
+    # payload's text from validation (models.JsonObject) rather than encoding it a second time.
+    data = request.payload.text if isinstance(request.payload, JsonObject) else json_text(request.payload, "payload")
+    body = (
+        f'{{"type":{json.dumps(request.event_type, ensure_ascii=False)},'
+        f'"timestamp":"{_timestamp(accepted_at)}","data":{data}}}'
+    )
+    payload: WebhookPayload = {
+        "v": PAYLOAD_VERSION,
+        "channel": NAME,
+        "url": request.url,
+        "headers": request.headers,
+        "body": body,
+        "retry": resolve_retry(request.retry, settings.webhook_retry),
+    }
+    return JobParts(
+        payload=dict(payload),
+        target={"url": request.url, "event_type": request.event_type},
+        description=f"webhook {request.event_type} to {request.url}",
+    )
+
+
+@functools.lru_cache(maxsize=1)  # the jobs of a batch share their acceptance time
+def _timestamp(accepted_at: datetime) -> str:
+    return isoformat(accepted_at)
+
+
+def _hosts(item: Any) -> Iterator[str]:
+    """The host of a raw request's `url`, if it has one that parses; validation judges the rest."""
+    url = item.get("url") if isinstance(item, dict) else None
+    if isinstance(url, str):
+        with contextlib.suppress(ValueError):
+            yield parse_webhook_url(url)[0]
+
+
+CHANNEL = Channel(
+    name=NAME,
+    id_prefix="wh_",
+    path="webhooks",
+    summary="Call a webhook",
+    request=WebhookRequest,
+    batch=WebhookBatch,
+    target_schema={"type": "object", "properties": {"url": {"type": "string"}, "event_type": {"type": "string"}}},
+    job=job,
+    job_timeout=lambda settings: int(settings.webhook_timeout * 2) + _JOB_TIMEOUT_MARGIN,
+    hosts=_hosts,
+)

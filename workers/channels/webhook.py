@@ -1,0 +1,32 @@
+"""The webhook channel, how to deliver: sign the payload's body and POST it through the guarded
+HTTP client (workers.webhook, workers.http)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from workers import context
+from workers.channels import Delivered, Deliverer
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def deliver(job_id: str, payload: dict) -> Delivered:
+    status_code, excerpt = context.current().webhooks.send(job_id, payload)
+    return Delivered(status_code, response_excerpt=excerpt)
+
+
+def host(payload: dict) -> str | None:
+    """`host:port` of the webhook's URL, the unit the per-host share counts; None if it has none."""
+    url = payload.get("url")
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return None
+    return f"{parts.hostname}:{port}" if parts.hostname else None
+
+
+DELIVERER = Deliverer("webhook", deliver, host)
