@@ -354,7 +354,7 @@ from rq.executions import ExecutionRegistry
 from rq.serializers import JSONSerializer
 from dispatcher.config import Settings
 from dispatcher.enqueue import enqueue, make_queue
-from dispatcher.models import WebhookRequest
+from dispatcher.channels.webhook import WebhookRequest
 from workers.recovery import Reaper
 from workers.worker import DispatcherWorker
 
