@@ -2,9 +2,10 @@
 
 RQ's `job.meta` is one blob and the last writer wins, so attempts live in their
 own hash, one field per attempt number: a writer only ever sets its own field,
-and no entry can be lost to a concurrent save. The attempt number comes from
-HINCRBY inside a Lua script, so even an attempt cut short by a crash keeps its
-entry, and beginning an attempt is one command that can ride in a pipeline.
+and no entry can be lost to a concurrent save. The attempt number comes from the
+hash's counter, read and raised inside one Lua script, so even an attempt cut short
+by a crash keeps its entry, and beginning an attempt is one command that can ride
+in a pipeline.
 """
 
 from __future__ import annotations
@@ -37,11 +38,10 @@ _BOOKKEEPING = frozenset({b"n", b"settled", b"base"})
 # by RQ's requeue (`rq requeue`, rq-dashboard's Requeue): it starts a new series of attempts, with
 # its own max attempts, appended to the same history; the totals stop counting it as failed.
 _BEGIN = """
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'hash' and kind ~= 'none' then
-  return {-1, 'the attempt history is a ' .. kind .. ', not a hash'}
+local fields = redis.pcall('HMGET', KEYS[1], 'n', 'settled', 'base')
+if fields['err'] then  -- WRONGTYPE: name what it is (the common case costs no TYPE call)
+  return {-1, 'the attempt history is a ' .. redis.call('TYPE', KEYS[1])['ok'] .. ', not a hash'}
 end
-local fields = redis.call('HMGET', KEYS[1], 'n', 'settled', 'base')
 for i, name in ipairs({'attempt counter', 'settled attempt number', 'series start'}) do
   if fields[i] and (not string.match(fields[i], '^%d+$') or #fields[i] > 15) then
     return {-1, 'the ' .. name .. ' is not a number'}
@@ -87,8 +87,8 @@ if n > base and not renewed then
     end
   end
 end
-n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('HSET', KEYS[1], tostring(n), ARGV[2])
+n = n + 1  -- (the script runs alone: read, add and write is as atomic as HINCRBY)
+redis.call('HSET', KEYS[1], 'n', n, tostring(n), ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {n, base}
 """

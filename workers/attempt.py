@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from redis.client import Pipeline
+from redis.typing import EncodableT
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
@@ -124,14 +125,23 @@ def settled(last: Attempt) -> Decision:
     return Decision("succeeded" if last.outcome == "succeeded" else "failed", last)
 
 
-def record(pipe: Pipeline, history: History, kind: Kind, job: Job, decision: Decision) -> None:
-    """Queue in `pipe` the attempt, the outcome totals and a summary in job.meta for rq-dashboard."""
+def record(
+    pipe: Pipeline,
+    history: History,
+    kind: Kind,
+    job: Job,
+    decision: Decision,
+    job_fields: dict[EncodableT, EncodableT] | None = None,
+) -> None:
+    """Queue in `pipe` the attempt, the outcome totals and a summary in job.meta for rq-dashboard;
+    `job_fields` (RQ's status and end time, say) go in the same write of the job's hash."""
     attempt = decision.attempt
     if not isinstance(job.meta, dict) or "unserialized" in job.meta:
         job.meta = {}  # RQ hands over undecodable meta as {"unserialized": raw bytes}: replace it
     job.meta["attempts"] = attempt.number
     job.meta["last_attempt"] = asdict(attempt)
-    pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+    fields: dict[EncodableT, EncodableT] = {"meta": job.serializer.dumps(job.meta), **(job_fields or {})}
+    pipe.hset(job.key, mapping=fields)
     if decision.verdict == "retry":
         history.finish(pipe, kind, job.id, attempt, final=False)
     else:

@@ -41,6 +41,7 @@ from typing import cast
 
 import redis
 from redis.client import Pipeline
+from redis.typing import EncodableT
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -572,18 +573,41 @@ class DispatcherWorker(SimpleWorker):
         """
         batch = Batch()
         broken: list[Poisoned] = []
+        succeeded = failed = 0
+        working_time = 0.0
         with self.connection.pipeline(transaction=False) as pipe:
             for item in items:
                 decision = item.decision
                 assert decision is not None
+                ended = now()
+                # RQ's status and end time of a finished job, in the one write of its hash that records it.
+                fields: dict[EncodableT, EncodableT] = {}
+                if decision.verdict != "retry":
+                    status = JobStatus.FINISHED if decision.verdict == "succeeded" else JobStatus.FAILED
+                    fields = {"status": status.value, "ended_at": utcformat(ended)}
                 try:
                     with batch.span(pipe, keep_on_error=False):
                         if rerecord or decision.attempt.outcome == "retryable":
-                            record(pipe, self.history, item.kind, item.job, decision)
-                        self._move_on(pipe, item, decision)
+                            record(pipe, self.history, item.kind, item.job, decision, fields)
+                        elif fields:
+                            pipe.hset(item.job.key, mapping=fields)
+                        self._move_on(pipe, item, decision, ended)
                 except Exception as exc:  # could not even queue the commands: bad data in memory
                     self.log.exception("Worker %s: could not record job %s", self.name, item.job.id)
                     broken.append(Poisoned(item.job.id, f"{type(exc).__name__}: {exc}", item.job, item.execution))
+                    continue
+                # RQ's worker counts one failure per failed attempt, retried or not; so does this one.
+                succeeded += decision.verdict == "succeeded"
+                failed += decision.verdict != "succeeded"
+                working_time += (ended - item.execution.created_at).total_seconds()
+            # The worker's counts, once per batch (RQ's increment_* add one job at a time).
+            if succeeded:
+                pipe.hincrby(self.key, "successful_job_count", succeeded)
+            if failed:
+                pipe.hincrby(self.key, "failed_job_count", failed)
+            if succeeded or failed:
+                pipe.hincrbyfloat(self.key, "total_working_time", working_time)
+            self.jobs_done += succeeded + failed
             batch.execute(pipe)
         for index, item in enumerate(items):
             error = batch.error(index)
@@ -592,16 +616,16 @@ class DispatcherWorker(SimpleWorker):
                 broken.append(Poisoned(item.job.id, error, item.job, item.execution))
         self._fail_alone(broken)
 
-    def _move_on(self, pipe: Pipeline, item: Running, decision: Decision) -> None:
+    def _move_on(self, pipe: Pipeline, item: Running, decision: Decision, ended: datetime) -> None:
+        """RQ's bookkeeping for a finished attempt; the caller has written a finished job's status
+        and end time."""
         job, execution = item.job, item.execution
-        job.ended_at = now()
+        job.ended_at = ended
         started_at = execution.created_at
         if decision.verdict == "succeeded":
             # What RQ's Job._handle_success writes, less its full re-save of the job (which
             # re-serializes the job's data on every delivery): only the fields that changed.
             ttl = result_ttl(job)
-            job.set_status(JobStatus.FINISHED, pipeline=pipe)
-            pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
             Result.create(
                 job,
                 Result.Type.SUCCESSFUL,
@@ -615,7 +639,6 @@ class DispatcherWorker(SimpleWorker):
             )
             job.finished_job_registry.add(job, ttl, pipe)
             pipe.expire(job.key, ttl)
-            self.increment_successful_job_count(pipeline=pipe)
         elif decision.verdict == "retry":
             # (RQ's Job._handle_retry_result would do this, but it writes the status outside the
             # pipeline: a crash before the pipeline ran would leave a "scheduled" job nowhere.)
@@ -635,9 +658,8 @@ class DispatcherWorker(SimpleWorker):
                 self.queue.schedule_job(job, now() + timedelta(seconds=delay), pipeline=pipe)
             else:
                 self.queue._enqueue_job(job, pipeline=pipe, at_front=True)
-            self.increment_failed_job_count(pipeline=pipe)
         else:
-            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            job._status = JobStatus.FAILED  # written by the caller; RQ's registry save writes it again
             job._handle_failure(
                 decision.error,
                 pipeline=pipe,
@@ -646,8 +668,6 @@ class DispatcherWorker(SimpleWorker):
                 execution_started_at=started_at,
                 execution_ended_at=job.ended_at,
             )
-            self.increment_failed_job_count(pipeline=pipe)
-        self.increment_total_working_time(job.ended_at - started_at, pipe)
         execution.delete(job=job, pipeline=pipe)
 
     def _put_back(self, items: list[Running], error: str | None) -> None:
