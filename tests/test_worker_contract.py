@@ -242,18 +242,18 @@ def _rq_worker_command(svc, redis_url: str, *options: str) -> list[str]:
     ]
 
 
+def _run(svc, command: list) -> subprocess.CompletedProcess:
+    """Run `command` in the service's environment, from the project's root, within EXIT_BOUND."""
+    return subprocess.run(
+        command, env=process_env(svc.env), cwd=ROOT, capture_output=True, text=True, timeout=EXIT_BOUND
+    )
+
+
 def test_rq_worker_with_dispatchers_worker_class_honours_burst_and_max_jobs(service, receiver, redis_url):
     svc = service()
     ids = [webhook(svc, receiver.url("ok")) for _ in range(2)]
 
-    done = subprocess.run(
-        _rq_worker_command(svc, redis_url, "--burst", "--max-jobs", "1"),
-        env=process_env(svc.env),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=EXIT_BOUND,
-    )
+    done = _run(svc, _rq_worker_command(svc, redis_url, "--burst", "--max-jobs", "1"))
 
     assert done.returncode == 0, done.stderr
     assert sorted(status(svc, job_id) for job_id in ids) == ["queued", "succeeded"], done.stderr
@@ -262,14 +262,7 @@ def test_rq_worker_with_dispatchers_worker_class_honours_burst_and_max_jobs(serv
 def test_rq_worker_with_dispatchers_worker_class_refuses_a_dequeue_strategy(service, redis_url):
     svc = service()
 
-    done = subprocess.run(
-        _rq_worker_command(svc, redis_url, "--burst", "--dequeue-strategy", "random"),
-        env=process_env(svc.env),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=EXIT_BOUND,
-    )
+    done = _run(svc, _rq_worker_command(svc, redis_url, "--burst", "--dequeue-strategy", "random"))
 
     assert done.returncode == 1
     assert "dequeue_strategy must be 'default'" in done.stderr, done.stderr
@@ -389,14 +382,7 @@ print(json.dumps({
 @pytest.mark.parametrize("prefix", [None, "ctr"], ids=["rq prefix", "RQ_KEY_PREFIX=ctr"])
 def test_the_reaper_clears_a_dead_workers_execution_from_rqs_lists(service, receiver, prefix):
     svc = service(**({"RQ_KEY_PREFIX": prefix} if prefix else {}))
-    done = subprocess.run(
-        [sys.executable, "-c", _DEAD_WORKER, receiver.url("ok")],
-        env=process_env(svc.env),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=EXIT_BOUND,
-    )
+    done = _run(svc, [sys.executable, "-c", _DEAD_WORKER, receiver.url("ok")])
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.splitlines()[-1])
     assert all(key.startswith(f"{prefix or 'rq'}:") for key in seen["keys"]), seen["keys"]
