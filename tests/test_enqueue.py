@@ -23,8 +23,9 @@ from rq.utils import utcparse
 from dispatcher.channels import JOB_FUNCTION
 from dispatcher.channels.email import EmailRequest
 from dispatcher.channels.webhook import WebhookRequest
-from dispatcher.enqueue import OWN_FIELDS, enqueue_many, make_queue
+from dispatcher.enqueue import enqueue_many, make_queue
 from dispatcher.keys import Keys
+from dispatcher.rqstore import OWN_FIELDS
 from tests.conftest import free_port
 
 REQUESTS = {

@@ -4,10 +4,10 @@ RQ's stock loop runs one job at a time and makes about 57 Redis calls for it; a
 delivery mostly waits on the network. This worker keeps up to `concurrency`
 attempts running on a thread pool, dequeues and starts jobs in batches, and
 records finished ones in one pipeline per batch, with RQ's own functions
-(`Execution.create`, `Job.prepare_for_execution`, `Job._handle_success`,
-`Job._handle_retry_result`, `Job._handle_failure`). So the jobs, registries,
-results and worker entries are exactly RQ's: `rq info`, rq-dashboard and the
-API read them as usual.
+(`Execution.create`, `Job.prepare_for_execution`, `Result.create`, the
+registries) and, where RQ has no public call for it, `dispatcher.rqstore`. So the
+jobs, registries, results and worker entries are exactly RQ's: `rq info`,
+rq-dashboard and the API read them as usual.
 
 It listens on one queue only: RQ then moves each job into an intermediate list
 as it pops it, from which a job whose worker dies at once can be recovered.
@@ -37,7 +37,6 @@ from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
 
 import redis
 from redis.client import Pipeline
@@ -50,6 +49,7 @@ from rq.suspension import is_suspended
 from rq.utils import now, utcformat
 from rq.worker import DequeueStrategy, SimpleWorker, WorkerStatus
 
+from dispatcher import rqstore
 from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, default_max_per_host
 from dispatcher.history import Attempt, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
@@ -80,19 +80,6 @@ HELD_PER_SLOT = 4
 #: whose attempts in hand has run longer, is fast: it may use all slots but `max_per_host`.
 FAST_ATTEMPT = 1.0
 FAST_SAMPLES = 8
-
-# KEYS: queue list, intermediate list. ARGV: how many. Pops up to ARGV[1] ids the way RQ's
-# single-queue dequeue does (LMOVE into the intermediate list), in one round trip.
-_POP_MANY = """
-local ids = {}
-for i = 1, tonumber(ARGV[1]) do
-  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-  if not id then break end
-  ids[#ids + 1] = id
-end
-return ids
-"""
-
 
 @dataclass
 class Running:
@@ -154,7 +141,6 @@ class DispatcherWorker(SimpleWorker):
         self.reaper = Reaper(self.connection, self.queue, self.name, index_ttl)
         self.stop_requested_by_signal = False
         self._force_stop = False
-        self._pop_many = self.connection.register_script(_POP_MANY)
         #: Jobs held for their host, oldest first; webhooks in the pool per host.
         self.held: deque[Running] = deque()
         self.per_host: Counter[str] = Counter()
@@ -187,7 +173,7 @@ class DispatcherWorker(SimpleWorker):
         if not thread or self.pubsub is None:
             return
         self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
-        thread._running.clear()  # what stop() does, without its wait: the reply is what wakes the thread
+        rqstore.stop_listener(thread)  # what stop() does, without its wait: the reply is what wakes the thread
         self.pubsub.unsubscribe()
         thread.join(timeout=PUBSUB_STOP_WAIT)
         self.pubsub.close()
@@ -523,15 +509,7 @@ class DispatcherWorker(SimpleWorker):
     def _pop(self, limit: int, block: float | None) -> list[tuple[Job, Kind, dict, str | None]]:
         """Pop up to `limit` jobs and read them; fail alone those that cannot be read."""
         queue, connection = self.queue, self.connection
-        ids: list[bytes] = []
-        if block:
-            # redis-py's stub says an int timeout; BLMOVE takes seconds as a float.
-            first = connection.blmove(queue.key, queue.intermediate_queue_key, block)  # type: ignore[arg-type]
-            if first is None:
-                return []
-            ids.append(cast(bytes, first))  # responses are not decoded
-        if limit > len(ids):
-            ids += self._pop_many(keys=[queue.key, queue.intermediate_queue_key], args=[limit - len(ids)])
+        ids = rqstore.pop(connection, queue, limit, block)
         if not ids:
             return []
         job_id: bytes | str  # bytes in the queue, str once decoded
@@ -601,12 +579,7 @@ class DispatcherWorker(SimpleWorker):
                 failed += decision.verdict != "succeeded"
                 working_time += (ended - item.execution.created_at).total_seconds()
             # The worker's counts, once per batch (RQ's increment_* add one job at a time).
-            if succeeded:
-                pipe.hincrby(self.key, "successful_job_count", succeeded)
-            if failed:
-                pipe.hincrby(self.key, "failed_job_count", failed)
-            if succeeded or failed:
-                pipe.hincrbyfloat(self.key, "total_working_time", working_time)
+            rqstore.count_finished(pipe, self.key, succeeded, failed, working_time)
             self.jobs_done += succeeded + failed
             batch.execute(pipe)
         for index, item in enumerate(items):
@@ -657,17 +630,9 @@ class DispatcherWorker(SimpleWorker):
             if delay:
                 self.queue.schedule_job(job, now() + timedelta(seconds=delay), pipeline=pipe)
             else:
-                self.queue._enqueue_job(job, pipeline=pipe, at_front=True)
+                rqstore.enqueue_at_front(self.queue, job, pipe)
         else:
-            job._status = JobStatus.FAILED  # written by the caller; RQ's registry save writes it again
-            job._handle_failure(
-                decision.error,
-                pipeline=pipe,
-                worker_name=self.name,
-                execution_id=execution.id,
-                execution_started_at=started_at,
-                execution_ended_at=job.ended_at,
-            )
+            rqstore.fail(job, decision.error, pipe, self.name, execution, ended)
         execution.delete(job=job, pipeline=pipe)
 
     def _put_back(self, items: list[Running], error: str | None) -> None:

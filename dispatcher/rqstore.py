@@ -1,0 +1,306 @@
+"""Everything that depends on RQ's storage layout or its private functions, in one place.
+
+Dispatcher writes RQ's structures itself where RQ's public API costs too much (a job hash per
+request, a batch of pops, the bookkeeping of many jobs in one pipeline) or has no call for what it
+needs (requeueing an abandoned job atomically), and calls a few of RQ's private functions. Key names
+come from RQ's classes and prefix (RQ_KEY_PREFIX), never from strings written by hand. A new RQ
+release is checked here and in the contract tests: tests/test_enqueue.py, tests/test_rq_tools.py,
+tests/test_rq_prefix.py, tests/test_worker_contract.py (pyproject.toml pins rq narrowly for it).
+Reading RQ's fields for the status view (dispatcher.status) and failing an unreadable job
+(workers.poison) still do their own reads and writes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import zlib
+from datetime import datetime
+from enum import Enum
+from typing import Any, cast
+
+import redis
+from redis.client import Pipeline
+from redis.commands.core import Script
+from rq import Queue
+from rq.executions import Execution, ExecutionRegistry
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+# --- Writing jobs (the API) ------------------------------------------------------------------
+
+
+def job_data(function: str, payload: dict) -> bytes:
+    """A job hash's `data` field as RQ writes it with the JSON serializer: (function, instance,
+    args, kwargs), compressed. Level 1, the fastest: RQ decompresses any level, and zlib was a
+    sixth of a batch's time."""
+    return zlib.compress(JSONSerializer.dumps((function, None, (payload,), {})), 1)
+
+
+#: Writes jobs as RQ's `Queue.enqueue_many` does (hash, queue list, the set of queues) and indexes
+#: them. KEYS: the queue list, RQ's set of queues, our job index. ARGV: the job key prefix, the index
+#: score, the field/value pairs every job shares (a JSON array: one argument to pack, not 26), then
+#: per job its id, data, meta, description and created/enqueued time. One script is atomic, and a
+#: script that fails on its first write (out of memory, say) has written nothing; the job keys are
+#: new random ids, so no later write can fail on a wrong type. (The job keys are not declared: RQ runs
+#: on one Redis, not a cluster.)
+_WRITE_JOBS = Script(
+    None,  # type: ignore[arg-type]  # called with an explicit client
+    b"""
+local prefix, score, shared = ARGV[1], ARGV[2], cjson.decode(ARGV[3])
+local ids, scored = {}, {}
+for i = 4, #ARGV, 5 do
+  local id = ARGV[i]
+  redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
+    'created_at', ARGV[i + 4], 'enqueued_at', ARGV[i + 4], unpack(shared))
+  ids[#ids + 1] = id
+  scored[#scored + 1] = score
+  scored[#scored + 1] = id
+end
+-- In slices: unpack() has a limit on how many values it returns.
+for i = 1, #ids, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
+  redis.call('ZADD', KEYS[3], unpack(scored, 2 * i - 1, math.min(2 * i + 1998, #scored)))
+end
+redis.call('SADD', KEYS[2], KEYS[1])
+""",
+)
+
+
+def write_jobs(
+    client: redis.Redis | Pipeline, queue_name: str, index_key: str, score: float, shared: str, jobs: list[Any]
+) -> None:
+    """Write jobs (id, data, meta, description, created time, five per job, flat) to queue `queue_name`
+    and index them in `index_key`, in one script: all or none."""
+    keys = [Queue.redis_queue_namespace_prefix + queue_name, Queue.redis_queues_keys, index_key]
+    args: list[Any] = [Job.redis_job_namespace_prefix, score, shared, *jobs]
+    if isinstance(client, redis.Redis) and len(jobs) > 5:
+        # A batch's arguments run to megabytes: let a pipeline check that Redis has the script
+        # (SCRIPT EXISTS) instead of sending them twice after a NOSCRIPT answer.
+        with client.pipeline(transaction=False) as pipe:
+            _WRITE_JOBS(keys, args, client=pipe)
+            pipe.execute()
+    else:
+        _WRITE_JOBS(keys, args, client=client)
+
+
+#: The fields of a job's hash that `enqueue_many` fills per job; RQ's template supplies the rest.
+#: (`_WRITE_JOBS` names them too.)
+OWN_FIELDS = frozenset({"data", "meta", "description", "created_at", "enqueued_at"})
+
+
+@functools.cache
+def rq_fields(function: str, queue_name: str, result_ttl: int, failure_ttl: int, timeout: int) -> str:
+    """The hash fields RQ writes for every queued job with these settings, from one job RQ builds itself.
+
+    As a JSON array of field, value, field, value...: `_WRITE_JOBS` decodes it.
+    """
+    job = Job.create(
+        function,
+        args=({},),
+        connection=redis.Redis(),  # never connected: `to_dict` does not touch Redis
+        result_ttl=result_ttl,
+        failure_ttl=failure_ttl,
+        timeout=timeout,
+        status=JobStatus.QUEUED,
+        origin=queue_name,
+        serializer=JSONSerializer,
+    )
+    pairs = [(name, _as_text(value)) for name, value in job.to_dict().items() if name not in OWN_FIELDS]
+    return json.dumps([item for pair in pairs for item in pair])
+
+
+def _as_text(value: Any) -> str:
+    """A hash value as Redis stores it: RQ's enums by their value, numbers in decimal."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
+
+
+# --- Popping and starting (the worker) -------------------------------------------------------
+
+# KEYS: queue list, intermediate list. ARGV: how many. Pops up to ARGV[1] ids the way RQ's
+# single-queue dequeue does (LMOVE into the intermediate list), in one round trip.
+_POP_MANY = Script(
+    None,  # type: ignore[arg-type]  # called with an explicit client
+    b"""
+local ids = {}
+for i = 1, tonumber(ARGV[1]) do
+  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not id then break end
+  ids[#ids + 1] = id
+end
+return ids
+""",
+)
+
+
+def pop(connection: redis.Redis, queue: Queue, limit: int, block: float | None) -> list[bytes]:
+    """Up to `limit` job ids moved from `queue` into its intermediate list, as RQ's single-queue
+    dequeue moves them (so a worker that dies now leaves them where they can be found); waiting up
+    to `block` seconds for the first."""
+    ids: list[bytes] = []
+    if block:
+        # redis-py's stub says an int timeout; BLMOVE takes seconds as a float.
+        first = connection.blmove(queue.key, queue.intermediate_queue_key, block)  # type: ignore[arg-type]
+        if first is None:
+            return []
+        ids.append(cast(bytes, first))  # responses are not decoded
+    if limit > len(ids):
+        ids += _POP_MANY(keys=[queue.key, queue.intermediate_queue_key], args=[limit - len(ids)], client=connection)
+    return ids
+
+
+# --- Finishing (the worker) --------------------------------------------------------------------
+
+
+def enqueue_at_front(queue: Queue, job: Job, pipe: Pipeline) -> None:
+    """Put a started job back at the front of its queue for its next attempt (RQ's private
+    `Queue._enqueue_job`: the public calls create a new job)."""
+    queue._enqueue_job(job, pipeline=pipe, at_front=True)
+
+
+def fail(job: Job, error: str, pipe: Pipeline, worker_name: str, execution: Execution, ended: datetime) -> None:
+    """RQ's bookkeeping of a job failed for good (its private `Job._handle_failure`: the failed
+    registry, which saves the job, and a failure Result). The caller has written its status."""
+    job._status = JobStatus.FAILED  # what the registry's save of the job writes
+    job._handle_failure(
+        error,
+        pipeline=pipe,
+        worker_name=worker_name,
+        execution_id=execution.id,
+        execution_started_at=execution.created_at,
+        execution_ended_at=ended,
+    )
+
+
+def count_finished(pipe: Pipeline, worker_key: str, succeeded: int, failed: int, seconds: float) -> None:
+    """Add to a worker's counts as RQ's `increment_*` do, for a whole batch at once."""
+    if succeeded:
+        pipe.hincrby(worker_key, "successful_job_count", succeeded)
+    if failed:
+        pipe.hincrby(worker_key, "failed_job_count", failed)
+    if succeeded or failed:
+        pipe.hincrbyfloat(worker_key, "total_working_time", seconds)
+
+
+def stop_listener(thread: Any) -> None:
+    """Tell RQ's command listener thread (redis-py's PubSubWorkerThread) to stop without waiting:
+    its private flag, what its `stop()` clears before it waits."""
+    thread._running.clear()
+
+
+# --- Recovery (the reaper) ---------------------------------------------------------------------
+
+# KEYS: started registry, job hash, queue list, attempts hash, execution hash, scheduled registry,
+# the job's execution registry, and (if known) its worker's executions set
+# ARGV: registry member, job id, now (ISO), error text, execution id
+# The execution is removed wherever RQ lists it, as RQ's Execution.delete does. A job counts as
+# abandoned if it is still "started", or "scheduled" without being in the
+# scheduled registry (a worker died half-way through rescheduling it). A job whose hash is not a
+# hash is requeued as it is: the worker that pops it fails it alone. Garbage in the attempt history
+# (or in the execution's other keys) is left alone; it must not make the script fail.
+_REQUEUE_STARTED = Script(
+    None,  # type: ignore[arg-type]  # called with an explicit client
+    b"""
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[5])
+if redis.call('TYPE', KEYS[7])['ok'] == 'zset' then redis.call('ZREM', KEYS[7], ARGV[5]) end
+if KEYS[8] and redis.call('TYPE', KEYS[8])['ok'] == 'set' then redis.call('SREM', KEYS[8], ARGV[1]) end
+local is_hash = redis.call('TYPE', KEYS[2])['ok'] == 'hash'
+if is_hash then
+  local status = redis.call('HGET', KEYS[2], 'status')
+  if status ~= 'started' and not (status == 'scheduled' and not redis.call('ZSCORE', KEYS[6], ARGV[2])) then
+    return 0
+  end
+end
+if redis.call('TYPE', KEYS[4])['ok'] == 'hash' then
+  local n = redis.call('HGET', KEYS[4], 'n')
+  if n and string.match(n, '^%d+$') then
+    local raw = redis.call('HGET', KEYS[4], n)
+    local ok, attempt = false, nil
+    if raw then ok, attempt = pcall(cjson.decode, raw) end
+    if ok and type(attempt) == 'table' and (attempt['finished_at'] == cjson.null or attempt['finished_at'] == nil) then
+      attempt['finished_at'] = ARGV[3]
+      attempt['outcome'] = 'retryable'
+      attempt['error'] = ARGV[4]
+      redis.call('HSET', KEYS[4], n, cjson.encode(attempt))
+    end
+  end
+end
+if is_hash then redis.call('HSET', KEYS[2], 'status', 'queued') end
+redis.call('LPUSH', KEYS[3], ARGV[2])
+return 1
+""",
+)
+
+
+def execution_key(connection: redis.Redis, member: str) -> str:
+    """The execution hash of a StartedJobRegistry entry (`job id:execution id`), as RQ names it."""
+    job_id, _, execution_id = member.rpartition(":")
+    return Execution(execution_id, job_id, connection).key
+
+
+def requeue_started(
+    connection: redis.Redis, queue: Queue, member: str, attempts_key: str, now: str, error: str
+) -> bool:
+    """Put the job of a StartedJobRegistry entry back at the front of its queue, mark its unfinished
+    attempt (in `attempts_key`) with `error`, and remove the execution wherever RQ lists it: its
+    job's and its worker's. False if it was no longer running."""
+    job_id, _, execution_id = member.rpartition(":")
+    key = execution_key(connection, member)
+    keys = [
+        queue.started_job_registry.key,
+        queue.job_class.key_for(job_id),
+        queue.key,
+        attempts_key,
+        key,
+        queue.scheduled_job_registry.key,
+        ExecutionRegistry(job_id, connection).key,
+    ]
+    try:  # whose it was, to name that worker's executions set (the script deletes the hash)
+        owner = cast(bytes | None, connection.hget(key, "worker_name"))  # not decoded
+    except redis.ResponseError:  # not a hash: garbage the script deletes
+        owner = None
+    if owner:
+        worker_name = owner.decode(errors="replace")
+        keys.append(Execution(execution_id, job_id, connection, worker_name).worker_executions_key)
+    return bool(_REQUEUE_STARTED(keys=keys, args=[member, job_id, now, error, execution_id], client=connection))
+
+
+# KEYS: intermediate list, job hash, queue list, sighting key. ARGV: job id, LIMBO_AGE, sighting TTL.
+# A job in RQ's intermediate list is popped but not started. The first time a reaper sees it there it
+# notes when (Redis's clock, the same for every host); it is abandoned once still there LIMBO_AGE later.
+# A worker deletes the note as it starts the job, so a job popped again later (a retry) is never
+# judged by an earlier pop's note; and the note is only written while the job is in the list.
+_REQUEUE_LIMBO = Script(
+    None,  # type: ignore[arg-type]  # called with an explicit client
+    b"""
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then
+  redis.call('DEL', KEYS[4])
+  return 0
+end
+local now = tonumber(redis.call('TIME')[1])
+local seen = tonumber(redis.call('GET', KEYS[4]) or '')
+if not seen then
+  redis.call('SET', KEYS[4], now, 'EX', ARGV[3])
+  return 0
+end
+if now - seen < tonumber(ARGV[2]) then return 0 end
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+redis.call('DEL', KEYS[4])
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind == 'none' then return 0 end
+if kind == 'hash' then redis.call('HSET', KEYS[2], 'status', 'queued') end
+redis.call('LPUSH', KEYS[3], ARGV[1])
+return 1
+""",
+)
+
+
+def requeue_limbo(connection: redis.Redis, queue: Queue, job_id: str, note_key: str, age: int, ttl: int) -> bool:
+    """Note or requeue a job popped into RQ's intermediate list but not started (see _REQUEUE_LIMBO)."""
+    keys = [queue.intermediate_queue_key, queue.job_class.key_for(job_id), queue.key, note_key]
+    return bool(_REQUEUE_LIMBO(keys=keys, args=[job_id, age, ttl], client=connection))
