@@ -6,8 +6,7 @@ needs (requeueing an abandoned job atomically), and calls a few of RQ's private 
 come from RQ's classes and prefix (RQ_KEY_PREFIX), never from strings written by hand. A new RQ
 release is checked here and in the contract tests: tests/test_enqueue.py, tests/test_rq_tools.py,
 tests/test_rq_prefix.py, tests/test_worker_contract.py (pyproject.toml pins rq narrowly for it).
-Reading RQ's fields for the status view (dispatcher.status) and failing an unreadable job
-(workers.poison) still do their own reads and writes.
+Reading RQ's fields and results for the status view (dispatcher.status) still does its own reads.
 """
 
 from __future__ import annotations
@@ -22,10 +21,13 @@ from typing import Any, cast
 import redis
 from redis.client import Pipeline
 from redis.commands.core import Script
+from redis.typing import EncodableT
 from rq import Queue
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
+from rq.results import Result
 from rq.serializers import JSONSerializer
+from rq.utils import utcformat
 
 # --- Writing jobs (the API) ------------------------------------------------------------------
 
@@ -304,3 +306,45 @@ def requeue_limbo(connection: redis.Redis, queue: Queue, job_id: str, note_key: 
     """Note or requeue a job popped into RQ's intermediate list but not started (see _REQUEUE_LIMBO)."""
     keys = [queue.intermediate_queue_key, queue.job_class.key_for(job_id), queue.key, note_key]
     return bool(_REQUEUE_LIMBO(keys=keys, args=[job_id, age, ttl], client=connection))
+
+
+# --- Failing an unreadable job (workers.poison) -------------------------------------------------
+
+
+def job_keys(queue: Queue, job_id: str) -> dict[str, bytes]:
+    """RQ's keys of one job alone, with the type each must have: its hash, results, executions."""
+    return {
+        queue.job_class.key_for(job_id): b"hash",
+        Result.get_key(job_id): b"stream",
+        ExecutionRegistry(job_id, queue.connection).key: b"zset",
+    }
+
+
+def fail_unreadable(
+    pipe: Pipeline,
+    queue: Queue,
+    job: Job,
+    execution: Execution | None,
+    error: str,
+    worker_name: str,
+    ended: datetime,
+    ttl: int,
+    keep_record: bool,
+) -> None:
+    """Queue in `pipe` what RQ shows of a job failed for good, written field by field: RQ's own
+    calls would read the job first, and this job cannot be read. `keep_record` False: its hash was
+    not a hash (the caller deleted it); write enough of one for RQ and the API."""
+    fields: dict[EncodableT, EncodableT] = {"status": JobStatus.FAILED.value, "ended_at": utcformat(ended)}
+    if not keep_record:
+        nothing = JSONSerializer.dumps((None, None, (), {}))
+        fields |= {"origin": queue.name, "created_at": utcformat(ended), "data": zlib.compress(nothing)}
+    pipe.hset(job.key, mapping=fields)
+    pipe.persist(job.key)
+    pipe.expire(job.key, ttl)
+    pipe.zadd(queue.failed_job_registry.key, {job.id: ended.timestamp() + ttl})
+    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+    if execution is not None:
+        pipe.delete(execution.key)
+        pipe.zrem(queue.started_job_registry.key, execution.composite_key)
+        pipe.srem(execution.worker_executions_key, execution.composite_key)
+    Result.create_failure(job, ttl, exc_string=error, worker_name=worker_name, pipeline=pipe)

@@ -12,17 +12,16 @@ failed (`fail_alone`), and its error says what could not be read.
 from __future__ import annotations
 
 import contextlib
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.client import Pipeline
-from rq.executions import Execution, ExecutionRegistry
+from rq.executions import Execution
 from rq.job import Job, JobStatus
-from rq.results import Result
-from rq.utils import now, utcformat
+from rq.utils import now
 
+from dispatcher import rqstore
 from dispatcher.channels import JOB_FUNCTION, LEGACY_JOB_FUNCTIONS, kind_of
 from dispatcher.history import UNREADABLE
 from dispatcher.keys import Kind
@@ -30,8 +29,6 @@ from workers.attempt import failure_ttl
 from workers.channels import DELIVERERS, UnknownPayload, channel_of
 
 if TYPE_CHECKING:
-    from redis.typing import EncodableT
-
     from workers.worker import DispatcherWorker
 
 #: Longest error text kept from an exception about garbage (it may quote the garbage).
@@ -200,12 +197,7 @@ def _check_retry(data: dict) -> None:
 
 def own_keys(job_id: str, worker: DispatcherWorker) -> dict[str, bytes]:
     """The keys that belong to this one job, with the type each must have."""
-    return {
-        worker.queue.job_class.key_for(job_id): b"hash",
-        worker.history.keys.attempts(job_id): b"hash",
-        Result.get_key(job_id): b"stream",
-        ExecutionRegistry(job_id, worker.connection).key: b"zset",
-    }
+    return rqstore.job_keys(worker.queue, job_id) | {worker.history.keys.attempts(job_id): b"hash"}
 
 
 def repair_and_replay(worker: DispatcherWorker, job: Job, batch: Batch, index: int, attempt_number: int) -> bool:
@@ -265,7 +257,6 @@ def fail_alone(worker: DispatcherWorker, poisoned: list[Poisoned]) -> None:
             for key in own_keys(item.job_id, worker):
                 pipe.type(key)
         types = pipe.execute(raise_on_error=False)
-    registry = queue.failed_job_registry
     with connection.pipeline(transaction=False) as pipe:
         for i, item in enumerate(poisoned):
             keys = own_keys(item.job_id, worker)
@@ -276,21 +267,10 @@ def fail_alone(worker: DispatcherWorker, poisoned: list[Poisoned]) -> None:
             job = item.job or worker.job_class(item.job_id, connection=connection, serializer=worker.serializer)
             ttl = failure_ttl(job)
             ended = now()
-            fields: dict[EncodableT, EncodableT] = {"status": JobStatus.FAILED.value, "ended_at": utcformat(ended)}
-            if kinds[job.key] != b"hash":  # no record we could keep: enough of one for RQ and the API
-                nothing = worker.serializer.dumps((None, None, (), {}))
-                fields |= {"origin": queue.name, "created_at": utcformat(ended), "data": zlib.compress(nothing)}
-            pipe.hset(job.key, mapping=fields)
-            pipe.persist(job.key)
-            pipe.expire(job.key, ttl)
-            pipe.zadd(registry.key, {item.job_id: ended.timestamp() + ttl})
-            pipe.lrem(queue.intermediate_queue_key, 1, item.job_id)
-            if item.execution is not None:
-                pipe.delete(item.execution.key)
-                pipe.zrem(queue.started_job_registry.key, item.execution.composite_key)
-                pipe.srem(item.execution.worker_executions_key, item.execution.composite_key)
             error = f"{UNREADABLE}: {item.error}"
-            Result.create_failure(job, ttl, exc_string=error, worker_name=worker.name, pipeline=pipe)
+            rqstore.fail_unreadable(
+                pipe, queue, job, item.execution, error, worker.name, ended, ttl, keep_record=kinds[job.key] == b"hash"
+            )
             kind = kind_of(item.job_id)
             if kind is not None:
                 worker.history.count(
