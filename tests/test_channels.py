@@ -125,3 +125,20 @@ def test_generic_code_names_no_channel(path):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in CHANNELS
     }
     assert not names, f"{path} names the channel(s) {sorted(names)}"
+
+
+def test_a_previous_version_job_delivers_under_a_plain_rq_worker_too(burst_worker, receiver, redis_conn):
+    """RQ's own worker imports the version-1 function by name (workers.jobs.deliver_webhook)."""
+    worker = burst_worker()
+    url = receiver.url("ok")
+    kind = CHANNELS["webhook"]
+    request = kind.request.model_validate({"url": url, "event_type": "a.b", "payload": {}})
+    job_id, payload, meta, description = build_job(kind, request, datetime.now(UTC), worker.settings)
+    legacy = {k: v for k, v in payload.items() if k not in ("v", "channel")}
+    queue = make_queue(redis_conn, worker.settings)
+    queue.enqueue_call(LEGACY_FUNCTION["webhook"], args=(legacy,), job_id=job_id, meta=meta, description=description)
+
+    worker.run()
+
+    assert worker.job(job_id)["status"] == "succeeded"
+    assert [r.headers["webhook-id"] for r in receiver.received(url)] == [job_id]

@@ -34,11 +34,16 @@ def deliver(payload: dict) -> dict | Retry:
 
 # Version-1 jobs (before channels) name their channel by their function; they still deliver.
 def deliver_webhook(data: dict) -> dict | Retry:
-    return _run(_job(), "webhook", data)
+    return _legacy(data)
 
 
 def send_email(data: dict) -> dict | Retry:
-    return _run(_job(), "email", data)
+    return _legacy(data)
+
+
+def _legacy(data: dict) -> dict | Retry:
+    job = _job()
+    return _run(job, channel_of(job.func_name, data), data)
 
 
 def _job() -> Job:

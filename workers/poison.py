@@ -278,7 +278,7 @@ def fail_alone(worker: DispatcherWorker, poisoned: list[Poisoned]) -> None:
                 )
             else:
                 pipe.expire(worker.history.keys.attempts(item.job_id), ttl)
-            worker.increment_failed_job_count(pipeline=pipe)
+        worker.count_finished(pipe, 0, len(poisoned))
         replies = pipe.execute(raise_on_error=False)
     errors = [r for r in replies if isinstance(r, Exception)]
     if errors:

@@ -341,16 +341,11 @@ class DispatcherWorker(SimpleWorker):
         if self.get_state() != WorkerStatus.IDLE:
             self.set_state(WorkerStatus.IDLE)
 
-    def increment_successful_job_count(self, pipeline: Pipeline | None = None) -> None:
-        """RQ's count in the worker's hash, and `jobs_done` (each job finished adds one to one count)."""
-        self.jobs_done += 1
-        super().increment_successful_job_count(pipeline)
-
-    def increment_failed_job_count(self, pipeline: Pipeline | None = None) -> None:
-        """RQ's count in the worker's hash (one per failed attempt, retried or not, as RQ's own worker
-        counts), and `jobs_done`."""
-        self.jobs_done += 1
-        super().increment_failed_job_count(pipeline)
+    def count_finished(self, pipe: Pipeline, succeeded: int, failed: int, seconds: float = 0.0) -> None:
+        """Queue the worker's counts of a batch of finished jobs in `pipe` (RQ's counts: one failure
+        per failed attempt, retried or not, as RQ's own worker counts) and add them to `jobs_done`."""
+        rqstore.count_finished(pipe, self.key, succeeded, failed, seconds)
+        self.jobs_done += succeeded + failed
 
     def _housekeeping(self, running: list[Running]) -> None:
         self.heartbeat()
@@ -579,8 +574,7 @@ class DispatcherWorker(SimpleWorker):
                 failed += decision.verdict != "succeeded"
                 working_time += (ended - item.execution.created_at).total_seconds()
             # The worker's counts, once per batch (RQ's increment_* add one job at a time).
-            rqstore.count_finished(pipe, self.key, succeeded, failed, working_time)
-            self.jobs_done += succeeded + failed
+            self.count_finished(pipe, succeeded, failed, working_time)
             batch.execute(pipe)
         for index, item in enumerate(items):
             error = batch.error(index)
