@@ -113,7 +113,8 @@ def stats() -> Response:
 
 def _accept(channel: Channel) -> tuple[Response, int, dict[str, str]]:
     rt = runtime()
-    job_id = enqueue(rt.connection, rt.settings, channel.name, _validate(channel, channel.request))
+    request = _validate(channel, channel.request)
+    job_id = enqueue(rt.connection, rt.settings, channel.name, request, request.priority)  # type: ignore[attr-defined]
     accepted = _accepted(job_id)
     return jsonify(accepted), 202, {"Location": accepted["status_url"]}
 
@@ -123,7 +124,9 @@ def _accept_batch(channel: Channel) -> tuple[Response, int]:
     rt = runtime()
     with _gc_paused():
         batch = _validate(channel, channel.batch)
-        job_ids = enqueue_many(rt.connection, rt.settings, channel.name, batch.items)  # type: ignore[attr-defined]
+        job_ids = enqueue_many(
+            rt.connection, rt.settings, channel.name, batch.items, batch.priority  # type: ignore[attr-defined]
+        )
     return jsonify(items=[_accepted(job_id) for job_id in job_ids]), 202
 
 

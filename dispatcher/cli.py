@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dispatcher.config import Settings
 from dispatcher.errors import ConfigError
+from dispatcher.priorities import PRIORITIES, Priority, parse
 
 #: Where `dispatcher dev` keeps its Redis data, outbox and generated credentials.
 DEV_VAR_DIR = Path("var")
@@ -68,10 +69,23 @@ def run_web(host: str | None = None, log_level: str = "info") -> int:
 
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
     """The worker's options: `dispatcher worker` passes them on to `python -m workers`, which reads them."""
-    parser.description = "Run one worker: deliver the jobs of the Dispatcher queue, with RQ's scheduler."
+    parser.description = (
+        "Run one worker: deliver the jobs of the Dispatcher queue's priorities (high, then default, then low), "
+        "with RQ's scheduler."
+    )
     parser.epilog = (
         "`rq suspend -u $REDIS_URL` makes every worker take no new jobs (deliveries in flight finish; "
         "its state is `suspended`) until `rq resume -u $REDIS_URL`; a --burst worker exits instead."
+    )
+    parser.add_argument(
+        "--queues",
+        type=_priorities,
+        default=PRIORITIES,
+        metavar="PRIORITIES",
+        help=(
+            "serve only these priorities, comma-separated (for example high, or high,default); always in "
+            "priority order. Default: high,default,low"
+        ),
     )
     parser.add_argument(
         "--burst",
@@ -92,6 +106,13 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _priorities(value: str) -> tuple[Priority, ...]:
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
@@ -100,7 +121,8 @@ def _positive_int(value: str) -> int:
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
     """The worker's options in `args`, as `python -m workers` takes them."""
-    argv = ["--burst"] if args.burst else []
+    argv = ["--queues", ",".join(args.queues)]
+    argv += ["--burst"] if args.burst else []
     if args.max_jobs is not None:
         argv += ["--max-jobs", str(args.max_jobs)]
     if args.max_idle_time is not None:

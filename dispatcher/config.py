@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from dispatcher.errors import ConfigError
+from dispatcher.priorities import reserved_suffix
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -317,6 +318,9 @@ def _parse_float(name: str, raw: str | None, default: float, low: float, high: f
 def _parse_queue_name(value: str) -> str:
     if not all(c.isalnum() or c in "-_." for c in value):
         raise ConfigError(f"DISPATCHER_QUEUE may hold letters, digits, '-', '_' and '.', got {value!r}")
+    suffix = reserved_suffix(value)
+    if suffix:
+        raise ConfigError(f"DISPATCHER_QUEUE must not end in {suffix!r} (a priority's queue), got {value!r}")
     return value
 
 

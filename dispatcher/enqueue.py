@@ -19,10 +19,18 @@ from dispatcher import rqstore
 from dispatcher.channels import CHANNELS, JOB_FUNCTION, Channel
 from dispatcher.config import Settings
 from dispatcher.keys import Keys
+from dispatcher.priorities import DEFAULT_PRIORITY, PRIORITIES, Priority, queue_name
 
 
-def make_queue(connection: redis.Redis, settings: Settings) -> Queue:
-    return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+def make_queue(connection: redis.Redis, settings: Settings, priority: Priority = DEFAULT_PRIORITY) -> Queue:
+    return Queue(queue_name(settings.queue_name, priority), connection=connection, serializer=JSONSerializer)
+
+
+def make_queues(
+    connection: redis.Redis, settings: Settings, priorities: tuple[Priority, ...] = PRIORITIES
+) -> list[Queue]:
+    """The RQ queues of `priorities`, highest priority first."""
+    return [make_queue(connection, settings, p) for p in PRIORITIES if p in priorities]
 
 
 def build_job(
@@ -35,15 +43,26 @@ def build_job(
     return job_id, parts.payload, meta, parts.description
 
 
-def enqueue(connection: redis.Redis, settings: Settings, channel: str, request: BaseModel) -> str:
+def enqueue(
+    connection: redis.Redis,
+    settings: Settings,
+    channel: str,
+    request: BaseModel,
+    priority: Priority = DEFAULT_PRIORITY,
+) -> str:
     """Enqueue one job and index it, in one round trip; return its id."""
-    return enqueue_many(connection, settings, channel, [request])[0]
+    return enqueue_many(connection, settings, channel, [request], priority)[0]
 
 
 def enqueue_many(
-    client: redis.Redis | Pipeline, settings: Settings, channel: str, requests: Sequence[BaseModel]
+    client: redis.Redis | Pipeline,
+    settings: Settings,
+    channel: str,
+    requests: Sequence[BaseModel],
+    priority: Priority = DEFAULT_PRIORITY,
 ) -> list[str]:
-    """Enqueue each request as an RQ job, accepted now, in one Redis call: all of them or none.
+    """Enqueue each request as an RQ job of `priority`'s queue, accepted now, in one Redis call: all
+    of them or none.
 
     This writes what `Queue.enqueue_many` writes, without it: RQ builds a `Job` object per job and
     serializes all of it, and redis-py packs each field of each hash in Python; together that was
@@ -57,8 +76,9 @@ def enqueue_many(
     kind = CHANNELS[channel]
     accepted_at = datetime.now(UTC)
     stamp = utcformat(accepted_at)
+    queue = queue_name(settings.queue_name, priority)
     shared = rqstore.rq_fields(
-        JOB_FUNCTION, settings.queue_name, settings.result_ttl, settings.failure_ttl, kind.job_timeout(settings)
+        JOB_FUNCTION, queue, settings.result_ttl, settings.failure_ttl, kind.job_timeout(settings)
     )
     jobs: list[Any] = []
     job_ids = []
@@ -66,5 +86,6 @@ def enqueue_many(
         job_id, payload, meta, description = build_job(kind, request, accepted_at, settings)
         jobs += (job_id, rqstore.job_data(JOB_FUNCTION, payload), JSONSerializer.dumps(meta), description, stamp)
         job_ids.append(job_id)
-    rqstore.write_jobs(client, settings.queue_name, Keys(settings.queue_name).index, time.time(), shared, jobs)
+    keys = Keys(settings.queue_name)
+    rqstore.write_jobs(client, queue, keys.index, keys.wake, time.time(), shared, jobs)
     return job_ids

@@ -7,7 +7,8 @@ Kind = str
 
 
 class Keys:
-    """Redis keys Dispatcher keeps beside RQ's own, namespaced by queue name."""
+    """Redis keys Dispatcher keeps beside RQ's own, namespaced by the Dispatcher queue's name (its
+    priorities' RQ queues share them: dispatcher.priorities)."""
 
     def __init__(self, queue_name: str) -> None:
         self.prefix = f"dispatcher:{queue_name}"
@@ -17,6 +18,8 @@ class Keys:
         self.totals = f"{self.prefix}:totals"
         #: List of the most recent failures (JSON), newest first.
         self.recent_failures = f"{self.prefix}:recent_failures"
+        #: List of tokens, one per job enqueued, that idle workers of several queues block on.
+        self.wake = f"{self.prefix}:wake"
 
     def attempts(self, job_id: str) -> str:
         """Hash of one job's attempts: field `n` is the counter, fields `1`, `2`, ... the records."""

@@ -19,11 +19,13 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    model_validator,
 )
 
 from dispatcher.addresses import LINE_BREAKS, AddressError, format_mailbox, parse_mailbox, validate_address
 from dispatcher.config import MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_SECONDS, RetrySchedule
 from dispatcher.errors import FieldProblem
+from dispatcher.priorities import BATCH_PRIORITY, DEFAULT_PRIORITY, Priority
 
 MAX_HEADERS = 50
 #: Longer mail header names cannot be folded onto a 78-character line (the email package fails on them).
@@ -100,6 +102,26 @@ class RequestModel(BaseModel):
     # Above the 15 MB body limit: a 10 MB attachment is ~14 million base64 characters, and
     # the body limit and the decoded-attachment total are the caps that matter.
     model_config = ConfigDict(extra="forbid", str_max_length=16 * 1024 * 1024)
+
+
+class SendRequest(RequestModel):
+    """What every channel's request has besides its own fields."""
+
+    #: The RQ queue the job goes to (dispatcher.priorities); workers serve `high` first.
+    priority: Priority = Field(default=DEFAULT_PRIORITY, description="high, default or low: which queue the job joins")
+
+
+class SendBatch(RequestModel):
+    """What every channel's batch has besides its items: one priority for all of them."""
+
+    priority: Priority = Field(default=BATCH_PRIORITY, description="high, default or low; a batch is low by default")
+
+    @model_validator(mode="after")
+    def _one_priority(self) -> SendBatch:
+        for i, item in enumerate(getattr(self, "items", ())):
+            if "priority" in item.model_fields_set:
+                raise FieldProblem(f"items.{i}.priority", "give the priority once, for the whole batch")
+        return self
 
 
 class RetryPolicy(RequestModel):

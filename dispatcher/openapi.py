@@ -14,6 +14,7 @@ from pydantic.json_schema import models_json_schema
 from dispatcher.api import MAX_LIST_LIMIT
 from dispatcher.channels import CHANNELS, KINDS, Channel
 from dispatcher.models import MAX_BATCH
+from dispatcher.priorities import PRIORITIES
 from dispatcher.status import Status
 
 _REF = "#/components/schemas/{model}"
@@ -82,6 +83,7 @@ _SCHEMAS: dict[str, dict] = {
             "id": _STRING,
             "kind": {"type": "string", "enum": list(KINDS)},
             "status": {"type": "string", "enum": [s.value for s in Status]},
+            "priority": {"enum": [*PRIORITIES, None]},
             "created_at": _nullable(_TIME),
             "updated_at": _nullable(_TIME),
             "next_attempt_at": _nullable(_TIME),

@@ -40,8 +40,9 @@ def job_data(function: str, payload: dict) -> bytes:
 
 
 #: Writes jobs as RQ's `Queue.enqueue_many` does (hash, queue list, the set of queues) and indexes
-#: them. KEYS: the queue list, RQ's set of queues, our job index. ARGV: the job key prefix, the index
-#: score, the field/value pairs every job shares (a JSON array: one argument to pack, not 26), then
+#: them. KEYS: the queue list, RQ's set of queues, our job index, the wake list. ARGV: the job key
+#: prefix, the index score, the field/value pairs every job shares (a JSON array: one argument to
+#: pack, not 26), WAKE_TOKENS, then
 #: per job its id, data, meta, description and created/enqueued time. One script is atomic, and a
 #: script that fails on its first write (out of memory, say) has written nothing; the job keys are
 #: new random ids, so no later write can fail on a wrong type. (The job keys are not declared: RQ runs
@@ -51,7 +52,7 @@ _WRITE_JOBS = Script(
     b"""
 local prefix, score, shared = ARGV[1], ARGV[2], cjson.decode(ARGV[3])
 local ids, scored = {}, {}
-for i = 4, #ARGV, 5 do
+for i = 5, #ARGV, 5 do
   local id = ARGV[i]
   redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
     'created_at', ARGV[i + 4], 'enqueued_at', ARGV[i + 4], unpack(shared))
@@ -65,17 +66,34 @@ for i = 1, #ids, 1000 do
   redis.call('ZADD', KEYS[3], unpack(scored, 2 * i - 1, math.min(2 * i + 1998, #scored)))
 end
 redis.call('SADD', KEYS[2], KEYS[1])
+-- Wake idle workers that serve several queues (they block on this list, not on a queue): one
+-- token per job, at most WAKE_TOKENS in the list however long no worker takes them.
+local room = tonumber(ARGV[4]) - redis.call('LLEN', KEYS[4])
+if room > 0 then
+  local tokens = {}
+  for i = 1, math.min(room, #ids) do tokens[i] = 1 end
+  redis.call('RPUSH', KEYS[4], unpack(tokens))
+end
 """,
 )
 
+#: Wake tokens the list holds at most: as many idle multi-queue workers as an enqueue wakes at once.
+WAKE_TOKENS = 16
+
 
 def write_jobs(
-    client: redis.Redis | Pipeline, queue_name: str, index_key: str, score: float, shared: str, jobs: list[Any]
+    client: redis.Redis | Pipeline,
+    queue_name: str,
+    index_key: str,
+    wake_key: str,
+    score: float,
+    shared: str,
+    jobs: list[Any],
 ) -> None:
-    """Write jobs (id, data, meta, description, created time, five per job, flat) to queue `queue_name`
-    and index them in `index_key`, in one script: all or none."""
-    keys = [Queue.redis_queue_namespace_prefix + queue_name, Queue.redis_queues_keys, index_key]
-    args: list[Any] = [Job.redis_job_namespace_prefix, score, shared, *jobs]
+    """Write jobs (id, data, meta, description, created time, five per job, flat) to queue `queue_name`,
+    index them in `index_key` and wake idle workers (`wake_key`), in one script: all or none."""
+    keys = [Queue.redis_queue_namespace_prefix + queue_name, Queue.redis_queues_keys, index_key, wake_key]
+    args: list[Any] = [Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, *jobs]
     if isinstance(client, redis.Redis) and len(jobs) > 5:
         # A batch's arguments run to megabytes: let a pipeline check that Redis has the script
         # (SCRIPT EXISTS) instead of sending them twice after a NOSCRIPT answer.
@@ -123,36 +141,62 @@ def _as_text(value: Any) -> str:
 
 # --- Popping and starting (the worker) -------------------------------------------------------
 
-# KEYS: queue list, intermediate list. ARGV: how many. Pops up to ARGV[1] ids the way RQ's
-# single-queue dequeue does (LMOVE into the intermediate list), in one round trip.
+# KEYS: per queue, highest priority first, its list and its intermediate list. ARGV: how many.
+# Pops up to ARGV[1] ids the way RQ's single-queue dequeue does (LMOVE into the queue's intermediate
+# list, where a job whose worker dies at once is found again), the first queue drained first, in one
+# round trip. Answers one list of ids per queue.
 _POP_MANY = Script(
     None,  # type: ignore[arg-type]  # called with an explicit client
     b"""
-local ids = {}
-for i = 1, tonumber(ARGV[1]) do
-  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-  if not id then break end
-  ids[#ids + 1] = id
+local left = tonumber(ARGV[1])
+local popped = {}
+for q = 1, #KEYS, 2 do
+  local ids = {}
+  while left > 0 do
+    local id = redis.call('LMOVE', KEYS[q], KEYS[q + 1], 'LEFT', 'RIGHT')
+    if not id then break end
+    ids[#ids + 1] = id
+    left = left - 1
+  end
+  popped[#popped + 1] = ids
 end
-return ids
+return popped
 """,
 )
 
 
-def pop(connection: redis.Redis, queue: Queue, limit: int, block: float | None) -> list[bytes]:
-    """Up to `limit` job ids moved from `queue` into its intermediate list, as RQ's single-queue
-    dequeue moves them (so a worker that dies now leaves them where they can be found); waiting up
-    to `block` seconds for the first."""
-    ids: list[bytes] = []
-    if block:
+def pop(
+    connection: redis.Redis, queues: list[Queue], limit: int, block: float | None, wake_key: str
+) -> list[tuple[Queue, bytes]]:
+    """Up to `limit` jobs, each with its queue, moved from `queues` (highest priority first) into
+    their intermediate lists, as RQ's single-queue dequeue moves them (so a worker that dies now
+    leaves them where they can be found); waiting up to `block` seconds for the first.
+
+    RQ's multi-queue dequeue (BLPOP) loses a job whose worker dies right after it; BLMOVE waits on
+    one list only. So a worker of one queue waits on that queue; a worker of several waits on the
+    wake list, to which the API adds a token with every enqueue (a job queued by RQ's own tools
+    waits for the end of the `block`, then is found by the next pop).
+    """
+    if block and len(queues) == 1:
+        (queue,) = queues
         # redis-py's stub says an int timeout; BLMOVE takes seconds as a float.
         first = connection.blmove(queue.key, queue.intermediate_queue_key, block)  # type: ignore[arg-type]
         if first is None:
             return []
-        ids.append(cast(bytes, first))  # responses are not decoded
-    if limit > len(ids):
-        ids += _POP_MANY(keys=[queue.key, queue.intermediate_queue_key], args=[limit - len(ids)], client=connection)
-    return ids
+        popped = [(queue, cast(bytes, first))]  # responses are not decoded
+        return popped + _pop_many(connection, queues, limit - 1) if limit > 1 else popped
+    popped = _pop_many(connection, queues, limit)
+    if popped or not block:
+        return popped
+    if connection.blpop([wake_key], block) is None:  # type: ignore[arg-type]  # (seconds as a float)
+        return []
+    return _pop_many(connection, queues, limit)
+
+
+def _pop_many(connection: redis.Redis, queues: list[Queue], limit: int) -> list[tuple[Queue, bytes]]:
+    keys = [key for queue in queues for key in (queue.key, queue.intermediate_queue_key)]
+    popped = cast(list[list[bytes]], _POP_MANY(keys=keys, args=[limit], client=connection))
+    return [(queue, job_id) for queue, ids in zip(queues, popped, strict=True) for job_id in ids]
 
 
 # --- Finishing (the worker) --------------------------------------------------------------------

@@ -10,7 +10,7 @@ from redis.retry import Retry
 from rq import Queue
 
 from dispatcher.config import Settings
-from dispatcher.enqueue import make_queue
+from dispatcher.enqueue import make_queue, make_queues
 from dispatcher.keys import Keys
 from dispatcher.netguard import NetworkGuard
 from dispatcher.status import StatusReader
@@ -51,5 +51,5 @@ class Runtime:
             queue=queue,
             keys=keys,
             guard=NetworkGuard(settings.allowed_networks, settings.dns_timeout),
-            status=StatusReader(connection, queue, keys),
+            status=StatusReader(connection, make_queues(connection, settings), keys),
         )

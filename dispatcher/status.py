@@ -18,6 +18,7 @@ from rq.utils import utcparse
 from dispatcher.channels import KINDS, kind_of
 from dispatcher.history import UNREADABLE, History, isoformat, read_attempts
 from dispatcher.keys import Keys
+from dispatcher.priorities import split
 
 
 class Status(StrEnum):
@@ -42,16 +43,17 @@ _FROM_RQ: dict[bytes, Status] = {
     b"canceled": Status.CANCELED,
 }
 #: The job hash fields a status view needs; the job's data (maybe megabytes of attachments) is never read.
-_FIELDS = ("status", "created_at", "enqueued_at", "started_at", "ended_at", "meta")
+_FIELDS = ("status", "created_at", "enqueued_at", "started_at", "ended_at", "meta", "origin")
 _LIST_PAGE = 200
 #: How far back GET /v1/jobs looks for matches before it stops.
 _LIST_SCAN_LIMIT = 20_000
 
 
 class StatusReader:
-    def __init__(self, connection: redis.Redis, queue: Queue, keys: Keys) -> None:
+    def __init__(self, connection: redis.Redis, queues: builtins.list[Queue], keys: Keys) -> None:
+        """`queues`: every priority's queue of the Dispatcher queue whose `keys` these are."""
         self.connection = connection
-        self.queue = queue
+        self.queues = queues
         self.keys = keys
         self.history = History(connection, keys)
 
@@ -84,11 +86,15 @@ class StatusReader:
         counts: dict[str, dict[str, int]] = {
             kind: {s: 0 for s in ("queued", "scheduled", "running", "succeeded", "failed")} for kind in KINDS
         }
-        current = (
-            ("queued", self.queue.get_job_ids()),
-            ("scheduled", self.queue.scheduled_job_registry.get_job_ids()),
-            ("running", self.queue.started_job_registry.get_job_ids()),
-        )
+        current = [
+            (status, ids)
+            for queue in self.queues
+            for status, ids in (
+                ("queued", queue.get_job_ids()),
+                ("scheduled", queue.scheduled_job_registry.get_job_ids()),
+                ("running", queue.started_job_registry.get_job_ids()),
+            )
+        ]
         for status, ids in current:
             for job_id in ids:
                 kind: str | None = kind_of(job_id)
@@ -102,17 +108,26 @@ class StatusReader:
 
     # (`builtins.list`: in this class, `list` is the method above)
     def _views(self, ids: builtins.list[str]) -> builtins.list[dict | None]:
-        scheduled_key = self.queue.scheduled_job_registry.key
+        # A job is scheduled in its own queue's registry; which queue is in its hash, one round trip away.
+        scheduled_keys = [queue.scheduled_job_registry.key for queue in self.queues]
+        job_class = self.queues[0].job_class
+        n = 3 + len(scheduled_keys)
         with self.connection.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hmget(self.queue.job_class.key_for(job_id), _FIELDS)
+                pipe.hmget(job_class.key_for(job_id), _FIELDS)
                 pipe.hgetall(self.keys.attempts(job_id))
-                pipe.zscore(scheduled_key, job_id)
                 pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
+                for key in scheduled_keys:
+                    pipe.zscore(key, job_id)
             # One job's key of the wrong type answers an error for its own commands only: that job
             # is shown as unreadable, every other one as usual.
             replies = pipe.execute(raise_on_error=False)
-        return [_view(job_id, *replies[i * 4 : i * 4 + 4]) for i, job_id in enumerate(ids)]
+        views = []
+        for i, job_id in enumerate(ids):
+            fields, raw_attempts, results, *scores = replies[i * n : (i + 1) * n]
+            scheduled_at = next((score for score in scores if isinstance(score, float)), None)
+            views.append(_view(job_id, fields, raw_attempts, scheduled_at, results))
+        return views
 
 
 def _view(job_id: str, fields: list | Exception, raw_attempts: dict | Exception, scheduled_at, results) -> dict | None:
@@ -165,6 +180,7 @@ def _view(job_id: str, fields: list | Exception, raw_attempts: dict | Exception,
         "id": job_id,
         "kind": meta.get("kind") if meta.get("kind") in KINDS else kind_of(job_id),
         "status": status.value,
+        "priority": _priority(values["origin"]),
         "created_at": times["created_at"],
         "updated_at": max(moments, default=None),
         "next_attempt_at": (
@@ -177,6 +193,11 @@ def _view(job_id: str, fields: list | Exception, raw_attempts: dict | Exception,
         "metadata": meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {},
         "target": meta.get("target") if isinstance(meta.get("target"), dict) else None,
     }
+
+
+def _priority(origin: bytes | None) -> str | None:
+    """The priority of the job's queue (None if its hash names none)."""
+    return split(origin.decode(errors="replace"))[1] if origin else None
 
 
 def _meta(raw: bytes | None, problems: list[str]) -> dict:

@@ -356,12 +356,12 @@ class BurstWorker:
 
     def job(self, job_id: str) -> dict:
         """The API's view of one job, read the way GET /v1/jobs/<id> reads it."""
-        from dispatcher.enqueue import make_queue
+        from dispatcher.enqueue import make_queues
         from dispatcher.keys import Keys
         from dispatcher.status import StatusReader
 
-        queue = make_queue(self.connection, self.settings)
-        view = StatusReader(self.connection, queue, Keys(self.settings.queue_name)).job(job_id)
+        queues = make_queues(self.connection, self.settings)
+        view = StatusReader(self.connection, queues, Keys(self.settings.queue_name)).job(job_id)
         assert view is not None, f"job {job_id} not found"
         return view
 

@@ -131,7 +131,7 @@ EMAIL_REJECTIONS = [
     pytest.param(EMAIL | {"retry": {"max_attempts": 0}}, "retry.max_attempts", id="max-attempts-0"),
     pytest.param(EMAIL | {"retry": {"max_attempts": 21}}, "retry.max_attempts", id="max-attempts-21"),
     pytest.param(EMAIL | {"retry": {"backoff": [10, -1]}}, "retry.backoff.1", id="negative-backoff"),
-    pytest.param(EMAIL | {"priority": "high"}, "priority", id="unknown-field"),
+    pytest.param(EMAIL | {"importance": "high"}, "importance", id="unknown-field"),
 ]
 
 

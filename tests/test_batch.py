@@ -94,7 +94,7 @@ def test_largest_batch_is_accepted_whole(idle_client, redis_conn, capsys):
     assert stats(idle_client)["webhook"]["queued"] == MAX_BATCH
     queue_name = idle_client.application.extensions["dispatcher"].settings.queue_name
     ids = [item["id"] for item in response.get_json()["items"]]
-    assert [i.decode() for i in redis_conn.lrange(f"rq:queue:{queue_name}", 0, -1)] == ids
+    assert [i.decode() for i in redis_conn.lrange(f"rq:queue:{queue_name}-low", 0, -1)] == ids
     assert redis_conn.zcard(Keys(queue_name).index) == MAX_BATCH
     with capsys.disabled():
         print(f"\n{MAX_BATCH} webhooks accepted in one batch in {took:.2f}s (in-process test client)")

@@ -233,7 +233,7 @@ def test_failed_job_hash_is_readable_by_rq(service, receiver, redis_conn):
 
 def test_maintenance_drops_expired_jobs_from_the_job_index(redis_conn, settings):
     queue = make_queue(redis_conn, dataclasses.replace(settings, queue_name=f"index-{uuid.uuid4().hex[:8]}"))
-    reaper = Reaper(redis_conn, queue, "maintenance-test", index_ttl=60)
+    reaper = Reaper(redis_conn, [queue], "maintenance-test", index_ttl=60)
     now = time.time()
     redis_conn.zadd(reaper.keys.index, {"wh_old": now - 120, "wh_new": now})
 
@@ -305,7 +305,7 @@ def test_a_reaper_note_of_an_earlier_pop_never_requeues_a_later_one(service, rec
     svc = service()
     job_id = svc.post("/v1/webhooks", {"url": receiver.url("ok"), "event_type": "a.b", "payload": {}})
     queue = make_queue(redis_conn, svc.settings)
-    reaper = Reaper(redis_conn, queue, "limbo-test", index_ttl=60)
+    reaper = Reaper(redis_conn, [queue], "limbo-test", index_ttl=60)
 
     def reap() -> int:
         redis_conn.delete(f"{reaper.keys.prefix}:reaper")  # one pass per 3 s otherwise

@@ -367,7 +367,7 @@ def lists():
     }
 
 before = lists()
-requeued = Reaper(connection, queue, "reaper-" + uuid.uuid4().hex, index_ttl=60).reap()
+requeued = Reaper(connection, [queue], "reaper-" + uuid.uuid4().hex, index_ttl=60).reap()
 after = lists()
 connection.delete(dead.key)
 queued = [j.decode() for j in connection.lrange(queue.key, 0, -1)]

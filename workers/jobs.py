@@ -18,6 +18,7 @@ from rq.job import Job
 from dispatcher.channels import JOB_FUNCTION
 from dispatcher.history import UNREADABLE, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
+from dispatcher.priorities import split
 from workers.attempt import Decision, decide, history_ttl, max_attempts, record, run, settled
 from workers.channels import UnknownPayload, channel_of
 from workers.errors import DeliveryFailed
@@ -54,7 +55,7 @@ def _job() -> Job:
 
 
 def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
-    history = History(job.connection, Keys(job.origin))
+    history = History(job.connection, Keys(split(job.origin)[0]))
     with job.connection.pipeline() as pipe:
         failed = job.failed_job_registry.key
         started = history.begin(pipe, kind, job.id, max_attempts(data), history_ttl(job), failed)

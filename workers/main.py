@@ -1,4 +1,4 @@
-"""The worker entry point: a DispatcherWorker on the Dispatcher queue, with the scheduler on."""
+"""The worker entry point: a DispatcherWorker on the Dispatcher queue's priorities, with the scheduler on."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rq.serializers import JSONSerializer
 
 from dispatcher.cli import add_worker_options
 from dispatcher.config import Settings
-from dispatcher.enqueue import make_queue
+from dispatcher.enqueue import make_queues
 from dispatcher.errors import ConfigError
 from dispatcher.redis_checks import warn_about_server
 from workers import context
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dispatcher worker: {exc}", file=sys.stderr)
         return 2
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
-    queue = make_queue(connection, settings)
+    queues = make_queues(connection, settings, args.queues)
     stop = _Stop()
     checked = False
     while True:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             # The constructor talks to Redis already (CLIENT SETNAME): inside the try, so Redis going
             # away now means another wait, not a traceback.
             worker = DispatcherWorker(
-                [queue],
+                queues,
                 connection=connection,
                 serializer=JSONSerializer,
                 concurrency=settings.concurrency,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from redis.client import Pipeline
 from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.queue import Queue
 from rq.utils import now
 
 from dispatcher import rqstore
@@ -48,6 +49,8 @@ class Poisoned:
     """A job to fail alone, with what could not be read; `job` and `execution` when they got that far."""
 
     job_id: str
+    #: The queue it was popped from.
+    queue: Queue
     error: str
     job: Job | None = None
     execution: Execution | None = None
@@ -124,8 +127,11 @@ def _text(value: object) -> str:
 # --- reading a job ---------------------------------------------------------------------------
 
 
-def read_job(worker: DispatcherWorker, job_id: str, raw: dict | Exception) -> tuple[Job, Kind, dict, str | None]:
-    """The job, its kind, its data and its webhook host (None for emails), from its HGETALL reply.
+def read_job(
+    worker: DispatcherWorker, queue: Queue, job_id: str, raw: dict | Exception
+) -> tuple[Job, Kind, dict, str | None]:
+    """The job, its kind, its data and its webhook host (None for emails), from its HGETALL reply
+    (popped from `queue`).
 
     Raises UnreadableJob saying what cannot be read, JobGone for a job deleted or canceled.
     """
@@ -136,7 +142,7 @@ def read_job(worker: DispatcherWorker, job_id: str, raw: dict | Exception) -> tu
     if raw.get(b"status") == JobStatus.CANCELED.value.encode():
         raise JobGone("canceled")
     job = _restore(worker, job_id, raw)
-    if job.origin != worker.queue.name:
+    if job.origin != queue.name:
         raise UnreadableJob(f"its origin {job.origin[:80]!r} is not this queue")
     if getattr(job, "_unreadable_meta", None) is not None or not isinstance(job.meta, dict):
         raise UnreadableJob("its meta cannot be read")
@@ -197,7 +203,7 @@ def _check_retry(data: dict) -> None:
 
 def own_keys(job_id: str, worker: DispatcherWorker) -> dict[str, bytes]:
     """The keys that belong to this one job, with the type each must have."""
-    return rqstore.job_keys(worker.queue, job_id) | {worker.history.keys.attempts(job_id): b"hash"}
+    return rqstore.job_keys(worker.queues[0], job_id) | {worker.history.keys.attempts(job_id): b"hash"}
 
 
 def repair_and_replay(worker: DispatcherWorker, job: Job, batch: Batch, index: int, attempt_number: int) -> bool:
@@ -251,7 +257,7 @@ def fail_alone(worker: DispatcherWorker, poisoned: list[Poisoned]) -> None:
     A key of the job's own that has the wrong type is deleted first (it belongs to that job
     only); shared keys are only ever added to. Never raises for one job's garbage.
     """
-    connection, queue = worker.connection, worker.queue
+    connection = worker.connection
     with connection.pipeline(transaction=False) as pipe:
         for item in poisoned:
             for key in own_keys(item.job_id, worker):
@@ -269,7 +275,7 @@ def fail_alone(worker: DispatcherWorker, poisoned: list[Poisoned]) -> None:
             ended = now()
             error = f"{UNREADABLE}: {item.error}"
             rqstore.fail_unreadable(
-                pipe, queue, job, item.execution, error, worker.name, ended, ttl, keep_record=kinds[job.key] == b"hash"
+                pipe, item.queue, job, item.execution, error, worker.name, ended, ttl, kinds[job.key] == b"hash"
             )
             kind = kind_of(item.job_id)
             if kind is not None:

@@ -27,6 +27,7 @@ from rq import Queue
 from dispatcher import rqstore
 from dispatcher.history import isoformat
 from dispatcher.keys import Keys
+from dispatcher.priorities import split
 
 #: How often a worker renews its liveness key and looks for abandoned jobs.
 BEAT_INTERVAL = 3.0
@@ -41,13 +42,14 @@ log = logging.getLogger(__name__)
 class Reaper:
     """Renews one worker's liveness and requeues the jobs of workers that have none."""
 
-    def __init__(self, connection: redis.Redis, queue: Queue, worker_name: str, index_ttl: int) -> None:
-        """`index_ttl`: how long a job stays in the API's job index (its longest TTL)."""
+    def __init__(self, connection: redis.Redis, queues: list[Queue], worker_name: str, index_ttl: int) -> None:
+        """`queues`: the worker's, of one Dispatcher queue. `index_ttl`: how long a job stays in the
+        API's job index (its longest TTL)."""
         self.index_ttl = index_ttl
         self.connection = connection
-        self.queue = queue
+        self.queues = queues
         self.worker_name = worker_name
-        self.keys = Keys(queue.name)
+        self.keys = Keys(split(queues[0].name)[0])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -81,16 +83,21 @@ class Reaper:
                 log.exception("liveness: unexpected error")
 
     def reap(self) -> int:
-        """Requeue every abandoned job of this queue; return how many."""
-        # One reaper per pass across all workers is enough.
-        if not self.connection.set(f"{self.keys.prefix}:reaper", self.worker_name, nx=True, ex=int(BEAT_INTERVAL)):
-            return 0
-        # Jobs older than their longest TTL have expired from RQ: drop them from the API's index.
-        self.connection.zremrangebyscore(self.keys.index, "-inf", time.time() - self.index_ttl)
-        return self._reap_started() + self._reap_limbo()
+        """Requeue every abandoned job of this worker's queues; return how many."""
+        requeued = 0
+        for queue in self.queues:
+            # One reaper per pass and queue across all workers is enough (workers may serve different queues).
+            lock = f"{self.keys.prefix}:reaper:{queue.name}"
+            if not self.connection.set(lock, self.worker_name, nx=True, ex=int(BEAT_INTERVAL)):
+                continue
+            if queue is self.queues[0]:
+                # Jobs older than their longest TTL have expired from RQ: drop them from the API's index.
+                self.connection.zremrangebyscore(self.keys.index, "-inf", time.time() - self.index_ttl)
+            requeued += self._reap_started(queue) + self._reap_limbo(queue)
+        return requeued
 
-    def _reap_started(self) -> int:
-        registry = self.queue.started_job_registry
+    def _reap_started(self, queue: Queue) -> int:
+        registry = queue.started_job_registry
         entries = [
             (m.decode(errors="replace"), score)
             # Responses are not decoded, and WITHSCORES answers (member, float) pairs.
@@ -120,7 +127,7 @@ class Reaper:
             job_id = member.rsplit(":", 1)[0]
             owner_name = owner.decode(errors="replace") if owner else "unknown"
             try:
-                done = self.requeue(member, f"interrupted: worker {owner_name} stopped during this attempt")
+                done = self.requeue(queue, member, f"interrupted: worker {owner_name} stopped during this attempt")
             except redis.ResponseError as exc:  # this job's keys only; the others still get their turn
                 log.error("could not requeue job %s: %s", job_id, exc)
                 continue
@@ -129,20 +136,20 @@ class Reaper:
                 log.warning("requeued job %s: its worker %s stopped while running it", job_id, owner_name)
         return requeued
 
-    def requeue(self, member: str, error: str) -> bool:
-        """Put the job of a StartedJobRegistry entry (`job id:execution id`) back at the front of
-        the queue and mark its unfinished attempt with `error`; False if it was no longer running."""
+    def requeue(self, queue: Queue, member: str, error: str) -> bool:
+        """Put the job of a StartedJobRegistry entry (`job id:execution id`) of `queue` back at the front
+        of it and mark its unfinished attempt with `error`; False if it was no longer running."""
         job_id = member.rpartition(":")[0]
         now = isoformat(datetime.now(UTC))
-        return rqstore.requeue_started(self.connection, self.queue, member, self.keys.attempts(job_id), now, error)
+        return rqstore.requeue_started(self.connection, queue, member, self.keys.attempts(job_id), now, error)
 
-    def _reap_limbo(self) -> int:
-        intermediate_key = self.queue.intermediate_queue_key
+    def _reap_limbo(self, queue: Queue) -> int:
+        intermediate_key = queue.intermediate_queue_key
         in_limbo = cast(list[bytes], self.connection.lrange(intermediate_key, 0, -1))  # responses are not decoded
         job_ids = [j.decode(errors="replace") for j in in_limbo]
         if not job_ids:
             return 0
-        started = cast(list[bytes], self.connection.zrange(self.queue.started_job_registry.key, 0, -1))
+        started = cast(list[bytes], self.connection.zrange(queue.started_job_registry.key, 0, -1))
         registered = {member.decode(errors="replace").rsplit(":", 1)[0] for member in started}
         requeued = 0
         for job_id in job_ids:
@@ -150,7 +157,7 @@ class Reaper:
                 continue
             try:
                 done = rqstore.requeue_limbo(
-                    self.connection, self.queue, job_id, self.keys.limbo(job_id), LIMBO_AGE, 4 * LIMBO_AGE
+                    self.connection, queue, job_id, self.keys.limbo(job_id), LIMBO_AGE, 4 * LIMBO_AGE
                 )
             except redis.ResponseError as exc:
                 log.error("could not requeue job %s: %s", job_id, exc)

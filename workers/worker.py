@@ -9,8 +9,10 @@ registries) and, where RQ has no public call for it, `dispatcher.rqstore`. So th
 jobs, registries, results and worker entries are exactly RQ's: `rq info`,
 rq-dashboard and the API read them as usual.
 
-It listens on one queue only: RQ then moves each job into an intermediate list
-as it pops it, from which a job whose worker dies at once can be recovered.
+Queues: it serves the priorities' queues of one Dispatcher queue (dispatcher.priorities),
+in strict priority order, and pops as RQ's single-queue dequeue does, moving each job
+into its queue's intermediate list, from which a job whose worker dies at once can be
+recovered (RQ's multi-queue BLPOP would lose it).
 
 Fairness: one webhook host (host and port) may hold at most `max_per_host`
 delivery slots. A job popped while its host is at that limit is started in RQ's
@@ -44,6 +46,7 @@ from redis.typing import EncodableT
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.queue import Queue
 from rq.results import Result
 from rq.suspension import is_suspended
 from rq.utils import now, utcformat
@@ -53,6 +56,7 @@ from dispatcher import rqstore
 from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, default_max_per_host
 from dispatcher.history import Attempt, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
+from dispatcher.priorities import split
 from workers.attempt import Decision, decide, failure_ttl, history_ttl, max_attempts, record, result_ttl, run, settled
 from workers.poison import Batch, JobGone, Poisoned, fail_alone, read_job, repair_and_replay
 from workers.recovery import Reaper
@@ -86,6 +90,7 @@ class Running:
     """A job started in RQ's sense: delivering (`attempt` set) or held for its host (`attempt` None)."""
 
     job: Job
+    queue: Queue
     kind: Kind
     data: dict
     execution: Execution
@@ -122,8 +127,12 @@ class DispatcherWorker(SimpleWorker):
         kwargs.setdefault("worker_ttl", WORKER_TTL)
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
         super().__init__(*args, **kwargs)
-        if len(self.queues) != 1:
-            raise ValueError(f"a DispatcherWorker listens on exactly one queue, got {len(self.queues)}")
+        bases = sorted({split(queue.name)[0] for queue in self.queues})
+        if len(bases) != 1:
+            raise ValueError(
+                "a DispatcherWorker serves the priorities of one Dispatcher queue "
+                f"(like dispatcher-high, dispatcher, dispatcher-low), got {', '.join(q.name for q in self.queues)}"
+            )
         # RQ options it cannot honour: it records every failure itself and runs no work horse.
         if self._exc_handlers:
             raise ValueError("a DispatcherWorker does not support exception_handlers (it records failures itself)")
@@ -131,14 +140,13 @@ class DispatcherWorker(SimpleWorker):
             raise ValueError("a DispatcherWorker does not support disable_default_exception_handler")
         if self._work_horse_killed_handler is not None:
             raise ValueError("a DispatcherWorker does not support work_horse_killed_handler (it runs no work horse)")
-        self.queue = self.queues[0]
         self.concurrency = concurrency
         self.max_per_host = max_per_host if max_per_host is not None else default_max_per_host(concurrency)
         if not 1 <= self.max_per_host <= concurrency:
             raise ValueError(f"max_per_host must be from 1 to the concurrency ({concurrency}), got {max_per_host}")
         self.max_held = HELD_PER_SLOT * concurrency
-        self.history = History(self.connection, Keys(self.queue.name))
-        self.reaper = Reaper(self.connection, self.queue, self.name, index_ttl)
+        self.history = History(self.connection, Keys(bases[0]))
+        self.reaper = Reaper(self.connection, self.queues, self.name, index_ttl)
         self.stop_requested_by_signal = False
         self._force_stop = False
         #: Jobs held for their host, oldest first; webhooks in the pool per host.
@@ -311,7 +319,10 @@ class DispatcherWorker(SimpleWorker):
             raise ValueError(f"DispatcherWorker.work() does not support the option {name}={value!r}")
         if dequeue_strategy != DequeueStrategy.DEFAULT:
             strategy = getattr(dequeue_strategy, "value", dequeue_strategy)
-            raise ValueError(f"dequeue_strategy must be 'default' (a DispatcherWorker has one queue), got {strategy!r}")
+            raise ValueError(
+                f"dequeue_strategy must be 'default' (a DispatcherWorker serves its queues in priority order), "
+                f"got {strategy!r}"
+            )
         if max_jobs is not None and max_jobs < 1:
             raise ValueError(f"max_jobs must be at least 1, got {max_jobs!r}")
         if max_idle_time is not None and max_idle_time <= 0:
@@ -362,10 +373,9 @@ class DispatcherWorker(SimpleWorker):
         """Renew the executions' heartbeats, so RQ's registry cleanup never takes a held job for abandoned."""
         if not items:
             return
-        registry = self.queue.started_job_registry
         with self.connection.pipeline(transaction=False) as pipe:
             for item in items:
-                item.execution.heartbeat(registry, self.get_heartbeat_ttl(item.job), pipe)
+                item.execution.heartbeat(item.queue.started_job_registry, self.get_heartbeat_ttl(item.job), pipe)
             pipe.execute(raise_on_error=False)  # one job's damaged keys: its own problem, seen at its finish
 
     # --- starting jobs -------------------------------------------------------------------
@@ -418,30 +428,30 @@ class DispatcherWorker(SimpleWorker):
         batch = Batch()
         with self.connection.pipeline(transaction=False) as pipe:
             begins = []
-            for (job, kind, data, _host), run_now in zip(popped, now_flags, strict=True):
+            for (queue, job, kind, data, _host), run_now in zip(popped, now_flags, strict=True):
                 with batch.span(pipe):
                     execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name)
                     job.prepare_for_execution(self.name, pipeline=pipe)
                     pipe.persist(job.key)
-                    pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
+                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
                     begin = None
                     if run_now:
                         index = len(pipe.command_stack)
-                        begin = (index, self._begin(pipe, kind, job, data))
+                        begin = (index, self._begin(pipe, queue, kind, job, data))
                 begins.append((execution, begin))
             # Started: forget any reaper's note of these pops, so a later pop is judged afresh.
-            pipe.delete(*(self.history.keys.limbo(job.id) for job, *_ in popped))
+            pipe.delete(*(self.history.keys.limbo(job.id) for _, job, *_ in popped))
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             replies = batch.execute(pipe)
 
         items: list[Running] = []
         poisoned: list[Poisoned] = []
-        for index, ((job, kind, data, host), (execution, begin)) in enumerate(zip(popped, begins, strict=True)):
+        for index, ((queue, job, kind, data, host), (execution, begin)) in enumerate(zip(popped, begins, strict=True)):
             error = batch.error(index)
             if error:
-                poisoned.append(Poisoned(job.id, error, job, execution))
+                poisoned.append(Poisoned(job.id, queue, error, job, execution))
                 continue
-            item = Running(job, kind, data, execution, host)
+            item = Running(job, queue, kind, data, execution, host)
             if begin is None:
                 self.held.append(item)
             else:
@@ -470,21 +480,21 @@ class DispatcherWorker(SimpleWorker):
             begins = []
             for item in chosen:
                 with batch.span(pipe):
-                    begins.append(self._begin(pipe, item.kind, item.job, item.data))
+                    begins.append(self._begin(pipe, item.queue, item.kind, item.job, item.data))
             replies = batch.execute(pipe)
         poisoned: list[Poisoned] = []
         for index, (item, started_at) in enumerate(zip(chosen, begins, strict=True)):
             error = batch.error(index)
             reply = replies[batch.start(index)]
             if error:
-                poisoned.append(Poisoned(item.job.id, error, item.job, item.execution))
+                poisoned.append(Poisoned(item.job.id, item.queue, error, item.job, item.execution))
             else:
                 self._began(item, reply, started_at, poisoned)
         self._fail_alone(poisoned)
         return [item for item in chosen if item.attempt is not None and item.decision is None]
 
-    def _begin(self, pipe: Pipeline, kind: Kind, job: Job, data: dict) -> datetime:
-        failed = self.queue.failed_job_registry.key
+    def _begin(self, pipe: Pipeline, queue: Queue, kind: Kind, job: Job, data: dict) -> datetime:
+        failed = queue.failed_job_registry.key
         return self.history.begin(pipe, kind, job.id, max_attempts(data), history_ttl(job), failed)
 
     def _began(self, item: Running, reply: object, started_at, poisoned: list[Poisoned]) -> None:  # type: ignore[no-untyped-def]
@@ -492,41 +502,40 @@ class DispatcherWorker(SimpleWorker):
         try:
             attempt, fresh, item.series_start = History.began(reply, started_at)  # type: ignore[arg-type]
         except UnreadableHistory as exc:
-            poisoned.append(
-                Poisoned(item.job.id, f"its attempt history cannot be read: {exc}", item.job, item.execution)
-            )
+            error = f"its attempt history cannot be read: {exc}"
+            poisoned.append(Poisoned(item.job.id, item.queue, error, item.job, item.execution))
             return
         item.attempt = attempt
         if not fresh:  # a rerun after a crash whose history is already complete: settle, don't deliver
             item.decision = settled(attempt)
             self._finish([item], rerecord=False)
 
-    def _pop(self, limit: int, block: float | None) -> list[tuple[Job, Kind, dict, str | None]]:
-        """Pop up to `limit` jobs and read them; fail alone those that cannot be read."""
-        queue, connection = self.queue, self.connection
-        ids = rqstore.pop(connection, queue, limit, block)
-        if not ids:
+    def _pop(self, limit: int, block: float | None) -> list[tuple[Queue, Job, Kind, dict, str | None]]:
+        """Pop up to `limit` jobs, highest priority first, and read them; fail alone those that cannot be read."""
+        connection = self.connection
+        popped = rqstore.pop(connection, self.queues, limit, block, self.history.keys.wake)
+        if not popped:
             return []
-        job_id: bytes | str  # bytes in the queue, str once decoded
         with connection.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hgetall(queue.job_class.key_for(job_id.decode(errors="replace")))
+            for queue, raw_id in popped:
+                pipe.hgetall(queue.job_class.key_for(raw_id.decode(errors="replace")))
             raw_jobs = pipe.execute(raise_on_error=False)
         ready = []
         poisoned = []
-        seen: set[bytes] = set()
-        for job_id, raw in zip((i.decode(errors="replace") for i in ids), raw_jobs, strict=True):
-            if job_id.encode() in seen:  # a duplicate queue entry: running it twice would deliver it twice
+        seen: set[str] = set()
+        for (queue, raw_id), raw in zip(popped, raw_jobs, strict=True):
+            job_id = raw_id.decode(errors="replace")
+            if job_id in seen:  # a duplicate queue entry: running it twice would deliver it twice
                 connection.lrem(queue.intermediate_queue_key, 1, job_id)
                 continue
-            seen.add(job_id.encode())
+            seen.add(job_id)
             try:
-                ready.append(read_job(self, job_id, raw))
+                ready.append((queue, *read_job(self, queue, job_id, raw)))
             except JobGone as gone:  # RQ's tools took it back after it was queued: never deliver it
                 connection.lrem(queue.intermediate_queue_key, 1, job_id)
                 self.log.info("Worker %s: job %s was %s; skipped", self.name, job_id, gone)
             except ValueError as exc:  # undecodable, foreign or damaged: fail it visibly, keep going
-                poisoned.append(Poisoned(job_id, str(exc)))
+                poisoned.append(Poisoned(job_id, queue, str(exc)))
         self._fail_alone(poisoned)
         return ready
 
@@ -567,7 +576,9 @@ class DispatcherWorker(SimpleWorker):
                         self._move_on(pipe, item, decision, ended)
                 except Exception as exc:  # could not even queue the commands: bad data in memory
                     self.log.exception("Worker %s: could not record job %s", self.name, item.job.id)
-                    broken.append(Poisoned(item.job.id, f"{type(exc).__name__}: {exc}", item.job, item.execution))
+                    broken.append(
+                        Poisoned(item.job.id, item.queue, f"{type(exc).__name__}: {exc}", item.job, item.execution)
+                    )
                     continue
                 # RQ's worker counts one failure per failed attempt, retried or not; so does this one.
                 succeeded += decision.verdict == "succeeded"
@@ -580,7 +591,7 @@ class DispatcherWorker(SimpleWorker):
             error = batch.error(index)
             assert item.decision is not None
             if error and not repair_and_replay(self, item.job, batch, index, item.decision.attempt.number):
-                broken.append(Poisoned(item.job.id, error, item.job, item.execution))
+                broken.append(Poisoned(item.job.id, item.queue, error, item.job, item.execution))
         self._fail_alone(broken)
 
     def _move_on(self, pipe: Pipeline, item: Running, decision: Decision, ended: datetime) -> None:
@@ -622,9 +633,9 @@ class DispatcherWorker(SimpleWorker):
             )
             job.number_of_retries = (job.number_of_retries or 0) + 1
             if delay:
-                self.queue.schedule_job(job, now() + timedelta(seconds=delay), pipeline=pipe)
+                item.queue.schedule_job(job, now() + timedelta(seconds=delay), pipeline=pipe)
             else:
-                rqstore.enqueue_at_front(self.queue, job, pipe)
+                rqstore.enqueue_at_front(item.queue, job, pipe)
         else:
             rqstore.fail(job, decision.error, pipe, self.name, execution, ended)
         execution.delete(job=job, pipeline=pipe)
@@ -635,4 +646,4 @@ class DispatcherWorker(SimpleWorker):
         for item in reversed(items):
             member = f"{item.job.id}:{item.execution.id}"
             with contextlib.suppress(redis.ResponseError):  # its keys are garbage: the reaper's limbo pass
-                self.reaper.requeue(member, error or "interrupted: the worker was shut down")
+                self.reaper.requeue(item.queue, member, error or "interrupted: the worker was shut down")

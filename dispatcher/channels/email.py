@@ -25,6 +25,8 @@ from dispatcher.models import (
     RequestModel,
     RetryPolicy,
     SafeStr,
+    SendBatch,
+    SendRequest,
     _check_headers,
     resolve_retry,
 )
@@ -96,7 +98,7 @@ class Attachment(RequestModel):
         return len(base64.b64decode(self.content))
 
 
-class EmailRequest(RequestModel):
+class EmailRequest(SendRequest):
     to: list[EmailAddress] = Field(min_length=1)
     cc: list[EmailAddress] = Field(default_factory=list)
     bcc: list[EmailAddress] = Field(default_factory=list)
@@ -134,7 +136,7 @@ class EmailRequest(RequestModel):
         return self
 
 
-class EmailBatch(RequestModel):
+class EmailBatch(SendBatch):
     """Emails accepted together: all of them or, if any item is invalid, none."""
 
     items: list[EmailRequest] = Field(min_length=1, max_length=MAX_BATCH)

@@ -26,8 +26,9 @@ from dispatcher.models import (
     MAX_BATCH,
     JsonObject,
     Metadata,
-    RequestModel,
     RetryPolicy,
+    SendBatch,
+    SendRequest,
     _check_headers,
     json_text,
     resolve_retry,
@@ -41,7 +42,7 @@ _JOB_TIMEOUT_MARGIN = 60
 RESERVED_WEBHOOK_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding"})
 
 
-class WebhookRequest(RequestModel):
+class WebhookRequest(SendRequest):
     url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     event_type: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
     payload: dict[str, Any]
@@ -125,7 +126,7 @@ def parse_webhook_url(value: str) -> tuple[str, int]:
     return host, port or (443 if parts.scheme == "https" else 80)
 
 
-class WebhookBatch(RequestModel):
+class WebhookBatch(SendBatch):
     """Webhooks accepted together: all of them or, if any item is invalid, none."""
 
     items: list[WebhookRequest] = Field(min_length=1, max_length=MAX_BATCH)
