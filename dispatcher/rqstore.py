@@ -142,9 +142,11 @@ def _as_text(value: Any) -> str:
 # --- Popping and starting (the worker) -------------------------------------------------------
 
 # KEYS: per queue, highest priority first, its list and its intermediate list. ARGV: how many.
-# Pops up to ARGV[1] ids the way RQ's single-queue dequeue does (LMOVE into the queue's intermediate
+# Moves up to ARGV[1] ids as RQ's single-queue dequeue does (LMOVE into the queue's intermediate
 # list, where a job whose worker dies at once is found again), the first queue drained first, in one
-# round trip. Answers one list of ids per queue.
+# round trip (so atomically). The first id of a queue by LMOVE, which also tells an empty queue; any
+# more in three commands whatever their number (LRANGE, LTRIM, RPUSH), not one each. Answers one
+# list of ids per queue.
 _POP_MANY = Script(
     None,  # type: ignore[arg-type]  # called with an explicit client
     b"""
@@ -152,11 +154,21 @@ local left = tonumber(ARGV[1])
 local popped = {}
 for q = 1, #KEYS, 2 do
   local ids = {}
-  while left > 0 do
-    local id = redis.call('LMOVE', KEYS[q], KEYS[q + 1], 'LEFT', 'RIGHT')
-    if not id then break end
-    ids[#ids + 1] = id
-    left = left - 1
+  if left > 0 then
+    local first = redis.call('LMOVE', KEYS[q], KEYS[q + 1], 'LEFT', 'RIGHT')
+    if first then
+      ids[1] = first
+      left = left - 1
+      if left > 0 then
+        local more = redis.call('LRANGE', KEYS[q], 0, left - 1)
+        if #more > 0 then
+          redis.call('LTRIM', KEYS[q], #more, -1)
+          redis.call('RPUSH', KEYS[q + 1], unpack(more))
+          for i = 1, #more do ids[#ids + 1] = more[i] end
+          left = left - #more
+        end
+      end
+    end
   end
   popped[#popped + 1] = ids
 end
