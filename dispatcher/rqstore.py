@@ -17,6 +17,7 @@ import zlib
 from datetime import datetime
 from enum import Enum
 from typing import Any, cast
+from uuid import uuid4
 
 import redis
 from redis.client import Pipeline
@@ -27,7 +28,7 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.utils import utcformat
+from rq.utils import current_timestamp, utcformat
 
 # --- Writing jobs (the API) ------------------------------------------------------------------
 
@@ -209,6 +210,83 @@ def _pop_many(connection: redis.Redis, queues: list[Queue], limit: int) -> list[
     keys = [key for queue in queues for key in (queue.key, queue.intermediate_queue_key)]
     popped = cast(list[list[bytes]], _POP_MANY(keys=keys, args=[limit], client=connection))
     return [(queue, job_id) for queue, ids in zip(queues, popped, strict=True) for job_id in ids]
+
+
+# --- Executions and registries of a batch (the worker) -------------------------------------------
+#
+# What RQ's Execution.create and Execution.delete and a registry's add write, for a whole batch of
+# jobs: the keys every job of a batch shares (the started registry, the worker's executions set, the
+# finished registry) get one command with many members, not one per job. The job's own keys (its
+# execution hash and its execution registry) are written per job, in its span of the pipeline.
+
+
+def new_execution(job: Job, worker_name: str) -> Execution:
+    """An execution of `job` by `worker_name`, as Execution.create makes it, not yet written."""
+    execution = Execution(id=uuid4().hex, job_id=job.id, connection=job.connection, worker_name=worker_name)
+    execution._job = job  # what Execution.create sets: its `job` property reads it
+    return execution
+
+
+def register_executions(pipe: Pipeline, started: list[tuple[Job, Execution, int]]) -> None:
+    """What Execution.create writes to the keys its jobs share, for (job, execution, ttl) of a batch:
+    each started registry, one ZADD; the worker's executions set, one SADD and its EXPIRE. Queue it
+    before the jobs' own commands, so no prefix of the pipeline leaves a popped job in no list."""
+    registries: dict[str, dict[str, int | str]] = {}
+    members: dict[str, list[str]] = {}
+    longest: dict[str, int] = {}
+    for job, execution, ttl in started:
+        score: int | str = "+inf" if ttl == -1 else (ttl if ttl < 0 else current_timestamp() + ttl)
+        registries.setdefault(job.started_job_registry.key, {})[execution.composite_key] = score
+        if execution.worker_name:
+            key = execution.worker_executions_key
+            members.setdefault(key, []).append(execution.composite_key)
+            longest[key] = max(longest.get(key, ttl), ttl)
+    for key, scored in registries.items():
+        pipe.zadd(key, scored)  # type: ignore[arg-type]  # "+inf" is a valid score
+    for key, ids in members.items():
+        pipe.sadd(key, *ids)
+        pipe.expire(key, longest[key] + 60)
+
+
+def save_execution(pipe: Pipeline, execution: Execution, ttl: int) -> None:
+    """What Execution.create writes to the job's own keys: the execution's hash and the job's
+    execution registry."""
+    execution.save(ttl=ttl, pipeline=pipe)
+    ExecutionRegistry(job_id=execution.job_id, connection=pipe).add(execution=execution, ttl=ttl, pipeline=pipe)
+
+
+def forget_execution(pipe: Pipeline, execution: Execution) -> None:
+    """What Execution.delete removes from the job's own keys (its execution registry); the shared
+    ones and the execution's hash go in `unregister_executions`."""
+    ExecutionRegistry(job_id=execution.job_id, connection=execution.connection).remove(execution, pipeline=pipe)
+
+
+def unregister_executions(pipe: Pipeline, ended: list[tuple[Job, Execution]]) -> None:
+    """The rest of what Execution.delete removes, for a batch: the executions' hashes (one DEL), their
+    entries in each started registry (one ZREM) and in the worker's executions set (one SREM)."""
+    if not ended:
+        return
+    registries: dict[str, list[str]] = {}
+    members: dict[str, list[str]] = {}
+    for job, execution in ended:
+        registries.setdefault(job.started_job_registry.key, []).append(execution.composite_key)
+        if execution.worker_name:
+            members.setdefault(execution.worker_executions_key, []).append(execution.composite_key)
+    pipe.delete(*(execution.key for _, execution in ended))
+    for key, ids in registries.items():
+        pipe.zrem(key, *ids)
+    for key, ids in members.items():
+        pipe.srem(key, *ids)
+
+
+def add_finished(pipe: Pipeline, finished: list[tuple[Job, int]]) -> None:
+    """What FinishedJobRegistry.add writes for (job, result ttl) of a batch: one ZADD per registry."""
+    registries: dict[str, dict[str, int | str]] = {}
+    for job, ttl in finished:
+        score: int | str = "+inf" if ttl == -1 else (ttl if ttl < 0 else current_timestamp() + ttl)
+        registries.setdefault(job.finished_job_registry.key, {})[job.id] = score
+    for key, scored in registries.items():
+        pipe.zadd(key, scored)  # type: ignore[arg-type]
 
 
 # --- Finishing (the worker) --------------------------------------------------------------------

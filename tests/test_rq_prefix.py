@@ -12,7 +12,7 @@ import sys
 from tests.conftest import ROOT
 
 #: The test files that hold Dispatcher and RQ to one storage layout.
-CONTRACT_TESTS = ("tests/test_enqueue.py", "tests/test_rq_tools.py")
+CONTRACT_TESTS = ("tests/test_enqueue.py", "tests/test_rq_tools.py", "tests/test_rq_executions.py")
 PREFIX = "dsp"
 
 

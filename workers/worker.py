@@ -426,11 +426,16 @@ class DispatcherWorker(SimpleWorker):
             now_flags.append(run_now)
 
         batch = Batch()
+        started = [(job, rqstore.new_execution(job, self.name), self.get_heartbeat_ttl(job)) for _, job, *_ in popped]
         with self.connection.pipeline(transaction=False) as pipe:
+            # RQ's registries first, for the whole batch; then each job's own keys, in its span.
+            rqstore.register_executions(pipe, started)
             begins = []
-            for (queue, job, kind, data, _host), run_now in zip(popped, now_flags, strict=True):
+            for (queue, job, kind, data, _host), run_now, (_, execution, ttl) in zip(
+                popped, now_flags, started, strict=True
+            ):
                 with batch.span(pipe):
-                    execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name)
+                    rqstore.save_execution(pipe, execution, ttl)
                     job.prepare_for_execution(self.name, pipeline=pipe)
                     pipe.persist(job.key)
                     pipe.lrem(queue.intermediate_queue_key, 1, job.id)
@@ -557,6 +562,8 @@ class DispatcherWorker(SimpleWorker):
         broken: list[Poisoned] = []
         succeeded = failed = 0
         working_time = 0.0
+        ended_executions: list[tuple[Job, Execution]] = []
+        finished: list[tuple[Job, int]] = []
         with self.connection.pipeline(transaction=False) as pipe:
             for item in items:
                 decision = item.decision
@@ -573,7 +580,7 @@ class DispatcherWorker(SimpleWorker):
                             record(pipe, self.history, item.kind, item.job, decision, fields)
                         elif fields:
                             pipe.hset(item.job.key, mapping=fields)
-                        self._move_on(pipe, item, decision, ended)
+                        self._move_on(pipe, item, decision, ended, finished)
                 except Exception as exc:  # could not even queue the commands: bad data in memory
                     self.log.exception("Worker %s: could not record job %s", self.name, item.job.id)
                     broken.append(
@@ -584,7 +591,10 @@ class DispatcherWorker(SimpleWorker):
                 succeeded += decision.verdict == "succeeded"
                 failed += decision.verdict != "succeeded"
                 working_time += (ended - item.execution.created_at).total_seconds()
-            # The worker's counts, once per batch (RQ's increment_* add one job at a time).
+                ended_executions.append((item.job, item.execution))
+            # RQ's registries, and the worker's counts, once per batch (RQ's calls add one job at a time).
+            rqstore.add_finished(pipe, finished)
+            rqstore.unregister_executions(pipe, ended_executions)
             self.count_finished(pipe, succeeded, failed, working_time)
             batch.execute(pipe)
         for index, item in enumerate(items):
@@ -594,9 +604,12 @@ class DispatcherWorker(SimpleWorker):
                 broken.append(Poisoned(item.job.id, item.queue, error, item.job, item.execution))
         self._fail_alone(broken)
 
-    def _move_on(self, pipe: Pipeline, item: Running, decision: Decision, ended: datetime) -> None:
-        """RQ's bookkeeping for a finished attempt; the caller has written a finished job's status
-        and end time."""
+    def _move_on(
+        self, pipe: Pipeline, item: Running, decision: Decision, ended: datetime, finished: list[tuple[Job, int]]
+    ) -> None:
+        """RQ's bookkeeping for a finished attempt, of the job's own keys; the caller has written a
+        finished job's status and end time, and writes the keys every job shares: the finished
+        registry (adding this job to `finished` if it succeeded) and what lists its execution."""
         job, execution = item.job, item.execution
         job.ended_at = ended
         started_at = execution.created_at
@@ -615,7 +628,7 @@ class DispatcherWorker(SimpleWorker):
                 execution_started_at=started_at,
                 execution_ended_at=job.ended_at,
             )
-            job.finished_job_registry.add(job, ttl, pipe)
+            finished.append((job, ttl))
             pipe.expire(job.key, ttl)
         elif decision.verdict == "retry":
             # (RQ's Job._handle_retry_result would do this, but it writes the status outside the
@@ -638,7 +651,7 @@ class DispatcherWorker(SimpleWorker):
                 rqstore.enqueue_at_front(item.queue, job, pipe)
         else:
             rqstore.fail(job, decision.error, pipe, self.name, execution, ended)
-        execution.delete(job=job, pipeline=pipe)
+        rqstore.forget_execution(pipe, execution)
 
     def _put_back(self, items: list[Running], error: str | None) -> None:
         """Return jobs to the front of the queue, newest first so the oldest ends up first; an attempt
