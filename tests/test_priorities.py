@@ -260,38 +260,39 @@ def test_a_high_priority_email_overtakes_10000_low_priority_webhooks(service, re
 # --- crash safety on every queue ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("priority", PRIORITIES)
-def test_a_job_popped_from_any_queue_by_a_worker_that_died_at_once_is_recovered(
-    service, receiver, redis_conn, priority
-):
+def test_jobs_popped_from_every_queue_by_a_worker_that_died_at_once_are_recovered(service, receiver, redis_conn):
     svc = service()
     url = receiver.url("ok")
-    job_id = svc.post("/v1/webhooks", webhook(url, priority=priority))
-    queue = make_queue(redis_conn, svc.settings, priority)
-    # What a worker killed right after its pop leaves: the id in that queue's intermediate list only.
-    assert redis_conn.lmove(queue.key, queue.intermediate_queue_key) == job_id.encode()
+    ids = {}
+    for priority in PRIORITIES:
+        ids[priority] = svc.post("/v1/webhooks", webhook(url, priority=priority))
+        queue = make_queue(redis_conn, svc.settings, priority)
+        # What a worker killed right after its pop leaves: the id in that queue's intermediate list only.
+        assert redis_conn.lmove(queue.key, queue.intermediate_queue_key) == ids[priority].encode()
 
     svc.start_worker()
 
-    assert wait_for(svc.client, job_id, timeout=RECOVERY_BOUND)["status"] == "succeeded", svc.logs()
-    assert len(receiver.received(url)) == 1
+    for priority, job_id in ids.items():
+        job = wait_for(svc.client, job_id, timeout=RECOVERY_BOUND)
+        assert (job["status"], job["priority"]) == ("succeeded", priority), svc.logs()
+    assert sorted(r.headers["webhook-id"] for r in receiver.received(url)) == sorted(ids.values())
 
 
-@pytest.mark.parametrize("priority", PRIORITIES)
-def test_a_job_of_any_queue_whose_worker_is_killed_mid_delivery_is_recovered(service, receiver, priority):
+def test_jobs_of_every_queue_whose_worker_is_killed_mid_delivery_are_recovered(service, receiver):
     svc = service(DISPATCHER_WEBHOOK_TIMEOUT="15")
     first = svc.start_worker()
     url = receiver.url("slow/3")
-    job_id = svc.post("/v1/webhooks", webhook(url, priority=priority, retry={"backoff": [1]}))
-    wait_until(lambda: receiver.received(url), 15, "the first delivery never reached the receiver")
+    ids = {p: svc.post("/v1/webhooks", webhook(url, priority=p, retry={"backoff": [1]})) for p in PRIORITIES}
+    wait_until(lambda: len(receiver.received(url)) == 3, 15, f"the first deliveries never all began: {svc.logs()}")
 
     first.send_signal(signal.SIGKILL)
     svc.start_worker()
 
-    job = wait_for(svc.client, job_id, timeout=RECOVERY_BOUND)
-    assert (job["status"], job["priority"]) == ("succeeded", priority), svc.logs()
-    assert [a["outcome"] for a in job["attempts"]] == ["retryable", "succeeded"]
-    assert {r.headers["webhook-id"] for r in receiver.received(url)} == {job_id}
+    for priority, job_id in ids.items():
+        job = wait_for(svc.client, job_id, timeout=RECOVERY_BOUND)
+        assert (job["status"], job["priority"]) == ("succeeded", priority), svc.logs()
+        assert [a["outcome"] for a in job["attempts"]] == ["retryable", "succeeded"]
+    assert sorted(r.headers["webhook-id"] for r in receiver.received(url)) == sorted([*ids.values()] * 2)
 
 
 def test_sigkill_at_any_moment_loses_no_job_of_any_queue(service, receiver, redis_conn):
