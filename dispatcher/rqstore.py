@@ -2,15 +2,16 @@
 
 Dispatcher writes RQ's structures itself where RQ's public API costs too much (a job hash per
 request, a batch of pops, the bookkeeping of many jobs in one pipeline) or has no call for what it
-needs (requeueing an abandoned job atomically), and calls a few of RQ's private functions. Key names
-come from RQ's classes and prefix (RQ_KEY_PREFIX), never from strings written by hand. A new RQ
-release is checked here and in the contract tests: tests/test_enqueue.py, tests/test_rq_tools.py,
+needs (requeueing an abandoned job atomically), reads RQ's fields and results for the status view,
+and calls a few of RQ's private functions. Key names come from RQ's classes and prefix
+(RQ_KEY_PREFIX), never from strings written by hand. A new RQ release is checked here and in the
+contract tests: tests/test_enqueue.py, tests/test_rq_tools.py, tests/test_rq_executions.py,
 tests/test_rq_prefix.py, tests/test_worker_contract.py (pyproject.toml pins rq narrowly for it).
-Reading RQ's fields and results for the status view (dispatcher.status) still does its own reads.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import zlib
@@ -28,7 +29,7 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.utils import current_timestamp, utcformat
+from rq.utils import current_timestamp, now, utcformat
 
 # --- Writing jobs (the API) ------------------------------------------------------------------
 
@@ -322,10 +323,84 @@ def count_finished(pipe: Pipeline, worker_key: str, succeeded: int, failed: int,
         pipe.hincrbyfloat(worker_key, "total_working_time", seconds)
 
 
+# --- RQ's worker internals (workers.worker subclasses RQ's worker and runs its own loop) -------------
+
+
+def exception_handlers(worker: Any) -> list:
+    """The exception handlers RQ's worker was given (`exception_handlers=`, `--exception-handler`)."""
+    return cast(list, worker._exc_handlers)
+
+
+def work_horse_killed_handler(worker: Any) -> Any:
+    return worker._work_horse_killed_handler
+
+
+def mark_stop_requested(worker: Any) -> None:
+    """What RQ's own request_stop records: a warm shutdown asked for, and when."""
+    worker._stop_requested = True
+    worker._shutdown_requested_date = now()
+
+
+def stop_requested(worker: Any) -> bool:
+    return bool(worker._stop_requested)
+
+
+def stop_requested_at(worker: Any) -> datetime | None:
+    return cast(datetime | None, worker._shutdown_requested_date)
+
+
+def start_scheduler(worker: Any, burst: bool, logging_level: str | None, date_format: str, log_format: str) -> None:
+    """RQ's worker starts its scheduler (a thread, or in burst mode one pass) in its private `_start_scheduler`."""
+    worker._start_scheduler(burst, logging_level, date_format, log_format)
+
+
+def install_signal_handlers(worker: Any) -> None:
+    """RQ's SIGINT/SIGTERM handlers, which call the worker's `request_stop`."""
+    worker._install_signal_handlers()
+
+
 def stop_listener(thread: Any) -> None:
     """Tell RQ's command listener thread (redis-py's PubSubWorkerThread) to stop without waiting:
     its private flag, what its `stop()` clears before it waits."""
     thread._running.clear()
+
+
+# --- Reading (the status view) -------------------------------------------------------------------
+
+#: The job hash fields a status view needs; the job's data (maybe megabytes of attachments) is never read.
+VIEW_FIELDS = ("status", "created_at", "enqueued_at", "started_at", "ended_at", "meta", "origin")
+
+
+def read_job_view(pipe: Pipeline, queues: list[Queue], job_id: str) -> int:
+    """Queue in `pipe` the reads of what RQ holds of a job for its status view: VIEW_FIELDS of its
+    hash, its latest result, its score in each queue's scheduled registry (a job is scheduled in its
+    own queue's, and which that is sits in its hash, a round trip away). Returns how many replies
+    `job_view` takes."""
+    pipe.hmget(queues[0].job_class.key_for(job_id), VIEW_FIELDS)
+    pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
+    for queue in queues:
+        pipe.zscore(queue.scheduled_job_registry.key, job_id)
+    return 2 + len(queues)
+
+
+def job_view(replies: list[Any]) -> tuple[list | Exception, float | None, list | Exception]:
+    """From `read_job_view`'s replies: the VIEW_FIELDS values (or the error reading them), when the
+    job is scheduled for (Unix time, or None) and its latest result (a one-entry XREVRANGE reply)."""
+    fields, results, *scores = replies
+    scheduled_at = next((score for score in scores if isinstance(score, float)), None)
+    return fields, scheduled_at, results
+
+
+def exception_text(results: list) -> str | None:
+    """The exception text RQ stored with a result (base64 of zlib, in its `exc_string`), from an
+    XREVRANGE reply of its results; None if there is none or it cannot be read."""
+    try:
+        encoded = results[0][1].get(b"exc_string") if results else None
+        if not encoded:
+            return None
+        return zlib.decompress(base64.b64decode(encoded)).decode(errors="replace")
+    except (ValueError, TypeError, AttributeError, IndexError, zlib.error):
+        return None
 
 
 # --- Recovery (the reaper) ---------------------------------------------------------------------

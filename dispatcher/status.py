@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 import builtins
-import zlib
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import cast
 
 import redis
 from rq import Queue
-from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
+from dispatcher import rqstore
 from dispatcher.channels import KINDS, kind_of
 from dispatcher.history import UNREADABLE, History, isoformat, read_attempts
 from dispatcher.keys import Keys
@@ -42,8 +40,6 @@ _FROM_RQ: dict[bytes, Status] = {
     b"stopped": Status.FAILED,
     b"canceled": Status.CANCELED,
 }
-#: The job hash fields a status view needs; the job's data (maybe megabytes of attachments) is never read.
-_FIELDS = ("status", "created_at", "enqueued_at", "started_at", "ended_at", "meta", "origin")
 _LIST_PAGE = 200
 #: How far back GET /v1/jobs looks for matches before it stops.
 _LIST_SCAN_LIMIT = 20_000
@@ -108,24 +104,18 @@ class StatusReader:
 
     # (`builtins.list`: in this class, `list` is the method above)
     def _views(self, ids: builtins.list[str]) -> builtins.list[dict | None]:
-        # A job is scheduled in its own queue's registry; which queue is in its hash, one round trip away.
-        scheduled_keys = [queue.scheduled_job_registry.key for queue in self.queues]
-        job_class = self.queues[0].job_class
-        n = 3 + len(scheduled_keys)
+        n = 0
         with self.connection.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hmget(job_class.key_for(job_id), _FIELDS)
                 pipe.hgetall(self.keys.attempts(job_id))
-                pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
-                for key in scheduled_keys:
-                    pipe.zscore(key, job_id)
+                n = 1 + rqstore.read_job_view(pipe, self.queues, job_id)
             # One job's key of the wrong type answers an error for its own commands only: that job
             # is shown as unreadable, every other one as usual.
             replies = pipe.execute(raise_on_error=False)
         views = []
         for i, job_id in enumerate(ids):
-            fields, raw_attempts, results, *scores = replies[i * n : (i + 1) * n]
-            scheduled_at = next((score for score in scores if isinstance(score, float)), None)
+            raw_attempts, *rq_replies = replies[i * n : (i + 1) * n]
+            fields, scheduled_at, results = rqstore.job_view(rq_replies)
             views.append(_view(job_id, fields, raw_attempts, scheduled_at, results))
         return views
 
@@ -139,8 +129,8 @@ def _view(job_id: str, fields: list | Exception, raw_attempts: dict | Exception,
     problems: list[str] = []  # what leaves parts of the view empty
     if isinstance(fields, Exception):
         fatal.append(f"its record cannot be read ({_redis_error(fields)})")
-        fields = [None] * len(_FIELDS)
-    values = dict(zip(_FIELDS, fields, strict=True))
+        fields = [None] * len(rqstore.VIEW_FIELDS)
+    values = dict(zip(rqstore.VIEW_FIELDS, fields, strict=True))
     if not fatal and all(v is None for v in fields):
         return None
     status = _FROM_RQ.get(values["status"]) if values["status"] is not None else None
@@ -233,13 +223,8 @@ def _rq_failure(results: list) -> str:
 
 def _exc_string(results: list) -> str | None:
     """The last line of the exception text of the latest result, if it has a readable one."""
-    try:
-        encoded = results[0][1].get(b"exc_string") if results else None
-        if not encoded:
-            return None
-        lines = zlib.decompress(base64.b64decode(encoded)).decode(errors="replace").strip().splitlines()
-    except (ValueError, TypeError, AttributeError, IndexError, zlib.error):
-        return None
+    text = rqstore.exception_text(results)
+    lines = text.strip().splitlines() if text else []
     return lines[-1] if lines else None
 
 

@@ -134,11 +134,11 @@ class DispatcherWorker(SimpleWorker):
                 f"(like dispatcher-high, dispatcher, dispatcher-low), got {', '.join(q.name for q in self.queues)}"
             )
         # RQ options it cannot honour: it records every failure itself and runs no work horse.
-        if self._exc_handlers:
+        if rqstore.exception_handlers(self):
             raise ValueError("a DispatcherWorker does not support exception_handlers (it records failures itself)")
         if self.disable_default_exception_handler:
             raise ValueError("a DispatcherWorker does not support disable_default_exception_handler")
-        if self._work_horse_killed_handler is not None:
+        if rqstore.work_horse_killed_handler(self) is not None:
             raise ValueError("a DispatcherWorker does not support work_horse_killed_handler (it runs no work horse)")
         self.concurrency = concurrency
         self.max_per_host = max_per_host if max_per_host is not None else default_max_per_host(concurrency)
@@ -190,14 +190,14 @@ class DispatcherWorker(SimpleWorker):
         """First SIGTERM/SIGINT: take no new jobs, finish the deliveries in flight, then exit."""
         self.log.info("Worker %s: warm shut down requested; finishing deliveries in flight", self.name)
         self.stop_requested_by_signal = True
-        self._stop_requested = True
-        self._shutdown_requested_date = now()
+        rqstore.mark_stop_requested(self)
         signal.signal(signal.SIGINT, self.request_force_stop)
         signal.signal(signal.SIGTERM, self.request_force_stop)
 
     def request_force_stop(self, signum, frame) -> None:  # type: ignore[no-untyped-def]
         """Second signal: put the jobs in flight back on the queue and exit now."""
-        if self._shutdown_requested_date and now() - self._shutdown_requested_date < timedelta(seconds=1):
+        requested = rqstore.stop_requested_at(self)
+        if requested and now() - requested < timedelta(seconds=1):
             return  # the same stop, delivered twice (a process group and its parent)
         self.log.warning("Worker %s: cold shut down", self.name)
         self._force_stop = True
@@ -223,8 +223,8 @@ class DispatcherWorker(SimpleWorker):
         self._refuse_options(max_jobs, max_idle_time, dequeue_strategy, unsupported)
         self.bootstrap(logging_level, date_format, log_format)
         if with_scheduler:
-            self._start_scheduler(burst, logging_level, date_format, log_format)
-        self._install_signal_handlers()
+            rqstore.start_scheduler(self, burst, logging_level, date_format, log_format)
+        rqstore.install_signal_handlers(self)
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="delivery")
         running: dict[Future, Running] = {}
         self.jobs_done = 0
@@ -247,7 +247,7 @@ class DispatcherWorker(SimpleWorker):
                     break
                 suspended = self._check_suspension(burst, bool(running or self.held))
                 # A burst worker quits when suspended, as RQ's does; any other waits for `rq resume`.
-                quitting = self._stop_requested or (burst and suspended)
+                quitting = rqstore.stop_requested(self) or (burst and suspended)
                 if (quitting or suspended) and self.held:
                     self._put_back(list(self.held), None)  # never begun: back to the queue as they were
                     self.held.clear()
