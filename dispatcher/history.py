@@ -26,7 +26,7 @@ RECENT_FAILURES = 10
 #: settled the job, and how many attempts came before the current series (see _BEGIN).
 _BOOKKEEPING = frozenset({b"n", b"settled", b"base"})
 
-# KEYS: attempts hash, totals hash, the queue's FailedJobRegistry.
+# KEYS: attempts hash, totals hash, the queue's FailedJobRegistry, the job's hash.
 # ARGV: max attempts, the new attempt's JSON (without its number), TTL, job id, the job's
 # `<kind>:failed` totals field.
 # Returns {number, series start} for a new attempt; {0, JSON, number, series start} of the attempt
@@ -36,7 +36,9 @@ _BOOKKEEPING = frozenset({b"n", b"settled", b"base"})
 # script: a script error would fail every command of the worker's pipeline).
 # A job settled as failed that is no longer in the FailedJobRegistry was taken out and queued again
 # by RQ's requeue (`rq requeue`, rq-dashboard's Requeue): it starts a new series of attempts, with
-# its own max attempts, appended to the same history; the totals stop counting it as failed.
+# its own max attempts, appended to the same history; the totals stop counting it as failed, and
+# its hash loses the expiry its failure gave it (RQ's requeue keeps it: the job could vanish while
+# it waits for a retry). No other job's hash has one while it runs.
 _BEGIN = """
 local fields = redis.pcall('HMGET', KEYS[1], 'n', 'settled', 'base')
 if fields['err'] then  -- WRONGTYPE: name what it is (the common case costs no TYPE call)
@@ -69,6 +71,7 @@ if settled then
     redis.call('HINCRBY', KEYS[2], ARGV[5], -1)
     base = n
     redis.call('HSET', KEYS[1], 'base', base)
+    redis.call('PERSIST', KEYS[4])
     renewed = true
   elseif raw then
     return {0, raw, tonumber(settled), base}
@@ -187,19 +190,27 @@ class History:
         self._settle = connection.register_script(_SETTLE)
 
     def begin(
-        self, pipe: Pipeline, kind: Kind, job_id: str, max_attempts: int, keep_for: int, failed_registry: str
+        self,
+        pipe: Pipeline,
+        kind: Kind,
+        job_id: str,
+        max_attempts: int,
+        keep_for: int,
+        failed_registry: str,
+        job_key: str,
     ) -> datetime:
         """Queue the start of a new attempt in `pipe`; read its reply with `began()`.
 
         `keep_for` bounds the history's life until the job ends (then `finish` sets the
         job's own TTL), so a job deleted behind our back does not leave it forever.
         `failed_registry` is the key of the job's queue's FailedJobRegistry: a job settled as
-        failed and no longer in it was requeued by RQ's tools, and starts a new series.
+        failed and no longer in it was requeued by RQ's tools, and starts a new series (and its
+        hash, `job_key`, loses the expiry its failure gave it).
         """
         started = datetime.now(UTC)
         record = json.dumps({"started_at": isoformat(started)}, separators=(",", ":"))
         self._begin(
-            keys=[self.keys.attempts(job_id), self.keys.totals, failed_registry],
+            keys=[self.keys.attempts(job_id), self.keys.totals, failed_registry, job_key],
             args=[max_attempts, record, keep_for, job_id, f"{kind}:failed"],
             client=pipe,
         )

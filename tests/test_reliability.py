@@ -250,7 +250,7 @@ def _begin(history, job_id: str, max_attempts: int = 5):
     queue = Queue(history.keys.prefix.removeprefix("dispatcher:"), connection=history.connection)
     failed = queue.failed_job_registry.key
     with history.connection.pipeline() as pipe:
-        started = history.begin(pipe, "webhook", job_id, max_attempts, 600, failed)
+        started = history.begin(pipe, "webhook", job_id, max_attempts, 600, failed, queue.job_class.key_for(job_id))
         (reply,) = pipe.execute()
     began = history.began(reply, started)
     return began.attempt, began.fresh

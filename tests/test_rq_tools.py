@@ -64,6 +64,28 @@ def test_requeue_through_rqs_api_delivers_a_new_series_in_the_same_history(servi
     assert _stats(svc, "webhook") == (1, 0)
 
 
+def test_a_requeued_job_loses_its_failure_expiry_so_it_cannot_vanish_while_it_waits_for_a_retry(
+    service, receiver, redis_conn
+):
+    svc = service(DISPATCHER_FAILURE_TTL="60")
+    svc.start_worker()
+    url = receiver.url("fail/3/500")
+    retry = {"max_attempts": 2, "backoff": [3]}
+    job_id = svc.post("/v1/webhooks", {"url": url, "event_type": "a.b", "payload": {}, "retry": retry})
+    assert wait_for(svc.client, job_id, timeout=30)["status"] == "failed", svc.logs()
+    queue = make_queue(redis_conn, svc.settings)
+    job_key = queue.job_class.key_for(job_id)
+    queue.failed_job_registry.requeue(job_id)
+    assert 0 < redis_conn.ttl(job_key) <= 60  # failing gave it an expiry, and RQ's requeue keeps it
+
+    # The new series' first attempt fails too: the job waits for its retry, and must not expire meanwhile.
+    job = wait_for(svc.client, job_id, timeout=30, until=lambda j: j["status"] == "scheduled")
+    assert len(job["attempts"]) == 3
+    assert redis_conn.ttl(job_key) == -1
+    job = wait_for(svc.client, job_id, timeout=30, until=lambda j: j["status"] == "succeeded")
+    assert [a["status_code"] for a in job["attempts"]] == [500, 500, 500, 200]
+
+
 def test_rq_requeue_command_delivers_a_failed_email_again(service, smtp_server, redis_url):
     svc = service()
     svc.start_worker()

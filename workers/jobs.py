@@ -58,7 +58,7 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
     history = History(job.connection, Keys(split(job.origin)[0]))
     with job.connection.pipeline() as pipe:
         failed = job.failed_job_registry.key
-        started = history.begin(pipe, kind, job.id, max_attempts(data), history_ttl(job), failed)
+        started = history.begin(pipe, kind, job.id, max_attempts(data), history_ttl(job), failed, job.key)
         (reply,) = pipe.execute()
     try:
         attempt, fresh, series_start = history.began(reply, started)

@@ -437,7 +437,6 @@ class DispatcherWorker(SimpleWorker):
                 with batch.span(pipe):
                     rqstore.save_execution(pipe, execution, ttl)
                     job.prepare_for_execution(self.name, pipeline=pipe)
-                    pipe.persist(job.key)
                     pipe.lrem(queue.intermediate_queue_key, 1, job.id)
                     begin = None
                     if run_now:
@@ -500,7 +499,7 @@ class DispatcherWorker(SimpleWorker):
 
     def _begin(self, pipe: Pipeline, queue: Queue, kind: Kind, job: Job, data: dict) -> datetime:
         failed = queue.failed_job_registry.key
-        return self.history.begin(pipe, kind, job.id, max_attempts(data), history_ttl(job), failed)
+        return self.history.begin(pipe, kind, job.id, max_attempts(data), history_ttl(job), failed, job.key)
 
     def _began(self, item: Running, reply: object, started_at, poisoned: list[Poisoned]) -> None:  # type: ignore[no-untyped-def]
         """Read History.begin's reply: an attempt to make, a job already settled, or an unreadable history."""
