@@ -15,13 +15,13 @@ from pydantic import BaseModel, ValidationError
 from dispatcher.channels import CHANNELS, KINDS, Channel
 from dispatcher.enqueue import enqueue, enqueue_many
 from dispatcher.errors import APIError, FieldProblem
+from dispatcher.openapi import openapi_document
 from dispatcher.runtime import Runtime
-from dispatcher.status import Status
+from dispatcher.status import MAX_LIST_LIMIT, Status
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
 health = Blueprint("health", __name__)
 
-MAX_LIST_LIMIT = 1000
 
 
 def runtime() -> Runtime:
@@ -44,8 +44,6 @@ def readyz() -> Response:
 @health.get("/openapi.json")
 def openapi() -> Response:
     """The OpenAPI 3.1 document of this API; it holds no data, so it needs no key."""
-    from dispatcher.openapi import openapi_document  # it imports this module
-
     return jsonify(openapi_document())
 
 

@@ -11,11 +11,10 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from dispatcher.api import MAX_LIST_LIMIT
 from dispatcher.channels import CHANNELS, KINDS, Channel
 from dispatcher.models import MAX_BATCH
 from dispatcher.priorities import PRIORITIES
-from dispatcher.status import Status
+from dispatcher.status import MAX_LIST_LIMIT, Status
 
 _REF = "#/components/schemas/{model}"
 _COUNTS = ("queued", "scheduled", "running", "succeeded", "failed")

@@ -40,6 +40,8 @@ _FROM_RQ: dict[bytes, Status] = {
     b"stopped": Status.FAILED,
     b"canceled": Status.CANCELED,
 }
+#: Most jobs GET /v1/jobs answers at once.
+MAX_LIST_LIMIT = 1000
 _LIST_PAGE = 200
 #: How far back GET /v1/jobs looks for matches before it stops.
 _LIST_SCAN_LIMIT = 20_000

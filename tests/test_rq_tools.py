@@ -125,6 +125,7 @@ def dashboard(redis_url):
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read())
 
+        post.base = base  # type: ignore[attr-defined]  # for the tests that GET too
         try:
             yield post
         finally:
@@ -142,6 +143,24 @@ def test_rq_dashboard_requeue_delivers_a_failed_webhook_again(service, receiver,
     assert [a["status_code"] for a in job["attempts"]] == [500, 500, 200]
     assert {r.headers["webhook-id"] for r in receiver.received(url)} == {job_id}
     assert _stats(svc, "webhook") == (1, 0)
+
+
+def test_rq_dashboard_shows_each_priority_as_a_queue_with_its_jobs(service, receiver, dashboard):
+    svc = service()
+    url = receiver.url("ok")
+    for priority, n in (("high", 1), ("default", 2), ("low", 3)):
+        for _ in range(n):
+            svc.post("/v1/webhooks", {"url": url, "event_type": "a.b", "payload": {}, "priority": priority})
+
+    with urllib.request.urlopen(f"{dashboard.base}/0/data/queues.json", timeout=30) as response:
+        counts = {q["name"]: q["count"] for q in json.loads(response.read())["queues"]}
+
+    base = svc.settings.queue_name
+    assert {name: counts.get(name) for name in (f"{base}-high", base, f"{base}-low")} == {
+        f"{base}-high": 1,
+        base: 2,
+        f"{base}-low": 3,
+    }
 
 
 def test_rq_dashboard_delete_of_a_queued_job_means_it_is_never_delivered(service, receiver, dashboard):

@@ -12,10 +12,12 @@ failed (`fail_alone`), and its error says what could not be read.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import redis
 from redis.client import Pipeline
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -24,13 +26,24 @@ from rq.utils import now
 
 from dispatcher import rqstore
 from dispatcher.channels import JOB_FUNCTION, LEGACY_JOB_FUNCTIONS, kind_of
-from dispatcher.history import UNREADABLE
+from dispatcher.history import UNREADABLE, History
 from dispatcher.keys import Kind
 from workers.attempt import failure_ttl
 from workers.channels import DELIVERERS, UnknownPayload, channel_of
 
-if TYPE_CHECKING:
-    from workers.worker import DispatcherWorker
+
+class Worker(Protocol):
+    """What reading, repairing and failing jobs need of the worker (workers.worker.DispatcherWorker)."""
+
+    name: str
+    connection: redis.Redis
+    job_class: type[Job]
+    serializer: Any
+    history: History
+    queues: list[Queue]
+    log: logging.Logger
+
+    def count_finished(self, pipe: Pipeline, succeeded: int, failed: int, seconds: float = 0.0) -> None: ...
 
 #: Longest error text kept from an exception about garbage (it may quote the garbage).
 _MAX_ERROR = 300
@@ -128,7 +141,7 @@ def _text(value: object) -> str:
 
 
 def read_job(
-    worker: DispatcherWorker, queue: Queue, job_id: str, raw: dict | Exception
+    worker: Worker, queue: Queue, job_id: str, raw: dict | Exception
 ) -> tuple[Job, Kind, dict, str | None]:
     """The job, its kind, its data and its webhook host (None for emails), from its HGETALL reply
     (popped from `queue`).
@@ -163,7 +176,7 @@ def read_job(
     return job, kind, data, DELIVERERS[kind].host(data)
 
 
-def _restore(worker: DispatcherWorker, job_id: str, raw: dict) -> Job:
+def _restore(worker: Worker, job_id: str, raw: dict) -> Job:
     job = worker.job_class(job_id, connection=worker.connection, serializer=worker.serializer)
     try:
         job.restore(raw)
@@ -201,12 +214,12 @@ def _check_retry(data: dict) -> None:
 # --- repairing and failing --------------------------------------------------------------------
 
 
-def own_keys(job_id: str, worker: DispatcherWorker) -> dict[str, bytes]:
+def own_keys(job_id: str, worker: Worker) -> dict[str, bytes]:
     """The keys that belong to this one job, with the type each must have."""
     return rqstore.job_keys(worker.queues[0], job_id) | {worker.history.keys.attempts(job_id): b"hash"}
 
 
-def repair_and_replay(worker: DispatcherWorker, job: Job, batch: Batch, index: int, attempt_number: int) -> bool:
+def repair_and_replay(worker: Worker, job: Job, batch: Batch, index: int, attempt_number: int) -> bool:
     """Span `index` of `batch` failed on keys of this job's own of the wrong type: delete them, write
     the job's hash again from memory if it was one of them, replay the span's commands on those keys.
 
@@ -251,7 +264,7 @@ def _keys_of(args: tuple) -> list[str]:
     return [_text(args[1])] if len(args) > 1 else []
 
 
-def fail_alone(worker: DispatcherWorker, poisoned: list[Poisoned]) -> None:
+def fail_alone(worker: Worker, poisoned: list[Poisoned]) -> None:
     """Mark each job failed, with an error saying what could not be read, whatever its keys hold.
 
     A key of the job's own that has the wrong type is deleted first (it belongs to that job
