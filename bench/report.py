@@ -57,13 +57,32 @@ def calls_cell(row: dict) -> str:
     return " · ".join(parts) or "—"
 
 
+def cpu_cell(row: dict) -> str:
+    """Worker CPU (user + system, ms) per delivered job: the drains only."""
+    parts = []
+    for name in ("ours", *BASELINES):
+        ms = row["setups"].get(name, {}).get("worker_cpu_ms_per_job")
+        if ms is not None:
+            parts.append(f"{SHORT[name]} {ms:.2f}")
+    return " · ".join(parts) or "—"
+
+
 def met_cell(row: dict) -> str:
     if row.get("met") is None:
         return "n/a"
     return "yes" if row["met"] else "**no**"
 
 
-HEADER = ["scenario", "ours", *BASELINE_LABELS.values(), "ours vs baseline", "Redis calls/job", "target", "met?"]
+HEADER = [
+    "scenario",
+    "ours",
+    *BASELINE_LABELS.values(),
+    "ours vs baseline",
+    "Redis calls/job",
+    "worker CPU ms/job",
+    "target",
+    "met?",
+]
 
 
 def table(rows: list[dict]) -> str:
@@ -77,6 +96,7 @@ def table(rows: list[dict]) -> str:
                 *(cell(row["setups"].get(name), unit) for name in BASELINES),
                 ratio_cell(row),
                 calls_cell(row),
+                cpu_cell(row),
                 row["target"],
                 met_cell(row),
             ]

@@ -4,7 +4,9 @@ Drain timing (webhooks, emails, slow receiver): the workers start on an empty qu
 registered and idle; the whole queue then becomes visible at once (see bench.setups), and the clock
 runs from that moment to the last delivery the receiver logged. Redis calls per job: INFO
 commandstats just before the queue appears and after the last job is recorded, minus the
-benchmark's own commands, divided by the jobs delivered.
+benchmark's own commands, divided by the jobs delivered. Worker CPU per job: user + system time of
+the workers' process trees (RQ's work-horses and Celery's pool children included) over the same
+window, divided by the jobs delivered: less sensitive than the rate to other processes on the machine.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from bench.services import (
     process_tree,
     rss_bytes,
     script,
+    tree_cpu_ms,
     wait_for_port,
     wait_for_quiet,
 )
@@ -194,6 +197,9 @@ def drain(
         calls_before = ctx.redis.calls()
         own_commands = 1 + fill.commands  # that INFO, and the fill itself
         cpu = CpuWatch().start()
+        worker_pids = [p.pid for p in setup.workers]
+        # Taken before the commit: once the jobs are visible the workers start at once.
+        worker_cpu_before = tree_cpu_ms(worker_pids)
         t0 = fill.commit()
         limit = time.monotonic() + deadline
         while True:
@@ -215,6 +221,8 @@ def drain(
             time.sleep(0.02)
             succeeded, commands = setup.settled(n)
             own_commands += commands
+        # After the settle wait, as for the Redis calls: the last jobs' bookkeeping is part of their cost.
+        worker_cpu = tree_cpu_ms(worker_pids) - worker_cpu_before
         calls = ctx.redis.calls() - calls_before - own_commands
     finally:
         setup.stop(ctx.procs)
@@ -232,6 +240,8 @@ def drain(
         "first_delivery_after_s": round(first - t0, 4),
         "redis_calls": calls,
         "redis_calls_per_job": calls / delivered if delivered else None,
+        "worker_cpu_ms": round(worker_cpu, 1),
+        "worker_cpu_ms_per_job": worker_cpu / delivered if delivered else None,
         "duplicates": len(ids) - len(set(ids)),
         "max_in_flight_at_receiver": max((a.in_flight for a in arrivals), default=0),
         "background_cpu_pct": round(background, 1),
@@ -268,11 +278,13 @@ def measure_drains(
                 partial = "" if result["complete"] else f"  PARTIAL: {result['delivered']}/{n} in the time limit"
                 ctx.say(
                     f"{scenario} / {setup.label} run {i + 1}/{runs}: {n} jobs, {result['value']:,.0f}/s "
-                    f"in {result['seconds']:.2f}s, {result['redis_calls_per_job'] or 0:.1f} Redis calls/job"
-                    f"{background_note(result)}{partial}"
+                    f"in {result['seconds']:.2f}s, {result['redis_calls_per_job'] or 0:.1f} Redis calls/job, "
+                    f"{result['worker_cpu_ms_per_job'] or 0:.2f} ms worker CPU/job{background_note(result)}{partial}"
                 )
         kept, discarded = select(ctx, run_results, runs)
+        cpu = [r["worker_cpu_ms_per_job"] for r in kept if r.get("worker_cpu_ms_per_job") is not None]
         results[name] = setup_entry(setup.label, kept) | {
+            "worker_cpu_ms_per_job": statistics.median(cpu) if cpu else None,
             "jobs": n,
             "processes": setup.processes_count,
             "discarded_runs": discarded,

@@ -430,8 +430,8 @@ def _system_busy_ticks() -> int:
     return fields[0] + fields[1] + fields[2] + (fields[7] if len(fields) > 7 else 0)
 
 
-def _tree_ticks(pid: int) -> int:
-    """CPU ticks of a process, its reaped children, and all its live descendants."""
+def _tree_ticks(*pids: int) -> int:
+    """CPU ticks of processes, their reaped children, and all their live descendants (one /proc scan)."""
     children: dict[int, list[int]] = defaultdict(list)
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -445,12 +445,18 @@ def _tree_ticks(pid: int) -> int:
         # After the command: state ppid ... utime(12) stime(13) cutime(14) cstime(15), counted from state = 0.
         children[int(fields[1])].append(int(entry))
         ticks[int(entry)] = sum(int(v) for v in fields[11:15])
-    total, todo = 0, [pid]
+    total, todo = 0, list(pids)
     while todo:
         current = todo.pop()
         total += ticks.get(current, 0)
         todo.extend(children.get(current, ()))
     return total
+
+
+def tree_cpu_ms(pids: list[int]) -> float:
+    """User + system CPU time, in ms, used so far by these processes and their descendants, reaped
+    work-horses included (they count in their parent's cutime/cstime once waited for)."""
+    return _tree_ticks(*pids) * 1000 / _CLOCK_TICKS
 
 
 @dataclass

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import redis
@@ -25,6 +24,7 @@ from dispatcher.keys import Keys
 from dispatcher.priorities import PRIORITIES, queue_name
 from dispatcher.rqstore import WAKE_TOKENS
 from tests.conftest import AUTH, ROOT, process_env, wait_for, wait_until
+from tests.test_worker_contract import rq_worker_command, run_in
 from workers.worker import IDLE_BLOCK, DispatcherWorker
 
 BIN_DISPATCHER = [sys.executable, "-c", "import sys; from dispatcher.cli import main; sys.exit(main())"]
@@ -171,25 +171,7 @@ def test_rq_worker_with_dispatchers_class_takes_priority_queues_and_refuses_mixe
     svc = service()
     base = svc.settings.queue_name
     ids = [svc.post("/v1/webhooks", webhook(receiver.url("ok"), priority=p)) for p in ("low", "high")]
-    command = [
-        str(Path(sys.executable).parent / "rq"),
-        "worker",
-        "-w",
-        "workers.worker.DispatcherWorker",
-        "-u",
-        redis_url,
-        "-S",
-        "rq.serializers.JSONSerializer",
-        "--burst",
-    ]
-    done = subprocess.run(
-        [*command, f"{base}-high", f"{base}-low"],
-        env=process_env(svc.env),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=EXIT_BOUND,
-    )
+    done = run_in(svc, rq_worker_command(svc, redis_url, "--burst", queues=[f"{base}-high", f"{base}-low"]))
     assert done.returncode == 0, done.stderr
     assert [svc.client.get(f"/v1/jobs/{i}", headers=AUTH).get_json()["status"] for i in ids] == ["succeeded"] * 2
 

@@ -227,7 +227,8 @@ def test_worker_help_describes_the_options(run, capsys):
         assert option in text, text
 
 
-def _rq_worker_command(svc, redis_url: str, *options: str) -> list[str]:
+def rq_worker_command(svc, redis_url: str, *options: str, queues: list[str] | None = None) -> list[str]:
+    """`rq worker` with Dispatcher's worker class on the service's queue (or `queues`)."""
     return [
         str(BIN / "rq"),
         "worker",
@@ -238,11 +239,11 @@ def _rq_worker_command(svc, redis_url: str, *options: str) -> list[str]:
         "-S",
         "rq.serializers.JSONSerializer",
         *options,
-        svc.settings.queue_name,
+        *(queues or [svc.settings.queue_name]),
     ]
 
 
-def _run(svc, command: list) -> subprocess.CompletedProcess:
+def run_in(svc, command: list) -> subprocess.CompletedProcess:
     """Run `command` in the service's environment, from the project's root, within EXIT_BOUND."""
     return subprocess.run(
         command, env=process_env(svc.env), cwd=ROOT, capture_output=True, text=True, timeout=EXIT_BOUND
@@ -253,7 +254,7 @@ def test_rq_worker_with_dispatchers_worker_class_honours_burst_and_max_jobs(serv
     svc = service()
     ids = [webhook(svc, receiver.url("ok")) for _ in range(2)]
 
-    done = _run(svc, _rq_worker_command(svc, redis_url, "--burst", "--max-jobs", "1"))
+    done = run_in(svc, rq_worker_command(svc, redis_url, "--burst", "--max-jobs", "1"))
 
     assert done.returncode == 0, done.stderr
     assert sorted(status(svc, job_id) for job_id in ids) == ["queued", "succeeded"], done.stderr
@@ -262,7 +263,7 @@ def test_rq_worker_with_dispatchers_worker_class_honours_burst_and_max_jobs(serv
 def test_rq_worker_with_dispatchers_worker_class_refuses_a_dequeue_strategy(service, redis_url):
     svc = service()
 
-    done = _run(svc, _rq_worker_command(svc, redis_url, "--burst", "--dequeue-strategy", "random"))
+    done = run_in(svc, rq_worker_command(svc, redis_url, "--burst", "--dequeue-strategy", "random"))
 
     assert done.returncode == 1
     assert "dequeue_strategy must be 'default'" in done.stderr, done.stderr
@@ -382,7 +383,7 @@ print(json.dumps({
 @pytest.mark.parametrize("prefix", [None, "ctr"], ids=["rq prefix", "RQ_KEY_PREFIX=ctr"])
 def test_the_reaper_clears_a_dead_workers_execution_from_rqs_lists(service, receiver, prefix):
     svc = service(**({"RQ_KEY_PREFIX": prefix} if prefix else {}))
-    done = _run(svc, [sys.executable, "-c", _DEAD_WORKER, receiver.url("ok")])
+    done = run_in(svc, [sys.executable, "-c", _DEAD_WORKER, receiver.url("ok")])
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.splitlines()[-1])
     assert all(key.startswith(f"{prefix or 'rq'}:") for key in seen["keys"]), seen["keys"]
