@@ -48,23 +48,23 @@ def ratio_cell(row: dict) -> str:
     return " · ".join(parts) or "—"
 
 
-def calls_cell(row: dict) -> str:
+def per_setup_cell(row: dict, field: str, digits: int) -> str:
+    """`field` of each setup that has it, like `ours 22.2 · simple 57.0`."""
     parts = []
     for name in ("ours", *BASELINES):
-        calls = row["setups"].get(name, {}).get("redis_calls_per_job")
-        if calls is not None:
-            parts.append(f"{SHORT[name]} {calls:.1f}")
+        value = row["setups"].get(name, {}).get(field)
+        if value is not None:
+            parts.append(f"{SHORT[name]} {value:.{digits}f}")
     return " · ".join(parts) or "—"
+
+
+def calls_cell(row: dict) -> str:
+    return per_setup_cell(row, "redis_calls_per_job", 1)
 
 
 def cpu_cell(row: dict) -> str:
     """Worker CPU (user + system, ms) per delivered job: the drains only."""
-    parts = []
-    for name in ("ours", *BASELINES):
-        ms = row["setups"].get(name, {}).get("worker_cpu_ms_per_job")
-        if ms is not None:
-            parts.append(f"{SHORT[name]} {ms:.2f}")
-    return " · ".join(parts) or "—"
+    return per_setup_cell(row, "worker_cpu_ms_per_job", 2)
 
 
 def met_cell(row: dict) -> str:
