@@ -1,0 +1,242 @@
+"""A Python client for Dispatcher's REST API (v1), on `requests`.
+
+    from dispatcher.client import Client
+    client = Client("http://127.0.0.1:8000", api_key="...")
+    job_id = client.send_webhook(url="https://example.com/hooks", event_type="order.created", payload={"id": 1})
+    print(client.wait(job_id)["status"])
+
+Every error answer is raised as an exception carrying the API's `code`, `message` and field
+`details`. A `503` (Redis unreachable; the API wrote nothing) and a failure to connect are retried a
+few times with backoff; a request that may have reached the server is never sent twice, so a POST is
+not retried after a read timeout (it could have enqueued a job).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, Literal, TypedDict
+
+import requests
+from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+Priority = Literal["high", "default", "low"]
+Kind = Literal["email", "webhook"]
+#: Job statuses from which a job moves no further.
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+
+
+class FieldError(TypedDict):
+    field: str
+    problem: str
+
+
+class Attempt(TypedDict):
+    number: int
+    started_at: str
+    finished_at: str | None
+    duration_ms: int | None
+    outcome: str | None
+    status_code: int | None
+    error: str | None
+    response_excerpt: str | None
+
+
+class Job(TypedDict):
+    id: str
+    kind: Kind
+    status: str
+    priority: Priority | None
+    created_at: str | None
+    updated_at: str | None
+    next_attempt_at: str | None
+    attempts: list[Attempt]
+    error: str | None
+    metadata: dict[str, str]
+    target: dict[str, Any] | None
+
+
+class DispatcherError(Exception):
+    """An error answer of the API: its HTTP status, `code`, `message` and field `details`."""
+
+    def __init__(self, status: int, code: str, message: str, details: list[FieldError] | None = None) -> None:
+        fields = "".join(f"; {d['field']}: {d['problem']}" for d in details or [])
+        super().__init__(f"{status} {code}: {message}{fields}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details: list[FieldError] = details or []
+
+
+class ValidationFailed(DispatcherError):
+    """422: `details` names every bad field (`items.<index>.<field>` in a batch)."""
+
+
+class Unauthorized(DispatcherError):
+    """401: no API key, or not one of DISPATCHER_API_KEYS."""
+
+
+class NotFound(DispatcherError):
+    """404: no such job (or it expired)."""
+
+
+class Unavailable(DispatcherError):
+    """503 after every retry, or the server could not be reached (status 0)."""
+
+
+_ERRORS: dict[int, type[DispatcherError]] = {422: ValidationFailed, 401: Unauthorized, 404: NotFound, 503: Unavailable}
+
+
+class Client:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        session: requests.Session | None = None,
+    ) -> None:
+        """`retries`: how many times a 503 or a failed connection is tried again (0: never), waiting
+        `backoff` seconds, then twice that, and so on."""
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.session = session or requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def send_email(
+        self,
+        *,
+        to: list[str],
+        subject: str,
+        text: str | None = None,
+        html: str | None = None,
+        priority: Priority | None = None,
+        **fields: Any,
+    ) -> str:
+        """Enqueue one email; returns its job id. `fields`: cc, bcc, from_ (sent as `from`),
+        reply_to, attachments, headers, metadata, retry, as the API documents them."""
+        body = _drop_none({"to": to, "subject": subject, "text": text, "html": html, "priority": priority})
+        body.update(_email_fields(fields))
+        return str(self._request("POST", "/v1/emails", body)["id"])
+
+    def send_webhook(
+        self,
+        *,
+        url: str,
+        event_type: str,
+        payload: dict[str, Any],
+        priority: Priority | None = None,
+        **fields: Any,
+    ) -> str:
+        """Enqueue one webhook; returns its job id. `fields`: headers, metadata, retry."""
+        body = _drop_none({"url": url, "event_type": event_type, "payload": payload, "priority": priority})
+        body.update(_drop_none(fields))
+        return str(self._request("POST", "/v1/webhooks", body)["id"])
+
+    def send_emails(self, items: Iterable[dict[str, Any]], priority: Priority | None = None) -> list[str]:
+        """Enqueue a batch (all or none; `low` priority unless given); returns the job ids in order.
+        Items are the API's email objects (`from`, not `from_`)."""
+        return self._batch("/v1/emails/batch", items, priority)
+
+    def send_webhooks(self, items: Iterable[dict[str, Any]], priority: Priority | None = None) -> list[str]:
+        """Enqueue a batch of webhooks (all or none; `low` priority unless given); returns the ids."""
+        return self._batch("/v1/webhooks/batch", items, priority)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job:
+        """The job's status and attempts; NotFound if there is none (or it expired)."""
+        return self._request("GET", f"/v1/jobs/{requests.utils.quote(job_id, safe='')}")  # type: ignore[return-value]
+
+    def jobs(self, kind: Kind | None = None, status: str | None = None, limit: int = 50) -> list[Job]:
+        """Newest first, filtered by kind and status."""
+        params = _drop_none({"kind": kind, "status": status, "limit": limit})
+        return self._request("GET", "/v1/jobs", params=params)["jobs"]  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/stats")
+
+    def ready(self) -> bool:
+        """Whether the API answers and reaches Redis (GET /readyz), without retrying."""
+        try:
+            response = self.session.get(f"{self.base_url}/readyz", timeout=self.timeout)
+        except requests.RequestException:
+            return False
+        return response.status_code == 200
+
+    def wait(self, job_id: str, timeout: float = 60.0, poll: float = 0.2) -> Job:
+        """Poll the job until it succeeded, failed or was canceled; TimeoutError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["status"] in TERMINAL:
+                return job
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout}s")
+            time.sleep(poll)
+
+    # --- transport -----------------------------------------------------------------------------
+
+    def _batch(self, path: str, items: Iterable[dict[str, Any]], priority: Priority | None) -> list[str]:
+        body = _drop_none({"items": list(items), "priority": priority})
+        return [item["id"] for item in self._request("POST", path, body)["items"]]
+
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self.session.request(
+                    method, self.base_url + path, json=body, params=params, timeout=self.timeout
+                )
+            except requests.RequestException as exc:
+                # A GET may always be sent again; a POST only if it never left (else it may have enqueued).
+                if last or not (method == "GET" or _never_sent(exc)):
+                    raise Unavailable(0, "unreachable", f"{method} {path}: {exc}") from exc
+            else:
+                if response.status_code != 503 or last:
+                    return _answer(response)
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _answer(response: requests.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if response.ok and isinstance(data, dict):
+        return data
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        error = {"code": "unexpected_answer", "message": response.text[:200] or response.reason}
+    kind = _ERRORS.get(response.status_code, DispatcherError)
+    raise kind(response.status_code, str(error.get("code")), str(error.get("message")), error.get("details"))
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """Whether the connection failed before the request went out (so a POST can be sent again)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, MaxRetryError):
+        reason = reason.reason
+    return isinstance(reason, NewConnectionError)
+
+
+def _drop_none(fields: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _email_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Keyword names to the API's: `from_` is `from` (a Python keyword)."""
+    return {("from" if name == "from_" else name): value for name, value in _drop_none(fields).items()}

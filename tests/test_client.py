@@ -1,0 +1,170 @@
+"""dispatcher.client against the real app over HTTP on loopback, with real Redis, workers, SMTP and
+receivers; its retries against servers that fail in the ways it must handle."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+from werkzeug.serving import make_server
+
+from dispatcher.app import create_app
+from dispatcher.client import Client, DispatcherError, NotFound, Unauthorized, Unavailable, ValidationFailed
+from tests.conftest import API_KEY, free_port
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    """serve(settings) -> base URL of the app with those settings, on a free loopback port."""
+    servers = []
+
+    def start(settings) -> str:
+        server = make_server("127.0.0.1", free_port(), create_app(settings), threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture
+def client_of(service, serve):
+    """A service (its own queues, workers on demand) and a Client of it over HTTP."""
+    svc = service()
+    return svc, Client(serve(svc.settings), API_KEY, backoff=0.01)
+
+
+def test_sends_and_follows_a_webhook_and_an_email(client_of, receiver, smtp_server):
+    svc, client = client_of
+    svc.start_worker()
+    url = receiver.url("ok")
+    address = f"client-{uuid.uuid4().hex[:8]}@example.com"
+
+    hook = client.send_webhook(url=url, event_type="order.created", payload={"id": 7}, priority="high")
+    mail = client.send_email(
+        to=[address], subject="Hi", text="hello", from_="Shop <shop@example.com>", metadata={"order": "7"}
+    )
+
+    job = client.wait(hook, timeout=30)
+    assert (job["status"], job["kind"], job["priority"]) == ("succeeded", "webhook", "high")
+    assert [r.headers["webhook-id"] for r in receiver.received(url)] == [hook]
+    job = client.wait(mail, timeout=30)
+    assert (job["status"], job["metadata"]) == ("succeeded", {"order": "7"})
+    (message,) = smtp_server.handler.messages_to(address)
+    assert b'From: "Shop" <shop@example.com>' in message.content
+    assert {j["id"] for j in client.jobs(limit=10)} == {hook, mail}
+    assert [j["id"] for j in client.jobs(kind="email")] == [mail]
+    stats = client.stats()
+    assert stats["webhook"]["succeeded"] == stats["email"]["succeeded"] == 1
+    assert client.ready()
+
+
+def test_batches_come_back_as_ids_in_order_on_their_priority(client_of, receiver):
+    svc, client = client_of
+    url = receiver.url("ok")
+    items = [{"url": url, "event_type": "a.b", "payload": {"n": n}} for n in range(3)]
+
+    ids = client.send_webhooks(items)
+    urgent = client.send_webhooks(items[:1], priority="high")
+
+    assert [client.job(i)["priority"] for i in [*ids, *urgent]] == ["low", "low", "low", "high"]
+    svc.start_worker()
+    assert [client.wait(i, timeout=30)["status"] for i in ids] == ["succeeded"] * 3
+
+
+def test_error_answers_are_exceptions_with_the_apis_details(client_of, receiver):
+    _, client = client_of
+    with pytest.raises(ValidationFailed) as invalid:
+        client.send_webhook(url="ftp://example.com/", event_type="bad type", payload={})
+    assert invalid.value.status == 422 and invalid.value.code == "validation_error"
+    assert {d["field"] for d in invalid.value.details} == {"url", "event_type"}
+    assert "url:" in str(invalid.value)
+
+    good = {"to": ["a@example.com"], "subject": "s", "text": "t"}
+    with pytest.raises(ValidationFailed) as batch:
+        client.send_emails([good, good | {"to": ["not an address"]}])
+    assert [d["field"] for d in batch.value.details] == ["items.1.to.0"]
+
+    with pytest.raises(NotFound) as missing:
+        client.job("wh_" + "0" * 32)
+    assert missing.value.code == "not_found"
+    with pytest.raises(Unauthorized):
+        Client(client.base_url, "not-a-key").stats()
+    with pytest.raises(DispatcherError):  # any error answer is a DispatcherError
+        client.jobs(limit=0)
+
+
+def test_a_503_is_retried_then_raised(service, serve):
+    """Redis unreachable: the API answers 503 (it wrote nothing), which the client tries again."""
+    svc = service()
+    down = replace(svc.settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    client = Client(serve(down), API_KEY, retries=2, backoff=0.01)
+    answers: list[int] = []
+    client.session.hooks["response"].append(lambda response, **_: answers.append(response.status_code))
+
+    with pytest.raises(Unavailable) as unavailable:
+        client.send_webhook(url="http://127.0.0.1:9/h", event_type="a.b", payload={})
+
+    assert unavailable.value.status == 503
+    assert answers == [503, 503, 503]
+    assert not client.ready()
+
+
+class SilentServer:
+    """Accepts connections and reads requests, never answers: counts the requests that arrived."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.requests = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with conn:
+            if conn.recv(65536):
+                with self.lock:
+                    self.requests += 1
+            time.sleep(5)
+
+
+def test_a_post_that_may_have_arrived_is_never_sent_twice_but_a_get_is_retried():
+    silent = SilentServer()
+    client = Client(silent.url, API_KEY, timeout=0.3, retries=3, backoff=0.01)
+
+    with pytest.raises(Unavailable):
+        client.send_webhook(url="https://example.com/h", event_type="a.b", payload={})
+    assert silent.requests == 1  # read timed out: it may have enqueued, so not sent again
+
+    with pytest.raises(Unavailable):
+        client.stats()
+    assert silent.requests == 1 + 4  # a GET changes nothing: tried again, three times
+    silent.sock.close()
+
+
+def test_a_post_that_could_not_connect_is_sent_again():
+    port = free_port()  # nothing listens there: every try is refused before anything is sent
+    client = Client(f"http://127.0.0.1:{port}", API_KEY, retries=2, backoff=0.2)
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as unreachable:
+        client.send_webhook(url="https://example.com/h", event_type="a.b", payload={})
+    assert unreachable.value.status == 0 and unreachable.value.code == "unreachable"
+    assert time.monotonic() - started >= 0.2 + 0.4  # waited before each of its two retries
