@@ -36,9 +36,11 @@ def healthz() -> Response:
 
 @health.get("/readyz")
 def readyz() -> Response:
-    """Redis answers; a RedisError here becomes the usual 503 JSON."""
-    runtime().connection.ping()
-    return jsonify(status="ok")
+    """Redis answers (a RedisError here becomes the usual 503 JSON); and, per priority, the jobs
+    waiting and the workers alive to deliver them, with a warning where jobs wait for nobody."""
+    rt = runtime()
+    rt.connection.ping()
+    return jsonify(status="ok", **rt.status.readiness())
 
 
 @health.get("/openapi.json")

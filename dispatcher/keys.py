@@ -25,6 +25,10 @@ class Keys:
         """Hash of one job's attempts: field `n` is the counter, fields `1`, `2`, ... the records."""
         return f"{self.prefix}:attempts:{job_id}"
 
+    def alive(self, worker_name: str) -> str:
+        """A worker's liveness: set with a short TTL by its reaper thread every few seconds."""
+        return f"{self.prefix}:alive:{worker_name}"
+
     def limbo(self, job_id: str) -> str:
         """When a reaper first saw this job popped but not started (a worker clears it as it starts the job)."""
         return f"{self.prefix}:limbo:{job_id}"

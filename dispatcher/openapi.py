@@ -64,6 +64,21 @@ _SCHEMAS: dict[str, dict] = {
         {"id": _STRING, "status": {"type": "string", "enum": ["queued"]}, "status_url": _STRING}
     ),
     "Health": _object({"status": {"type": "string", "enum": ["ok"]}}),
+    "Readiness": _object(
+        {
+            "status": {"type": "string", "enum": ["ok"]},
+            "queues": _object(
+                {
+                    p: _object(
+                        {"queue": _STRING, "queued": {"type": "integer", "minimum": 0},
+                         "workers": {"type": "integer", "minimum": 0}}
+                    )
+                    for p in PRIORITIES
+                }
+            ),
+            "warnings": _STRINGS,
+        }
+    ),
     **{_target(c): _object(c.target_schema["properties"]) for c in CHANNELS.values()},
     "Attempt": _object(
         {
@@ -210,7 +225,9 @@ _PATHS = {
     ),
     "/v1/stats": _get("get_stats", "Counts per kind and status, recent failures", _ref("Stats"), (401, 503)),
     "/healthz": _get("healthz", "The process is up", _ref("Health"), (), security=[]),
-    "/readyz": _get("readyz", "Redis answers", _ref("Health"), (503,), security=[]),
+    "/readyz": _get(
+        "readyz", "Redis answers; jobs waiting and workers alive per priority", _ref("Readiness"), (503,), security=[]
+    ),
 }
 
 

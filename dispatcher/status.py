@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import cast
 
 import redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
@@ -103,6 +103,29 @@ class StatusReader:
             if kind in counts and status in counts[kind]:
                 counts[kind][status] = value
         return {**counts, "recent_failures": self.history.recent_failures()}
+
+    def readiness(self) -> dict:
+        """Per priority: the jobs waiting in its queue and the workers alive that serve it (RQ's
+        worker registrations, each confirmed by its liveness key, which expires within seconds of
+        its death; RQ's own entries outlive a killed worker by minutes)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            names = []
+            for queue in self.queues:
+                keys = Worker.all_keys(connection=self.connection, queue=queue)
+                names.append([key.removeprefix(Worker.redis_worker_namespace_prefix) for key in keys])
+                for name in names[-1]:
+                    pipe.exists(self.keys.alive(name))
+                pipe.llen(queue.key)
+            replies = pipe.execute()
+        queues: dict[str, dict] = {}
+        warnings = []
+        for queue, served_by in zip(self.queues, names, strict=True):
+            alive = sum(bool(replies.pop(0)) for _ in served_by)
+            queued = int(replies.pop(0))
+            queues[split(queue.name)[1]] = {"queue": queue.name, "queued": queued, "workers": alive}
+            if queued and not alive:
+                warnings.append(f"{queued} job(s) wait in {queue.name} and no worker serving it is alive")
+        return {"queues": queues, "warnings": warnings}
 
     # (`builtins.list`: in this class, `list` is the method above)
     def _views(self, ids: builtins.list[str]) -> builtins.list[dict | None]:

@@ -402,7 +402,10 @@ def test_readyz_answers_200_with_redis(client):
     response = client.get("/readyz")
 
     assert response.status_code == 200
-    assert response.get_json() == {"status": "ok"}
+    body = response.get_json()
+    assert body["status"] == "ok"
+    assert set(body["queues"]) == {"high", "default", "low"}
+    assert set(body) == {"status", "queues", "warnings"}
 
 
 @pytest.fixture(scope="module")

@@ -53,11 +53,8 @@ class Reaper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def alive_key(self, worker_name: str) -> str:
-        return f"{self.keys.prefix}:alive:{worker_name}"
-
     def beat(self) -> None:
-        self.connection.set(self.alive_key(self.worker_name), 1, ex=ALIVE_TTL)
+        self.connection.set(self.keys.alive(self.worker_name), 1, ex=ALIVE_TTL)
 
     def start(self) -> None:
         """Beat now (before the first dequeue), then every BEAT_INTERVAL from a daemon thread."""
@@ -70,7 +67,7 @@ class Reaper:
         if self._thread is not None:
             self._thread.join(timeout=BEAT_INTERVAL + 2)
         with contextlib.suppress(redis.RedisError):
-            self.connection.delete(self.alive_key(self.worker_name))
+            self.connection.delete(self.keys.alive(self.worker_name))
 
     def _run(self) -> None:
         while not self._stop.wait(BEAT_INTERVAL):
@@ -114,7 +111,7 @@ class Reaper:
             owners = [o if isinstance(o, bytes) else None for o in pipe.execute(raise_on_error=False)]
         with self.connection.pipeline(transaction=False) as pipe:
             for owner in owners:
-                pipe.exists(self.alive_key(owner.decode(errors="replace"))) if owner else pipe.exists("")
+                pipe.exists(self.keys.alive(owner.decode(errors="replace"))) if owner else pipe.exists("")
             alive = pipe.execute()
         requeued = 0
         for (member, score), owner, is_alive in zip(entries, owners, alive, strict=True):
