@@ -34,6 +34,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestTimeout
 
 from dispatcher.config import DEFAULT_WEB_HOST, Settings
 from dispatcher.errors import APIError, ConfigError
+from dispatcher.watch import DeliveryWatch
 
 #: Seconds a client has to send a request's line and headers, and that an idle kept-alive
 #: connection stays open. A client still sending headers then is disconnected.
@@ -107,6 +108,11 @@ class WebServer(BaseApplication):
         self.cfg.set("control_socket_disable", True)
         self.cfg.set("loglevel", self.log_level)
         self.cfg.set("accesslog", "-" if os.environ.get("DISPATCHER_ACCESS_LOG") == "1" else None)
+        self.cfg.set("when_ready", self._watch_delivery)
+
+    def _watch_delivery(self, arbiter: Any) -> None:
+        """In the master process, once it listens: warn in its log when jobs wait for no worker."""
+        DeliveryWatch(self.settings).start()
 
     def load(self):  # type: ignore[no-untyped-def]
         """Called in each worker, after gevent patched it: build the app there."""

@@ -3,9 +3,14 @@ that serve that queue, with a warning where jobs wait and nobody will deliver th
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
+import urllib.request
 
-from tests.conftest import wait_until
+from tests.conftest import API_KEY, ROOT, free_port, process_env, wait_until
 
 
 def readiness(svc) -> dict:
@@ -35,3 +40,35 @@ def test_readyz_reports_workers_alive_per_queue_and_warns_when_jobs_wait_for_non
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     wait_until(lambda: readiness(svc)["queues"]["low"]["workers"] == 0, 30, "a killed worker still counted as alive")
+
+
+def test_the_web_process_warns_in_its_log_when_jobs_wait_for_no_worker(service, receiver, tmp_path):
+    svc = service()
+    port = free_port()
+    log = tmp_path / "web.log"
+    env = process_env(svc.env | {"PORT": str(port), "WEB_CONCURRENCY": "1"})
+    with open(log, "wb") as out:
+        web = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher.cli", "web"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: b"Booting worker" in log.read_bytes(), 30, "dispatcher web did not start")
+        body = json.dumps({"url": receiver.url("ok"), "event_type": "a.b", "payload": {}, "priority": "high"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/webhooks", data=body.encode(), method="POST",
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 202
+        queue = f"{svc.settings.queue_name}-high"
+        warning = f"1 job(s) wait in {queue} and no worker serving it is alive: start `dispatcher worker`"
+        wait_until(lambda: warning in log.read_text(errors="replace"), 30, log.read_text(errors="replace"))
+
+        svc.start_worker()
+        back = f"{queue}: no job waits without a live worker any more"
+        wait_until(lambda: back in log.read_text(errors="replace"), 30, log.read_text(errors="replace"))
+        assert log.read_text(errors="replace").count(warning) == 1  # said once, not at every check
+    finally:
+        os.killpg(web.pid, signal.SIGTERM)
+        web.wait(timeout=30)
