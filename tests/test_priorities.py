@@ -24,7 +24,7 @@ from dispatcher.keys import Keys
 from dispatcher.priorities import PRIORITIES, queue_name
 from dispatcher.rqstore import WAKE_TOKENS
 from tests.conftest import AUTH, ROOT, process_env, wait_for, wait_until
-from tests.test_worker_contract import rq_worker_command, run_in
+from tests.test_worker_contract import rq_worker_command, run_in, start_worker
 from workers.worker import IDLE_BLOCK, DispatcherWorker
 
 BIN_DISPATCHER = [sys.executable, "-c", "import sys; from dispatcher.cli import main; sys.exit(main())"]
@@ -47,15 +47,9 @@ def queued_in(redis_conn: redis.Redis, settings: Settings) -> dict[str, list[str
     return {q.name: q.get_job_ids() for q in make_queues(redis_conn, settings)}
 
 
-def run_worker(svc, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def run_worker(svc, *args: str) -> subprocess.Popen:
     """`dispatcher worker ARGS` in the service's environment, logged with its workers."""
-    log = open(svc.log_dir / f"worker-{len(svc.workers)}.log", "wb")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen(
-        [*BIN_DISPATCHER, "worker", *args], env=process_env(svc.env | (env or {})), cwd=ROOT, stdout=log, stderr=log
-    )
-    log.close()
-    svc.workers.append(process)
-    return process
+    return start_worker(svc, *args, command=(*BIN_DISPATCHER, "worker"))
 
 
 # --- the API -----------------------------------------------------------------------------------
