@@ -221,6 +221,11 @@ def _pop_many(connection: redis.Redis, queues: list[Queue], limit: int) -> list[
 # execution hash and its execution registry) are written per job, in its span of the pipeline.
 
 
+def _score(ttl: int) -> int | str:
+    """A registry entry's score as RQ's registries compute it: now + ttl; -1 never expires."""
+    return "+inf" if ttl == -1 else (ttl if ttl < 0 else current_timestamp() + ttl)
+
+
 def new_execution(job: Job, worker_name: str) -> Execution:
     """An execution of `job` by `worker_name`, as Execution.create makes it, not yet written."""
     execution = Execution(id=uuid4().hex, job_id=job.id, connection=job.connection, worker_name=worker_name)
@@ -236,8 +241,7 @@ def register_executions(pipe: Pipeline, started: list[tuple[Job, Execution, int]
     members: dict[str, list[str]] = {}
     longest: dict[str, int] = {}
     for job, execution, ttl in started:
-        score: int | str = "+inf" if ttl == -1 else (ttl if ttl < 0 else current_timestamp() + ttl)
-        registries.setdefault(job.started_job_registry.key, {})[execution.composite_key] = score
+        registries.setdefault(job.started_job_registry.key, {})[execution.composite_key] = _score(ttl)
         if execution.worker_name:
             key = execution.worker_executions_key
             members.setdefault(key, []).append(execution.composite_key)
@@ -284,8 +288,7 @@ def add_finished(pipe: Pipeline, finished: list[tuple[Job, int]]) -> None:
     """What FinishedJobRegistry.add writes for (job, result ttl) of a batch: one ZADD per registry."""
     registries: dict[str, dict[str, int | str]] = {}
     for job, ttl in finished:
-        score: int | str = "+inf" if ttl == -1 else (ttl if ttl < 0 else current_timestamp() + ttl)
-        registries.setdefault(job.finished_job_registry.key, {})[job.id] = score
+        registries.setdefault(job.finished_job_registry.key, {})[job.id] = _score(ttl)
     for key, scored in registries.items():
         pipe.zadd(key, scored)  # type: ignore[arg-type]
 
