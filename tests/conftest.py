@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import redis
 from aiosmtpd.controller import Controller
+from werkzeug.serving import make_server
 
 from dispatcher.app import create_app
 from dispatcher.config import Settings
@@ -451,6 +452,22 @@ def service(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..
     yield make
     for svc in started:
         svc.stop_all()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Settings], str]]:
+    """serve(settings) -> base URL of the app with those settings, over HTTP on a free loopback port."""
+    servers = []
+
+    def start(settings: Settings) -> str:
+        server = make_server("127.0.0.1", free_port(), create_app(settings), threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
 
 
 def wait_until(predicate, timeout: float, message: str) -> None:

@@ -7,31 +7,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
-from werkzeug.serving import make_server
 
-from dispatcher.app import create_app
 from dispatcher.client import Client, DispatcherError, NotFound, Unauthorized, Unavailable, ValidationFailed
 from tests.conftest import API_KEY, free_port
-
-
-@pytest.fixture
-def serve() -> Iterator:
-    """serve(settings) -> base URL of the app with those settings, on a free loopback port."""
-    servers = []
-
-    def start(settings) -> str:
-        server = make_server("127.0.0.1", free_port(), create_app(settings), threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from rq.scheduler import RQScheduler
 from rq.worker import Worker
 
 from dispatcher.config import Settings
+from dispatcher.embedded import EMBEDDED_PORT
 from tests.conftest import AUTH, ROOT, TERMINAL, WEBHOOK_SECRET, free_port, process_env, wait_until
 from tests.test_processes import http, wait_ready
 from tests.test_server import listening_addresses
@@ -100,7 +102,11 @@ def _parse_time(value: str) -> float:
 def test_ctrl_c_stops_in_order_and_a_due_retry_runs_at_once_after_restart(tmp_path: Path, receiver) -> None:
     """A webhook fails once (retry in ~4 s); Ctrl+C stops the API, the worker, the scheduler and then the
     embedded Redis, cleanly; started again after the retry fell due, dev delivers it within seconds (a
-    scheduler lock left behind would hold it for up to a minute). The second stop is a SIGTERM."""
+    scheduler lock left behind would hold it for up to a minute). The second stop is a SIGTERM.
+
+    Both runs print the same REDIS_URL (the embedded Redis takes the last run's port, even when its
+    usual port is taken) and an `rq info` command that works as printed."""
+    held = _hold(EMBEDDED_PORT)  # so that the first run takes some other port
     port = free_port()
     env = process_env({"PORT": str(port), "DISPATCHER_ALLOWED_NETWORKS": "127.0.0.0/8"})
     base = f"http://127.0.0.1:{port}"
@@ -119,6 +125,14 @@ def test_ctrl_c_stops_in_order_and_a_due_retry_runs_at_once_after_restart(tmp_pa
         assert status == 202, accepted
         job = wait_job(base, key, accepted["id"], until=lambda job: job["status"] == "scheduled")
         due = _parse_time(job["next_attempt_at"])
+        redis_url = _printed_redis_url(first.text())
+        assert (tmp_path / "var" / "redis-url").read_text().strip() == redis_url
+        info = subprocess.run(_printed_command(first.text(), "rq"), cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+        assert info.returncode == 0, info.stderr
+        assert {"dispatcher-high", "dispatcher", "dispatcher-low"} <= {
+            line.split()[0] for line in info.stdout.splitlines() if "|" in line
+        }, info.stdout
         code = first.stop("ctrl-c")
         assert_clean_stop(first.text(), code)
     finally:
@@ -129,6 +143,7 @@ def test_ctrl_c_stops_in_order_and_a_due_retry_runs_at_once_after_restart(tmp_pa
     second = Dev(tmp_path, env, "second")
     try:
         wait_ready(base, second.process, second.log)
+        assert _printed_redis_url(second.text()) == redis_url, "the embedded Redis moved to another port"
         ready_at = time.monotonic()
         wait_until(lambda: len(receiver.received(url)) == 2, 15, f"the due retry was not delivered:\n{second.text()}")
         assert time.monotonic() - ready_at < 10, "the due retry waited for a stale scheduler lock"
@@ -137,6 +152,26 @@ def test_ctrl_c_stops_in_order_and_a_due_retry_runs_at_once_after_restart(tmp_pa
         assert_clean_stop(second.text(), code)
     finally:
         second.kill()
+        if held is not None:
+            held.close()
+
+
+def _hold(port: int) -> socket.socket | None:
+    """Listen on `port` unless something already does; None then."""
+    try:
+        return _occupy(port)
+    except OSError:
+        return None
+
+
+def _printed_redis_url(text: str) -> str:
+    return re.search(r"^  REDIS_URL  (\S+)", text, re.MULTILINE)[1]  # type: ignore[index]
+
+
+def _printed_command(text: str, program: str) -> list[str]:
+    """The command line dev printed that starts with `program` (by its path)."""
+    line = next(line for line in text.splitlines() if re.match(rf"^  \S*/{program} ", line))
+    return shlex.split(line.split("   (")[0])
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])

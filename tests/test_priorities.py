@@ -158,7 +158,10 @@ def test_dispatcher_worker_queues_serves_only_those_priorities(service, receiver
         timeout=EXIT_BOUND,
     )
     assert refused.returncode == 2
-    assert "--queues: queues are priorities, some of high, default, low; got 'urgent'" in refused.stderr
+    assert refused.stderr.splitlines() == [
+        "dispatcher worker: Invalid value for '--queues': queues are priorities, some of high, default, low; "
+        "got 'urgent' (see dispatcher worker --help)"
+    ]
 
 
 def test_rq_worker_with_dispatchers_class_takes_priority_queues_and_refuses_mixed_ones(service, receiver, redis_url):

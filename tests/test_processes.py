@@ -137,7 +137,7 @@ def test_dev_runs_everything_with_embedded_redis(tmp_path, receiver):
         assert "Subject: Hi" in eml
         assert "hidden@example.com" not in eml
         assert list((tmp_path / "var" / "redis").glob("appendonly*")), "the embedded Redis persists with AOF"
-        redis_port = int(re.search(r"Redis +redis://127\.0\.0\.1:(\d+)", log.read_text())[1])
+        redis_port = int(re.search(r"REDIS_URL +redis://127\.0\.0\.1:(\d+)", log.read_text())[1])
     finally:
         assert stop(process) == 0
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", redis_port), timeout=1):

@@ -106,7 +106,7 @@ class Meter:
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[str]:
     """A Redis server for this test alone: its INFO commandstats are this test's commands only."""
-    server = start_embedded_redis(tmp_path / "redis", port=free_port())
+    server = start_embedded_redis(tmp_path / "redis", ports=[free_port()])
     try:
         yield server.connection_url
     finally:

@@ -159,7 +159,7 @@ def test_redis_restart_keeps_accepted_jobs_and_everything_recovers(service, rece
     from dispatcher.embedded import start_embedded_redis
 
     port = free_port()
-    server = start_embedded_redis(tmp_path / "redis", port=port)
+    server = start_embedded_redis(tmp_path / "redis", ports=[port])
     url_base = f"redis://127.0.0.1:{port}/0"
     try:
         svc = service(REDIS_URL=url_base)
@@ -175,7 +175,7 @@ def test_redis_restart_keeps_accepted_jobs_and_everything_recovers(service, rece
         assert time.monotonic() - started < 2
         assert svc.client.get("/readyz").status_code == 503
 
-        server = start_embedded_redis(tmp_path / "redis", port=port)
+        server = start_embedded_redis(tmp_path / "redis", ports=[port])
         assert svc.client.get("/readyz").status_code == 200
         stats = svc.client.get("/v1/stats", headers=AUTH).get_json()
         assert stats["webhook"]["queued"] == 20, "every accepted job survived the restart"
@@ -187,7 +187,7 @@ def test_redis_restart_keeps_accepted_jobs_and_everything_recovers(service, rece
         # Redis goes away under a running worker and comes back: the same process carries on.
         server.stop()
         time.sleep(2)
-        server = start_embedded_redis(tmp_path / "redis", port=port)
+        server = start_embedded_redis(tmp_path / "redis", ports=[port])
         late = receiver.url("ok")
         late_id = svc.post("/v1/webhooks", {"url": late, "event_type": "a.b", "payload": {}})
         assert wait_for(svc.client, late_id, timeout=45)["status"] == "succeeded", svc.logs()
@@ -213,7 +213,7 @@ def test_startup_warns_when_redis_may_evict_or_forget_jobs(tmp_path, caplog):
 
     from dispatcher.embedded import start_embedded_redis
 
-    safe = start_embedded_redis(safe_dir, port=free_port())
+    safe = start_embedded_redis(safe_dir, ports=[free_port()])
     try:
         assert warn_about_server(redis.Redis.from_url(safe.connection_url), logging.getLogger("t")) == []
     finally:

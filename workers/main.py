@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import threading
 
+import click
 import redis
 from rq.serializers import JSONSerializer
 
-from dispatcher.cli import add_worker_options
+from dispatcher.cli import WORKER_EPILOG, WORKER_HELP, WorkerOptions, worker_options
 from dispatcher.config import Settings
 from dispatcher.enqueue import make_queues
 from dispatcher.errors import ConfigError
@@ -54,11 +54,20 @@ def wait_for_redis(connection: redis.Redis, stop: _Stop) -> bool:
     return False
 
 
+@click.command(help=WORKER_HELP, epilog=WORKER_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@worker_options
+def command(**options: object) -> None:
+    sys.exit(run(WorkerOptions(**options)))  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python -m workers [options]`: the options `dispatcher worker` passes on."""
+    command.main(args=argv, prog_name="python -m workers")
+    return 0  # not reached: click exits
+
+
+def run(args: WorkerOptions) -> int:
     """Run workers until a stop signal, or until `--burst`, `--max-jobs` or `--max-idle-time` ends one."""
-    parser = argparse.ArgumentParser(prog="python -m workers")
-    add_worker_options(parser)
-    args = parser.parse_args(argv)
     jobs_left = args.max_jobs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -166,6 +166,7 @@ class DispatcherWorker(SimpleWorker):
 
     def bootstrap(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().bootstrap(*args, **kwargs)
+        rqstore.announce_queues(self.connection, self.queues)
         self.reaper.start()
 
     def teardown(self) -> None:
