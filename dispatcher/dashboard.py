@@ -24,12 +24,13 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import redis
 import rq_dashboard
 import rq_dashboard.web
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
+from rq import Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -82,10 +83,15 @@ def init_app(app: Flask, settings: Settings) -> None:
         RQ_DASHBOARD_SHOW_FULL_ARGS=False,
     )
     app.register_blueprint(rq_dashboard.blueprint, url_prefix=PREFIX)
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint in ACTIONS:
+            # rq-dashboard's /requeue/<queue> requeues on GET too: a link or an <img> could do it.
+            rule.methods = {"POST"}
     # rq-dashboard's own hook connects anew from the URL on most requests (a new pool each time,
     # through a parser that refuses some URLs redis-py takes): the views get ours instead.
     app.before_request_funcs["rq_dashboard"].remove(rq_dashboard.web.push_rq_connection)
     app.redis_conn = connection  # type: ignore[attr-defined]  # where rq-dashboard's views look for it
+    app.view_functions["rq_dashboard.list_workers"] = _list_workers
     app.extensions["dispatcher.dashboard"] = connection
     keys = settings.api_keys
     secrets = _settings_secrets(settings)
@@ -103,8 +109,7 @@ def init_app(app: Flask, settings: Settings) -> None:
         if (request.view_args or {}).get("instance_number", 0) != 0:
             raise APIError(404, "not_found", "the dashboard shows one Redis, number 0")
         if request.endpoint in ACTIONS:
-            if request.method != "POST":
-                # rq-dashboard's /requeue/<queue> would requeue on GET: a link or an <img> could do it.
+            if request.method != "POST":  # (routing refuses other methods already; this holds if it changes)
                 error = APIError(405, "method_not_allowed", "dashboard actions take POST")
                 return Response(json.dumps(error.to_json()), 405, {"Allow": "POST"}, mimetype="application/json")
             refusal = _cross_site_refusal()
@@ -132,14 +137,48 @@ def init_app(app: Flask, settings: Settings) -> None:
         return jsonify(APIError(404, "not_found", "no such job (it may have expired)").to_json()), 404
 
 
+def _list_workers(instance_number: int) -> tuple[Response, dict[str, str]]:
+    """rq-dashboard's /<n>/data/workers.json, reading a busy worker's job as JSON. Its own reads it
+    with pickle, and fails (500), and would show the job's arguments: RQ's call string of its payload."""
+    connection: redis.Redis = current_app.redis_conn  # type: ignore[attr-defined]
+    workers = []
+    for worker in Worker.all(connection=connection, serializer=JSONSerializer):
+        current: str | dict[str, Any] = "idle"
+        job_id = worker.get_current_job_id()
+        if job_id:
+            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+            created_at = rq_dashboard.web.serialize_date(job.created_at)
+            current = {"job_id": job_id, "description": job.description, "created_at": created_at,
+                       "call_string": job.description}
+        workers.append(
+            {
+                "name": worker.name,
+                "pid": worker.pid,
+                "queues": [queue.name for queue in worker.queues],
+                "state": str(worker.get_state()),
+                "current_job": current,
+                "last_heartbeat": worker.last_heartbeat,
+                "birth_date": worker.birth_date,
+                "successful_job_count": worker.successful_job_count,
+                "failed_job_count": worker.failed_job_count,
+                "total_working_time": worker.total_working_time,
+                "version": getattr(worker, "version", ""),
+                "python_version": getattr(worker, "python_version", ""),
+            }
+        )
+    workers.sort(key=lambda w: (w["state"], w["queues"], w["name"]))
+    return jsonify(workers=workers), {"Cache-Control": "no-store"}
+
+
 def display_url(url: str) -> str:
     """`url` without user info, password, query or fragment: what a page may show of a URL."""
     try:
         parts = urlsplit(url)
         host = parts.netloc.rpartition("@")[2]
-        return urlunsplit((parts.scheme, host, parts.path, "", ""))
     except ValueError:
         return "[unreadable URL]"
+    # Not urlunsplit: it would write unix:///path, with its empty host, as unix:/path.
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else host + parts.path
 
 
 def _in_dashboard(path: str) -> bool:
@@ -284,13 +323,11 @@ def _job_list(answer: dict, redactor: _Redactor) -> None:
 
 
 def _workers(answer: dict, redactor: _Redactor) -> None:
-    """/<n>/data/workers.json: RQ's call string shows a job's arguments (its payload): the
-    description replaces it."""
+    """/<n>/data/workers.json (_list_workers): workers.html inserts all but the description as raw HTML."""
     workers = []
     for worker in answer.get("workers") or []:
         current = worker.get("current_job")
         if isinstance(current, dict):
-            current["call_string"] = current.get("description")
             worker["current_job"] = redactor.deep(current, str(current.get("job_id")))
         workers.append(_escaped(worker, keep=frozenset({"description"})))
     answer["workers"] = workers
