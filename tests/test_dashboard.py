@@ -29,7 +29,7 @@ from dispatcher.runtime import API_CONNECT_TIMEOUT, API_SOCKET_TIMEOUT
 from tests.browser import browser  # noqa: F401 - a pytest fixture
 from tests.conftest import API_KEY, AUTH, ROOT, Service, free_port, process_env, wait_for, wait_until
 
-#: A path to save a screenshot of the queues page to, for the README (docs/dashboard.png). The
+#: A path to save a screenshot of a failed job's page to, for the README (docs/dashboard.png). The
 #: queues are then named `dispatcher`, as a reader's would be: use a Redis no other run shares.
 SCREENSHOT = os.environ.get("DISPATCHER_DASHBOARD_SCREENSHOT")
 #: The dashboard's pages poll every 2.5 s; what they show may take a poll or two to change.
@@ -167,6 +167,8 @@ def test_an_operator_sees_the_queues_reads_a_failed_job_and_requeues_it_until_de
     expect(page.locator("#job-data")).to_contain_text("failed", timeout=PAGE_TIMEOUT)
     expect(page.locator("#job-data .exc_info")).to_have_text("gave up after 1 attempt(s): HTTP 500")
     expect(page.locator("#job-data")).not_to_contain_text("abc123")
+    if SCREENSHOT:
+        page.screenshot(path=SCREENSHOT, full_page=True)
 
     page.locator("#requeue-job-btn").click()
     job = wait_for(svc.client, job_id, until=lambda j: j["status"] == "succeeded")
@@ -176,8 +178,6 @@ def test_an_operator_sees_the_queues_reads_a_failed_job_and_requeues_it_until_de
 
     page.goto(site.url)
     _expect_counts(page, {f"{base}-high": (0, 1, 0), base: (0, 2, 0), f"{base}-low": (0, 3, 0)})
-    if SCREENSHOT:
-        page.screenshot(path=SCREENSHOT, full_page=True)
     context.close()
 
 
