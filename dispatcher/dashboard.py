@@ -101,11 +101,10 @@ def init_app(app: Flask, settings: Settings) -> None:
         if not _in_dashboard(request.path):
             return None
         if not _logged_in(keys):
-            return Response(
-                "Log in with any user name and an API key (DISPATCHER_API_KEYS) as the password.\n",
-                401,
-                {"WWW-Authenticate": f'Basic realm="{REALM}"', "Content-Type": "text/plain; charset=utf-8"},
-            )
+            message = "log in with any user name and an API key (DISPATCHER_API_KEYS) as the password"
+            error = APIError(401, "unauthorized", message)
+            challenge = {"WWW-Authenticate": f'Basic realm="{REALM}"'}
+            return Response(json.dumps(error.to_json()), 401, challenge, mimetype="application/json")
         if (request.view_args or {}).get("instance_number", 0) != 0:
             raise APIError(404, "not_found", "the dashboard shows one Redis, number 0")
         if request.endpoint in ACTIONS:

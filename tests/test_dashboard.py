@@ -240,6 +240,7 @@ def test_every_dashboard_url_wants_basic_auth_with_an_api_key(site: Site, header
     response = site.svc.client.get(path, headers=headers)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == 'Basic realm="Dispatcher"'
+    assert response.get_json()["error"]["code"] == "unauthorized"
 
 
 def test_any_user_name_and_any_of_the_api_keys_log_in(service) -> None:
