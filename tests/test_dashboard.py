@@ -181,7 +181,7 @@ def test_an_operator_sees_the_queues_reads_a_failed_job_and_requeues_it_until_de
     context.close()
 
 
-def test_text_from_clients_and_receivers_shows_as_text_not_html(site: Site, browser: Browser) -> None:  # noqa: F811
+def test_text_from_a_client_shows_as_text_not_html(site: Site, browser: Browser) -> None:  # noqa: F811
     """rq-dashboard's job page inserts the description, meta and error as raw HTML."""
     svc = site.svc
     subject = '<img src=x onerror="window.injected = 1">'
@@ -197,8 +197,8 @@ def test_text_from_clients_and_receivers_shows_as_text_not_html(site: Site, brow
 
 
 def test_another_site_cannot_make_a_logged_in_browser_act(site: Site, browser: Browser) -> None:  # noqa: F811
-    """A page elsewhere tries a form POST, a script's POST and a GET on the requeue-all URL: the
-    browser holds the dashboard's login, and nothing happens."""
+    """A page elsewhere tries a script's POST (with the header), a form's POST and a GET on the
+    requeue-all URL: the browser holds the dashboard's login, and nothing happens."""
     svc = site.svc
     job_id = svc.post("/v1/emails", {"to": ["a@example.com"], "subject": "keep me", "text": "x", "priority": "low"})
     queue = f"{svc.settings.queue_name}-low"
@@ -207,7 +207,7 @@ def test_another_site_cannot_make_a_logged_in_browser_act(site: Site, browser: B
         <form id=f method=post action="{origin}/dashboard/job/{job_id}/delete"></form>
         <img src="{origin}/dashboard/requeue/{queue}">
         <script>
-          fetch("{origin}/dashboard/queue/{queue}/queued/empty",
+          fetch("{origin}/dashboard/job/{job_id}/delete",
                 {{method: "POST", credentials: "include", headers: {{"X-Requested-With": "XMLHttpRequest"}}}})
             .catch(() => {{}}).finally(() => document.getElementById("f").submit());
         </script>"""
@@ -220,7 +220,7 @@ def test_another_site_cannot_make_a_logged_in_browser_act(site: Site, browser: B
     assert answer.value.status == 403
     context.close()
 
-    # Not deleted, not emptied away: the module's worker (if started) delivers it.
+    # Not deleted (whether or not the module's worker has delivered it meanwhile).
     assert svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).status_code == 200
 
 
