@@ -147,8 +147,12 @@ def _list_workers(instance_number: int) -> tuple[Response, dict[str, str]]:
         if job_id:
             job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
             created_at = rq_dashboard.web.serialize_date(job.created_at)
-            current = {"job_id": job_id, "description": job.description, "created_at": created_at,
-                       "call_string": job.description}
+            current = {
+                "job_id": job_id,
+                "description": job.description,
+                "created_at": created_at,
+                "call_string": job.description,
+            }
         workers.append(
             {
                 "name": worker.name,

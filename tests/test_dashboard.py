@@ -144,8 +144,12 @@ def test_an_operator_sees_the_queues_reads_a_failed_job_and_requeues_it_until_de
     failing = receiver.url("fail/1/500")  # the first request fails; the requeued job's succeeds
     job_id = svc.post(
         "/v1/webhooks",
-        {"url": failing + "?token=abc123", "event_type": "order.created", "payload": {"order_id": 1042},
-         "retry": {"max_attempts": 1}},
+        {
+            "url": failing + "?token=abc123",
+            "event_type": "order.created",
+            "payload": {"order_id": 1042},
+            "retry": {"max_attempts": 1},
+        },
     )
 
     context = browser.new_context(http_credentials={"username": "ops", "password": API_KEY})
