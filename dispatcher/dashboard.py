@@ -145,13 +145,16 @@ def _list_workers(instance_number: int) -> tuple[Response, dict[str, str]]:
         current: str | dict[str, Any] = "idle"
         job_id = worker.get_current_job_id()
         if job_id:
-            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
-            created_at = rq_dashboard.web.serialize_date(job.created_at)
+            try:
+                job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+                description, created_at = job.description, rq_dashboard.web.serialize_date(job.created_at)
+            except Exception:  # gone meanwhile, or unreadable (a poison job): the list still shows the worker
+                description, created_at = "(job unreadable or gone)", None
             current = {
                 "job_id": job_id,
-                "description": job.description,
+                "description": description,
                 "created_at": created_at,
-                "call_string": job.description,
+                "call_string": description,
             }
         workers.append(
             {

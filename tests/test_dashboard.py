@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, Response, expect
 from playwright.sync_api import Error as PlaywrightError
+from rq.job import Job
 
 from dispatcher.dashboard import ACTIONS, CONNECT_TIMEOUT
 from dispatcher.runtime import API_CONNECT_TIMEOUT, API_SOCKET_TIMEOUT
@@ -337,6 +338,39 @@ def test_listing_workers_leaves_the_api_connection_timeouts_alone(service) -> No
     # RQ did raise a timeout: the dashboard's own.
     own = svc.client.application.extensions["dispatcher.dashboard"].connection_pool.connection_kwargs
     assert own["socket_timeout"] > 60 and own["socket_connect_timeout"] == CONNECT_TIMEOUT
+
+
+def _current_job(svc: Service, pid: int) -> dict | str:
+    response = svc.client.get("/dashboard/0/data/workers.json", headers=LOGIN)
+    assert response.status_code == 200
+    (listed,) = [w for w in response.get_json()["workers"] if w["pid"] == pid]
+    return listed["current_job"]
+
+
+def test_the_workers_list_shows_a_busy_workers_job_and_survives_its_loss(service, receiver, redis_conn) -> None:
+    """rq-dashboard's own list reads the job with pickle and answers 500 for a busy worker."""
+    svc = service()
+    worker = svc.start_worker()
+    url = receiver.url("slow/3")
+    job_id = svc.post("/v1/webhooks", {"url": url + "?token=x1y2z3", "event_type": "a.b", "payload": {}})
+    wait_for(svc.client, job_id, until=lambda j: j["status"] == "running")
+
+    current = _current_job(svc, worker.pid)
+    assert current == {
+        **current,
+        "job_id": job_id,
+        "description": f"webhook a.b to {url}",
+        "call_string": current["description"],
+    }
+
+    # Its hash gone while the worker holds it (expired, or deleted by hand): the list still answers.
+    redis_conn.delete(Job.key_for(job_id))
+    assert _current_job(svc, worker.pid) == {
+        **current,
+        "description": "(job unreadable or gone)",
+        "call_string": "(job unreadable or gone)",
+        "created_at": None,
+    }
 
 
 def test_the_dashboard_reads_redis_over_a_unix_socket(service, tmp_path: Path) -> None:
