@@ -273,7 +273,7 @@ def _failed_job(svc: Service, receiver) -> str:
     return job_id
 
 
-def test_actions_never_act_on_get_and_do_on_the_dashboards_own_post(service, receiver) -> None:
+def test_actions_never_act_on_get_nor_without_login_and_do_on_the_dashboards_own_post(service, receiver) -> None:
     svc = service()
     svc.start_worker()
     job_id = _failed_job(svc, receiver)
@@ -289,6 +289,9 @@ def test_actions_never_act_on_get_and_do_on_the_dashboards_own_post(service, rec
         response = svc.client.open(path, method=method, headers=ACTION)
         assert response.status_code == 405, (method, path)
         assert set(response.headers["Allow"].split(", ")) <= {"POST", "OPTIONS"}
+    for path in actions:  # nor without the login
+        response = svc.client.post(path, headers={"X-Requested-With": "XMLHttpRequest"})
+        assert response.status_code == 401, path
     assert svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()["status"] == "failed"
     # Those five are every route of the dashboard that takes a POST.
     rules = svc.client.application.url_map.iter_rules()
