@@ -141,11 +141,11 @@ def _banner(settings: Settings, api_url: str, embedded: bool) -> str:
         f"  API key    {settings.api_keys[0]}   (also in {VAR_DIR / API_KEY_FILE})\n"
         f"  REDIS_URL  {settings.redis_url}"
         f"{'  (embedded, data in var/redis)' if embedded else ''}  (also in {VAR_DIR / REDIS_URL_FILE})\n"
+        f"  Dashboard  {api_url}/dashboard/  (rq-dashboard: any user name, the API key as password)\n"
         f"  Outbox     {outbox}\n"
         "In another terminal, from this directory:\n"
         f"  {_command('dispatcher')} stats\n"
         f"  {_command('rq')} info -u {redis_url} -S {serializer}\n"
-        f"  {_command('rq-dashboard')} -u {redis_url} --json   (rq-dashboard on its own)\n"
         "Press Ctrl+C to stop.\n"
     )
 

@@ -163,6 +163,7 @@ class Receiver:
     /slow/<secs>/<token>             200 after <secs> seconds
     /redirect/<token>                302 to /ok/<token>
     /random/<pct>/<token>            500 on pct % of requests, at random, else 200
+    /echo/<code>/<token>             always <code>, the request's headers as the JSON body (as httpbin does)
     """
 
     port: int
@@ -210,6 +211,9 @@ def _receiver_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 status, headers = 302, {"Location": f"/ok/{parts[1]}"}
             request.status = status
             payload = json.dumps({"seen": seen}).encode()
+            if parts[0] == "echo":
+                status = request.status = int(parts[1])
+                payload = json.dumps(request.headers).encode()
             try:
                 self.send_response(status)
                 for name, value in headers.items():

@@ -8,13 +8,12 @@ while queued or scheduled is never delivered.
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
-import json
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -22,9 +21,9 @@ import pytest
 from rq.job import Job, cancel_job
 from rq.serializers import JSONSerializer
 
+from dispatcher.app import create_app
 from dispatcher.enqueue import make_queue
-from tests.conftest import AUTH, free_port, wait_for
-from tests.test_enqueue import wait_until_json
+from tests.conftest import API_KEY, AUTH, wait_for
 
 BIN = Path(sys.executable).parent
 RETRY = {"max_attempts": 2, "backoff": [1]}
@@ -109,27 +108,24 @@ def test_rq_requeue_command_delivers_a_failed_email_again(service, smtp_server, 
 
 
 @pytest.fixture
-def dashboard(redis_url):
-    """rq-dashboard as its users run it (JSON serializer), on a free port."""
-    port = free_port()
-    with subprocess.Popen(
-        [BIN / "rq-dashboard", "-u", redis_url, "--json", "-b", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    ) as process:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_json(f"{base}/0/data/queues.json", process)
+def dashboard(settings):
+    """rq-dashboard as the web process serves it at /dashboard/, logged in: `dashboard(path)` POSTs as its
+    buttons do, `dashboard.get(path)` reads. It shows every queue in Redis, whatever the settings' queue."""
+    client = create_app(settings).test_client()
+    login = {"Authorization": "Basic " + base64.b64encode(f"ops:{API_KEY}".encode()).decode()}
 
-        def post(path: str) -> dict:
-            request = urllib.request.Request(f"{base}{path}", method="POST", data=b"")
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())
+    def post(path: str) -> dict:
+        response = client.post(f"/dashboard{path}", headers=login | {"X-Requested-With": "XMLHttpRequest"})
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return response.get_json()
 
-        post.base = base  # type: ignore[attr-defined]  # for the tests that GET too
-        try:
-            yield post
-        finally:
-            process.terminate()
+    def get(path: str) -> dict:
+        response = client.get(f"/dashboard{path}", headers=login)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return response.get_json()
+
+    post.get = get  # type: ignore[attr-defined]  # for the tests that read too
+    return post
 
 
 def test_rq_dashboard_requeue_delivers_a_failed_webhook_again(service, receiver, dashboard):
@@ -152,8 +148,7 @@ def test_rq_dashboard_shows_each_priority_as_a_queue_with_its_jobs(service, rece
         for _ in range(n):
             svc.post("/v1/webhooks", {"url": url, "event_type": "a.b", "payload": {}, "priority": priority})
 
-    with urllib.request.urlopen(f"{dashboard.base}/0/data/queues.json", timeout=30) as response:
-        counts = {q["name"]: q["count"] for q in json.loads(response.read())["queues"]}
+    counts = {q["name"]: q["count"] for q in dashboard.get("/0/data/queues.json")["queues"]}
 
     base = svc.settings.queue_name
     assert {name: counts.get(name) for name in (f"{base}-high", base, f"{base}-low")} == {

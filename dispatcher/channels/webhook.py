@@ -163,7 +163,8 @@ def job(request: WebhookRequest, job_id: str, accepted_at: datetime, settings: S
     return JobParts(
         payload=dict(payload),
         target={"url": request.url, "event_type": request.event_type},
-        description=f"webhook {request.event_type} to {request.url}",
+        # No query: it often carries a token, and rq-dashboard and `rq info` show the description.
+        description=f"webhook {request.event_type} to {request.url.partition('?')[0]}",
     )
 
 
