@@ -83,6 +83,8 @@ def test_a_readme_command_runs_without_an_activated_venv(command):
     program = command[0]
     if program.startswith(".venv/bin/"):
         assert (BIN / program.removeprefix(".venv/bin/")).exists(), f"{program} is not installed by the quick start"
+    elif program.startswith(".ci/"):
+        assert (ROOT / program).is_file(), f"{program} is not in the repository"
     else:
         assert program in SYSTEM, f"{program!r} needs an activated virtual environment (write .venv/bin/{program})"
     if program == ".venv/bin/dispatcher":
