@@ -8,6 +8,7 @@ import redis
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from dispatcher import metrics
 from dispatcher.api import health, v1
 from dispatcher.config import Settings
 from dispatcher.errors import APIError
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["dispatcher"] = Runtime.build(settings)
     app.register_blueprint(health)
     app.register_blueprint(v1)
+    metrics.init_app(app)
     _register_error_handlers(app)
     return app
 
