@@ -76,14 +76,18 @@ def web(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[Servi
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
         started.append(process)
-        booted = lambda: log.read_bytes().count(b"Booting worker") == 2  # noqa: E731
+        booted = lambda: log.read_bytes().count(b"Booting worker") >= 2  # noqa: E731
         wait_until(booted, START_BOUND, f"dispatcher web did not start 2 workers: {log.read_text(errors='replace')}")
         return port
 
     yield start
     for process in started:
+        if process.poll() is not None:
+            print(f"dispatcher web exited early ({process.returncode})")
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+    for log in tmp_path.glob("web-*.log"):
+        print(log.read_text(errors="replace")[-5000:])  # shown when the test failed
 
 
 def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
