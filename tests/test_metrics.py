@@ -21,7 +21,11 @@ from pathlib import Path
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from rq import Queue
+from rq.serializers import JSONSerializer
+from rq.utils import current_timestamp
 
+from dispatcher import rqstore
 from dispatcher.app import create_app
 from dispatcher.channels import KINDS
 from dispatcher.history import Attempt
@@ -248,6 +252,24 @@ def test_a_batch_costs_one_command_per_distinct_field(redis_conn: redis.Redis) -
     stored = redis_conn.hgetall(keys.tallies)
     redis_conn.delete(keys.tallies)
     assert sorted(int(v) for v in stored.values()) == [10, 30]
+
+
+def test_registry_sizes_are_what_rqs_own_count_says_without_its_cleanup(redis_conn: redis.Redis) -> None:
+    """The started and failed registries' expired entries do not count (RQ's cleanup would drop them);
+    every scheduled entry counts, due or not; and reading writes nothing."""
+    queue = Queue(f"sizes-{os.urandom(4).hex()}", connection=redis_conn, serializer=JSONSerializer)
+    registries = (queue.scheduled_job_registry, queue.started_job_registry, queue.failed_job_registry)
+    at = current_timestamp()
+    for registry, (past, future) in zip(registries, (("due", "later"), ("a:1", "b:2"), ("old", "kept")), strict=True):
+        redis_conn.zadd(registry.key, {past: at - 10, future: at + 600})
+    try:
+        with redis_conn.pipeline(transaction=False) as pipe:
+            assert rqstore.read_registry_sizes(pipe, [queue]) == 3
+            sizes = pipe.execute()
+        assert [redis_conn.zcard(registry.key) for registry in registries] == [2, 2, 2]  # nothing removed
+        assert sizes == [registry.count for registry in registries] == [2, 1, 1]
+    finally:
+        redis_conn.delete(*(registry.key for registry in registries))
 
 
 # --- the Grafana dashboard -------------------------------------------------------------------------
