@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -39,6 +40,8 @@ DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"
 #: Generous bounds on a shared 2-core machine.
 START_BOUND = 30
 SETTLE_BOUND = 60
+#: Connections tried per request to the web process (see `get`).
+CONNECT_TRIES = 3
 
 
 def parse(text: str) -> Samples:
@@ -95,13 +98,23 @@ def web(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[Servi
 
 
 def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Status, content type and body of a GET on a new connection (so the gunicorn workers take turns)."""
+    """Status, content type and body of a GET on a new connection (so the gunicorn workers take turns).
+
+    A refused connection is tried again: about one run in twenty on this shared machine, one of many
+    rapid new connections to the running gunicorn was refused (its log shows it listening throughout).
+    """
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.headers["Content-Type"], response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+    for attempt in range(CONNECT_TRIES):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.headers["Content-Type"], response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers["Content-Type"], exc.read().decode()
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError) or attempt == CONNECT_TRIES - 1:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
 def scrape(port: int) -> Samples:
