@@ -8,7 +8,7 @@ import redis
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from dispatcher import dashboard
+from dispatcher import dashboard, metrics
 from dispatcher.api import health, v1
 from dispatcher.config import Settings
 from dispatcher.errors import APIError
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health)
     app.register_blueprint(v1)
     dashboard.init_app(app, settings)
+    metrics.init_app(app)
     _register_error_handlers(app)
     return app
 

@@ -99,6 +99,8 @@ class Settings:
     dns_timeout: float = DEFAULT_DNS_TIMEOUT
     #: The web process's listening address; None: the command's default (DEFAULT_WEB_HOST or DEV_WEB_HOST).
     web_host: str | None = None
+    #: Bearer token GET /metrics requires; None: /metrics is open.
+    metrics_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -147,6 +149,7 @@ class Settings:
                 "DISPATCHER_DNS_TIMEOUT", get("DISPATCHER_DNS_TIMEOUT"), DEFAULT_DNS_TIMEOUT, 0.1, 30
             ),
             web_host=_parse_host(get("DISPATCHER_HOST")),
+            metrics_key=get("DISPATCHER_METRICS_KEY"),
         )
 
     def require_api_keys(self) -> None:

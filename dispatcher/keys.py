@@ -20,6 +20,8 @@ class Keys:
         self.recent_failures = f"{self.prefix}:recent_failures"
         #: List of tokens, one per job enqueued, that idle workers of several queues block on.
         self.wake = f"{self.prefix}:wake"
+        #: Hash of attempt counts by channel, priority, outcome and duration bucket (dispatcher.tallies).
+        self.tallies = f"{self.prefix}:tallies"
 
     def attempts(self, job_id: str) -> str:
         """Hash of one job's attempts: field `n` is the counter, fields `1`, `2`, ... the records."""

@@ -400,6 +400,20 @@ def job_view(replies: list[Any]) -> tuple[list | Exception, float | None, list |
     return fields, scheduled_at, results
 
 
+def read_registry_sizes(pipe: Pipeline, queues: list[Queue]) -> int:
+    """Queue in `pipe`, per queue, the sizes of its scheduled, started and failed registries, as RQ's
+    `count` reports them after its cleanup but without the cleanup's writes (a scrape must not change
+    anything): the started and failed registries score an entry by when it expires, so only entries
+    not yet expired count; the scheduled registry scores by due time, so every entry counts.
+    Returns how many replies each queue takes, in that order."""
+    at = current_timestamp()
+    for queue in queues:
+        pipe.zcard(queue.scheduled_job_registry.key)
+        pipe.zcount(queue.started_job_registry.key, f"({at}", "+inf")
+        pipe.zcount(queue.failed_job_registry.key, f"({at}", "+inf")
+    return 3
+
+
 def exception_text(results: list) -> str | None:
     """The exception text RQ stored with a result (base64 of zlib, in its `exc_string`), from an
     XREVRANGE reply of its results; None if there is none or it cannot be read."""

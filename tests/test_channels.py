@@ -108,6 +108,8 @@ GENERIC = [
     "dispatcher/status.py",
     "dispatcher/api.py",
     "dispatcher/openapi.py",
+    "dispatcher/metrics.py",
+    "dispatcher/tallies.py",
     "workers/attempt.py",
     "workers/worker.py",
     "workers/poison.py",

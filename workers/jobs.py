@@ -19,6 +19,7 @@ from dispatcher.channels import JOB_FUNCTION
 from dispatcher.history import UNREADABLE, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
+from dispatcher.tallies import Tally
 from workers.attempt import Decision, decide, history_ttl, max_attempts, record, run, settled
 from workers.channels import UnknownPayload, channel_of
 from workers.errors import DeliveryFailed
@@ -80,6 +81,8 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
     if fresh or decision.attempt.outcome == "retryable":
         with job.connection.pipeline() as pipe:
             record(pipe, history, kind, job, decision)
+            if fresh:  # an attempt made now, counted for /metrics
+                Tally().add(kind, job.origin, decision.attempt).write(pipe, history.keys)
             pipe.execute()
     return _to_rq(job, decision)
 

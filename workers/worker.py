@@ -57,6 +57,7 @@ from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, default_
 from dispatcher.history import Attempt, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
+from dispatcher.tallies import Tally
 from workers.attempt import Decision, decide, failure_ttl, history_ttl, max_attempts, record, result_ttl, run, settled
 from workers.poison import Batch, JobGone, Poisoned, fail_alone, read_job, repair_and_replay
 from workers.recovery import Reaper
@@ -564,6 +565,7 @@ class DispatcherWorker(SimpleWorker):
         working_time = 0.0
         ended_executions: list[tuple[Job, Execution]] = []
         finished: list[tuple[Job, int]] = []
+        tally = Tally()  # for /metrics: the batch's attempts, one command per distinct field
         with self.connection.pipeline(transaction=False) as pipe:
             for item in items:
                 decision = item.decision
@@ -592,10 +594,13 @@ class DispatcherWorker(SimpleWorker):
                 failed += decision.verdict != "succeeded"
                 working_time += (ended - item.execution.created_at).total_seconds()
                 ended_executions.append((item.job, item.execution))
+                if rerecord:  # an attempt made now, not a settled job's rerun
+                    tally.add(item.kind, item.queue.name, decision.attempt)
             # RQ's registries, and the worker's counts, once per batch (RQ's calls add one job at a time).
             rqstore.add_finished(pipe, finished)
             rqstore.unregister_executions(pipe, ended_executions)
             self.count_finished(pipe, succeeded, failed, working_time)
+            tally.write(pipe, self.history.keys)
             batch.execute(pipe)
         for index, item in enumerate(items):
             error = batch.error(index)
