@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_web(host: str | None = None, log_level: str = "info") -> int:
     """Serve the API (dispatcher.server: gunicorn, gevent workers) on `host`, settings.web_host or 0.0.0.0."""
+    from dispatcher import logs
     from dispatcher.redis_checks import warn_about_server
     from dispatcher.runtime import api_connection
     from dispatcher.server import WebServer, check_address_free
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env()
+    logs.configure(settings.log_format, log_level)
     settings.require_api_keys()  # every check create_app makes, before gunicorn forks
     server = WebServer(settings, host, log_level)
     check_address_free(server.host, settings.port)
@@ -156,6 +157,7 @@ def run_dev() -> int:
         _dev_secret("dev-webhook-secret", lambda: "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()),
     )
     env.setdefault("DISPATCHER_OUTBOX_DIR", str(DEV_VAR_DIR / "outbox"))
+    env.setdefault("DISPATCHER_LOG_FORMAT", "text")  # lines for a person at a terminal
     settings = Settings.from_env(env)  # one clear line if anything is wrong, before anything starts
     settings.require_api_keys()
     settings.require_webhook_secret()

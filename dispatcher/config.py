@@ -39,6 +39,8 @@ DEFAULT_WEB_HOST = "0.0.0.0"
 DEV_WEB_HOST = "127.0.0.1"
 #: The Standard Webhooks spec: a signing secret is 24 to 64 random bytes.
 WEBHOOK_SECRET_BYTES = (24, 64)
+#: DISPATCHER_LOG_FORMAT's values (dispatcher.logs): a JSON object per line, or text for humans.
+LOG_FORMATS = ("json", "text")
 #: URL schemes redis-py connects with.
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -99,6 +101,8 @@ class Settings:
     dns_timeout: float = DEFAULT_DNS_TIMEOUT
     #: The web process's listening address; None: the command's default (DEFAULT_WEB_HOST or DEV_WEB_HOST).
     web_host: str | None = None
+    #: "json" or "text" (dispatcher.logs).
+    log_format: str = LOG_FORMATS[0]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -147,6 +151,7 @@ class Settings:
                 "DISPATCHER_DNS_TIMEOUT", get("DISPATCHER_DNS_TIMEOUT"), DEFAULT_DNS_TIMEOUT, 0.1, 30
             ),
             web_host=_parse_host(get("DISPATCHER_HOST")),
+            log_format=parse_log_format(get("DISPATCHER_LOG_FORMAT")),
         )
 
     def require_api_keys(self) -> None:
@@ -200,6 +205,15 @@ def parse_redis_url(value: str) -> str:
     if database and not (database.isascii() and database.isdigit()):
         raise ConfigError(f"REDIS_URL: the database after the host must be a number, got {database!r}")
     return value
+
+
+def parse_log_format(value: str | None) -> str:
+    """DISPATCHER_LOG_FORMAT: json (also when unset) or text; ConfigError naming it otherwise."""
+    if value is None:
+        return LOG_FORMATS[0]
+    if value.lower() not in LOG_FORMATS:
+        raise ConfigError(f"DISPATCHER_LOG_FORMAT must be json or text, got {value!r}")
+    return value.lower()
 
 
 def _parse_host(value: str | None) -> str | None:

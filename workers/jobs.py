@@ -15,11 +15,12 @@ from __future__ import annotations
 from rq import Retry, get_current_job
 from rq.job import Job
 
+from dispatcher import logs
 from dispatcher.channels import JOB_FUNCTION
 from dispatcher.history import UNREADABLE, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
-from workers.attempt import Decision, decide, history_ttl, max_attempts, record, run, settled
+from workers.attempt import Decision, decide, history_ttl, log, max_attempts, record, run, settled
 from workers.channels import UnknownPayload, channel_of
 from workers.errors import DeliveryFailed
 
@@ -77,6 +78,8 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
             decision = Decision("retry", attempt)
         else:
             decision = decide(data, attempt, retry_after, series_start)
+        logs.ensure_configured()
+        log(kind, job.id, data, decision, job.origin)
     if fresh or decision.attempt.outcome == "retryable":
         with job.connection.pipeline() as pipe:
             record(pipe, history, kind, job, decision)

@@ -11,6 +11,7 @@ import threading
 import redis
 from rq.serializers import JSONSerializer
 
+from dispatcher import logs
 from dispatcher.cli import add_worker_options
 from dispatcher.config import Settings
 from dispatcher.enqueue import make_queues
@@ -60,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     add_worker_options(parser)
     args = parser.parse_args(argv)
     jobs_left = args.max_jobs
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings = Settings.from_env()
+        logs.configure(settings.log_format)
         context.configure(settings)
     except ConfigError as exc:
         print(f"dispatcher worker: {exc}", file=sys.stderr)
