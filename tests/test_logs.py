@@ -302,6 +302,28 @@ def test_no_secret_or_content_reaches_the_logs(traffic: Traffic, secret: str, se
     assert service_env["DISPATCHER_WEBHOOK_SECRET"].removeprefix("whsec_") not in text
 
 
+def test_an_exception_is_a_field_and_a_warning_a_line_of_json(tmp_path: Path) -> None:
+    """What the web and worker processes set up (dispatcher.logs.configure), in a process of its own."""
+    script = (
+        "import logging, warnings\n"
+        "from dispatcher import logs\n"
+        "logs.configure('json')\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    logging.getLogger('dispatcher.web').exception('unhandled error')\n"
+        "warnings.warn('deprecated thing')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    log = tmp_path / "out.log"
+    log.write_text(result.stdout + result.stderr)
+    failure, warning = records(log)
+    assert failure["message"] == "unhandled error" and failure["level"] == "ERROR"
+    assert failure["exc_info"].startswith("Traceback") and "ZeroDivisionError" in failure["exc_info"]
+    assert warning["logger"] == "py.warnings" and "deprecated thing" in warning["message"]
+
+
 # --- text, and `dispatcher dev` --------------------------------------------------------------------
 
 
