@@ -392,10 +392,15 @@ def test_an_unknown_log_format_is_one_line_naming_the_variable(service_env, comm
 # --- a plain `rq worker` -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [(), ("-c", "workers.rqconfig", "--disable-job-desc-logging")])
+@pytest.mark.parametrize(
+    "config",
+    [(), ("-c", "workers.rqconfig", "--disable-job-desc-logging"), ("-w", "workers.worker.DispatcherWorker")],
+    ids=["rq worker", "rq worker -c workers.rqconfig", "rq worker -w DispatcherWorker"],
+)
 def test_a_plain_rq_worker_logs_each_attempt_too(service, receiver, config, tmp_path: Path) -> None:
-    """The job functions (workers.jobs) under RQ's own worker, which sets up RQ's loggers only; with
-    Dispatcher's settings module for RQ (workers.rqconfig), RQ's lines are JSON too, and name no URL."""
+    """The job functions (workers.jobs) under RQ's own worker, and Dispatcher's worker under RQ's command
+    line, which sets up RQ's loggers only; with Dispatcher's settings module for RQ (workers.rqconfig),
+    RQ's lines are JSON too, and name no URL."""
     svc = service()
     url = receiver.url("ok") + f"?token={QUERY_SECRET}"
     job_id = svc.post("/v1/webhooks", {"url": url, "event_type": "a.b", "payload": {}})
@@ -420,6 +425,6 @@ def test_a_plain_rq_worker_logs_each_attempt_too(service, receiver, config, tmp_
     assert tuple(line[k] for k in ("job_id", "channel", "attempt", "outcome", "status_code", "host", "priority")) == (
         expected
     )
-    if config:
+    if "-c" in config:
         assert len(ours) == len(lines) and {"rq.worker", "dispatcher.attempt"} <= {r["logger"] for r in ours}
         assert QUERY_SECRET not in log.read_text()

@@ -52,7 +52,7 @@ from rq.suspension import is_suspended
 from rq.utils import now, utcformat
 from rq.worker import DequeueStrategy, SimpleWorker, WorkerStatus
 
-from dispatcher import rqstore
+from dispatcher import logs, rqstore
 from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, default_max_per_host
 from dispatcher.history import Attempt, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
@@ -177,6 +177,7 @@ class DispatcherWorker(SimpleWorker):
     # --- lifecycle -----------------------------------------------------------------------
 
     def bootstrap(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        logs.ensure_configured()  # under `rq worker -w`, whose set-up covers RQ's loggers only
         super().bootstrap(*args, **kwargs)
         self.reaper.start()
 
