@@ -56,6 +56,7 @@ def _job() -> Job:
 
 
 def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
+    logs.ensure_configured()  # before anything is sent: a bad DISPATCHER_LOG_FORMAT fails the job unsent
     history = History(job.connection, Keys(split(job.origin)[0]))
     with job.connection.pipeline() as pipe:
         failed = job.failed_job_registry.key
@@ -78,7 +79,6 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
             decision = Decision("retry", attempt)
         else:
             decision = decide(data, attempt, retry_after, series_start)
-        logs.ensure_configured()
         log(kind, job.id, data, decision, job.origin)
     if fresh or decision.attempt.outcome == "retryable":
         with job.connection.pipeline() as pipe:
