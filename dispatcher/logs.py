@@ -25,7 +25,7 @@ from typing import Any
 
 from dispatcher.config import parse_log_format
 
-#: The text format: as before structured logs, with an event's fields appended as key=value.
+#: The text format (the one used before DISPATCHER_LOG_FORMAT), then an event's fields as key=value.
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 #: A batch's request line lists this many of its job ids (all 10,000 would make a 370 KB line).
 LOGGED_BATCH_IDS = 100

@@ -24,6 +24,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
+from dispatcher.config import Settings
 from tests.conftest import API_KEY, ROOT, TERMINAL, SmtpHandler, free_port, process_env, wait_until
 
 #: Strings that must never reach a log line: one per kind of secret or content a request carries.
@@ -369,6 +370,12 @@ def test_dispatcher_dev_writes_text(redis_url: str, tmp_path: Path) -> None:
         dev.send_signal(signal.SIGTERM)
         dev.wait(timeout=60)
     assert '"logger"' not in log.read_text(), log.read_text()
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, "json"), ("", "json"), ("json", "json"), ("TEXT", "text")])
+def test_the_log_format_setting(value: str | None, expected: str) -> None:
+    env = {} if value is None else {"DISPATCHER_LOG_FORMAT": value}
+    assert Settings.from_env(env).log_format == expected
 
 
 @pytest.mark.parametrize(
