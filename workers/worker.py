@@ -57,18 +57,8 @@ from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, default_
 from dispatcher.history import Attempt, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
-from workers.attempt import (
-    Decision,
-    decide,
-    failure_ttl,
-    history_ttl,
-    log,
-    max_attempts,
-    record,
-    result_ttl,
-    run,
-    settled,
-)
+from workers.attempt import Decision, decide, failure_ttl, history_ttl, max_attempts, record, result_ttl, run, settled
+from workers.attempt import log as log_attempt
 from workers.poison import Batch, JobGone, Poisoned, fail_alone, read_job, repair_and_replay
 from workers.recovery import Reaper
 
@@ -121,7 +111,7 @@ class Running:
             attempt.outcome = "permanent"
             attempt.error = f"unexpected error: {type(exc).__name__}: {exc}"
             self.decision = Decision("failed", attempt)
-        log(self.kind, self.job.id, self.data, self.decision, self.queue.name)  # in the delivery thread
+        log_attempt(self.kind, self.job.id, self.data, self.decision, self.queue.name)  # in the delivery thread
 
 
 class DispatcherWorker(SimpleWorker):
