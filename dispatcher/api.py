@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from dispatcher.channels import CHANNELS, KINDS, Channel
 from dispatcher.enqueue import enqueue, enqueue_many
 from dispatcher.errors import APIError, FieldProblem
+from dispatcher.logs import note_batch, note_job
 from dispatcher.openapi import openapi_document
 from dispatcher.runtime import Runtime
 from dispatcher.status import MAX_LIST_LIMIT, Status
@@ -80,6 +81,7 @@ for _channel in CHANNELS.values():
 
 @v1.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
+    note_job(job_id)
     view = runtime().status.job(job_id)
     if view is None:
         raise APIError(404, "not_found", f"no job with id {job_id!r} (it may have expired)")
@@ -115,6 +117,7 @@ def _accept(channel: Channel) -> tuple[Response, int, dict[str, str]]:
     rt = runtime()
     request = _validate(channel, channel.request)
     job_id = enqueue(rt.connection, rt.settings, channel.name, request, request.priority)  # type: ignore[attr-defined]
+    note_job(job_id)
     accepted = _accepted(job_id)
     return jsonify(accepted), 202, {"Location": accepted["status_url"]}
 
@@ -127,6 +130,7 @@ def _accept_batch(channel: Channel) -> tuple[Response, int]:
         job_ids = enqueue_many(
             rt.connection, rt.settings, channel.name, batch.items, batch.priority  # type: ignore[attr-defined]
         )
+    note_batch(job_ids)
     return jsonify(items=[_accepted(job_id) for job_id in job_ids]), 202
 
 

@@ -114,12 +114,13 @@ def run_web(host: str | None = None, log_level: str = "info") -> int:
     """Serve the API (dispatcher.server: gunicorn, gevent workers) on `host`, settings.web_host or 0.0.0.0."""
     import logging
 
+    from dispatcher import logs
     from dispatcher.redis_checks import warn_about_server
     from dispatcher.runtime import api_connection
     from dispatcher.server import WebServer, check_address_free
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env()
+    logs.configure(settings.log_format, log_level)
     settings.require_api_keys()  # every check create_app makes, before gunicorn forks
     server = WebServer(settings, host, log_level)
     check_address_free(server.host, settings.port)

@@ -39,6 +39,8 @@ DEFAULT_WEB_HOST = "0.0.0.0"
 DEV_WEB_HOST = "127.0.0.1"
 #: The Standard Webhooks spec: a signing secret is 24 to 64 random bytes.
 WEBHOOK_SECRET_BYTES = (24, 64)
+#: DISPATCHER_LOG_FORMAT's values (dispatcher.logs): a JSON object per line, or text for humans.
+LOG_FORMATS = ("json", "text")
 #: URL schemes redis-py connects with.
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -101,6 +103,8 @@ class Settings:
     web_host: str | None = None
     #: Bearer token GET /metrics requires; None: /metrics is open.
     metrics_key: str | None = field(default=None, repr=False)
+    #: "json" or "text" (dispatcher.logs).
+    log_format: str = LOG_FORMATS[0]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -150,6 +154,7 @@ class Settings:
             ),
             web_host=_parse_host(get("DISPATCHER_HOST")),
             metrics_key=get("DISPATCHER_METRICS_KEY"),
+            log_format=parse_log_format(get("DISPATCHER_LOG_FORMAT")),
         )
 
     def require_api_keys(self) -> None:
@@ -203,6 +208,15 @@ def parse_redis_url(value: str) -> str:
     if database and not (database.isascii() and database.isdigit()):
         raise ConfigError(f"REDIS_URL: the database after the host must be a number, got {database!r}")
     return value
+
+
+def parse_log_format(value: str | None) -> str:
+    """DISPATCHER_LOG_FORMAT: json (also when unset) or text; ConfigError naming it otherwise."""
+    if value is None:
+        return LOG_FORMATS[0]
+    if value.lower() not in LOG_FORMATS:
+        raise ConfigError(f"DISPATCHER_LOG_FORMAT must be json or text, got {value!r}")
+    return value.lower()
 
 
 def _parse_host(value: str | None) -> str | None:

@@ -107,7 +107,7 @@ def run_dev() -> int:
     failed = False
     try:
         children["the API"] = processes.spawn(
-            [sys.executable, "-m", "dispatcher.cli", "web", "--log-level", "warning"], env
+            [sys.executable, "-m", "dispatcher.cli", "web"], env
         )
         children["the worker"] = processes.spawn([sys.executable, "-m", "workers"], env)
         if not processes.wait_listening(host, settings.port, list(children.values()), stop, START_TIMEOUT):

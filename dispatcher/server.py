@@ -26,6 +26,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 from gevent.monkey import MonkeyPatchWarning
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from gunicorn.http import errors as http_errors
 from gunicorn.util import write_nonblock
@@ -34,6 +35,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestTimeout
 
 from dispatcher.config import DEFAULT_WEB_HOST, Settings
 from dispatcher.errors import APIError, ConfigError
+from dispatcher.logs import RequestLog
 from dispatcher.watch import DeliveryWatch
 
 #: Seconds a client has to send a request's line and headers, and that an idle kept-alive
@@ -107,7 +109,9 @@ class WebServer(BaseApplication):
         # the host; nothing here uses it.
         self.cfg.set("control_socket_disable", True)
         self.cfg.set("loglevel", self.log_level)
-        self.cfg.set("accesslog", "-" if os.environ.get("DISPATCHER_ACCESS_LOG") == "1" else None)
+        # One line per request comes from dispatcher.logs.RequestLog; gunicorn's own lines go to our handler.
+        self.cfg.set("accesslog", None)
+        self.cfg.set("logger_class", "dispatcher.server.HandOnLogger")
         self.cfg.set("when_ready", self._watch_delivery)
 
     def _watch_delivery(self, arbiter: Any) -> None:
@@ -118,7 +122,18 @@ class WebServer(BaseApplication):
         """Called in each worker, after gevent patched it: build the app there."""
         from dispatcher.app import create_app
 
-        return InArrivalOrder(create_app(self.settings), APP_SLOTS)
+        return RequestLog(InArrivalOrder(create_app(self.settings), APP_SLOTS))
+
+
+class HandOnLogger(glogging.Logger):
+    """gunicorn's logger, handing its error log's records on to the root logger's handler
+    (dispatcher.logs), so they are formatted like every other line; it writes no access log."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for handler in list(self.error_log.handlers):
+            self.error_log.removeHandler(handler)
+        self.error_log.propagate = True
 
 
 class InArrivalOrder:

@@ -210,6 +210,7 @@ def test_a_worker_started_before_redis_waits_and_then_delivers(tmp_path: Path, s
 
     port = free_port()
     env = service_env | {"REDIS_URL": f"redis://127.0.0.1:{port}/0", "DISPATCHER_QUEUE": f"late-{uuid.uuid4().hex[:8]}"}
+    env["DISPATCHER_LOG_FORMAT"] = "text"  # the lines read below are the human ones
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
         worker = subprocess.Popen(

@@ -7,6 +7,7 @@ steps one job at a time.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -17,9 +18,11 @@ from redis.typing import EncodableT
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
+from dispatcher import logs
 from dispatcher.config import DEFAULT_FAILURE_TTL, DEFAULT_RESULT_TTL
 from dispatcher.history import Attempt, History, isoformat
 from dispatcher.keys import Kind
+from dispatcher.priorities import split
 from workers.channels import DELIVERERS
 from workers.errors import DeliveryError, RetryableDeliveryError
 from workers.retry import next_delay
@@ -147,3 +150,22 @@ def record(
     else:
         ttl = result_ttl(job) if decision.verdict == "succeeded" else failure_ttl(job)
         history.finish(pipe, kind, job.id, attempt, final=True, ttl=ttl, target=job.meta.get("target"))
+
+
+def log(kind: Kind, job_id: str, data: dict, decision: Decision, queue: str) -> None:
+    """The attempt's one log line, from what the attempt already holds (no Redis)."""
+    if not logs.attempt_log.isEnabledFor(logging.INFO):
+        return
+    attempt = decision.attempt
+    logs.log_attempt(
+        job_id,
+        kind,
+        attempt.number,
+        attempt.outcome,
+        attempt.status_code,
+        attempt.duration_ms,
+        DELIVERERS[kind].target_host(data),
+        queue,
+        split(queue)[1],
+        decision.verdict,
+    )

@@ -15,12 +15,13 @@ from __future__ import annotations
 from rq import Retry, get_current_job
 from rq.job import Job
 
+from dispatcher import logs
 from dispatcher.channels import JOB_FUNCTION
 from dispatcher.history import UNREADABLE, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
 from dispatcher.tallies import Tally
-from workers.attempt import Decision, decide, history_ttl, max_attempts, record, run, settled
+from workers.attempt import Decision, decide, history_ttl, log, max_attempts, record, run, settled
 from workers.channels import UnknownPayload, channel_of
 from workers.errors import DeliveryFailed
 
@@ -56,6 +57,7 @@ def _job() -> Job:
 
 
 def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
+    logs.ensure_configured()  # before anything is sent: a bad DISPATCHER_LOG_FORMAT fails the job unsent
     history = History(job.connection, Keys(split(job.origin)[0]))
     with job.connection.pipeline() as pipe:
         failed = job.failed_job_registry.key
@@ -78,6 +80,7 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
             decision = Decision("retry", attempt)
         else:
             decision = decide(data, attempt, retry_after, series_start)
+        log(kind, job.id, data, decision, job.origin)
     if fresh or decision.attempt.outcome == "retryable":
         with job.connection.pipeline() as pipe:
             record(pipe, history, kind, job, decision)

@@ -11,6 +11,7 @@ import click
 import redis
 from rq.serializers import JSONSerializer
 
+from dispatcher import logs
 from dispatcher.cli import WORKER_EPILOG, WORKER_HELP, WorkerOptions, worker_options
 from dispatcher.config import Settings
 from dispatcher.enqueue import make_queues
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: WorkerOptions) -> int:
     """Run workers until a stop signal, or until `--burst`, `--max-jobs` or `--max-idle-time` ends one."""
     jobs_left = args.max_jobs
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings = Settings.from_env()
+        logs.configure(settings.log_format)
         context.configure(settings)
     except ConfigError as exc:
         print(f"dispatcher worker: {exc}", file=sys.stderr)

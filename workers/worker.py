@@ -52,13 +52,14 @@ from rq.suspension import is_suspended
 from rq.utils import now, utcformat
 from rq.worker import DequeueStrategy, SimpleWorker, WorkerStatus
 
-from dispatcher import rqstore
+from dispatcher import logs, rqstore
 from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, default_max_per_host
 from dispatcher.history import Attempt, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
 from dispatcher.tallies import Tally
 from workers.attempt import Decision, decide, failure_ttl, history_ttl, max_attempts, record, result_ttl, run, settled
+from workers.attempt import log as log_attempt
 from workers.poison import Batch, JobGone, Poisoned, fail_alone, read_job, repair_and_replay
 from workers.recovery import Reaper
 
@@ -111,6 +112,7 @@ class Running:
             attempt.outcome = "permanent"
             attempt.error = f"unexpected error: {type(exc).__name__}: {exc}"
             self.decision = Decision("failed", attempt)
+        log_attempt(self.kind, self.job.id, self.data, self.decision, self.queue.name)  # in the delivery thread
 
 
 class DispatcherWorker(SimpleWorker):
@@ -166,6 +168,7 @@ class DispatcherWorker(SimpleWorker):
     # --- lifecycle -----------------------------------------------------------------------
 
     def bootstrap(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        logs.ensure_configured()  # under `rq worker -w`, whose set-up covers RQ's loggers only
         super().bootstrap(*args, **kwargs)
         rqstore.announce_queues(self.connection, self.queues)
         self.reaper.start()

@@ -36,6 +36,11 @@ class Deliverer:
     deliver: Callable[[str, dict], Delivered]
     #: The host (`host:port`) the per-host share of delivery slots counts the job against; None: none.
     host: Callable[[dict], str | None] = _no_host
+    #: The host an attempt's log line names (dispatcher.logs), if not `host`: never an address or a secret.
+    log_host: Callable[[dict], str | None] | None = None
+
+    def target_host(self, payload: dict) -> str | None:
+        return (self.log_host or self.host)(payload)
 
 
 def _registry() -> dict[str, Deliverer]:

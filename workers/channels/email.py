@@ -14,4 +14,11 @@ def deliver(job_id: str, payload: dict) -> Delivered:
     return Delivered(status_code, note=note)
 
 
-DELIVERER = Deliverer("email", deliver)
+def relay(payload: dict) -> str:
+    """Where this worker sends mail, for its log lines: the SMTP server's host:port (never the URL's
+    user or password, nor a recipient), or `outbox`."""
+    smtp = context.current().settings.smtp
+    return f"{smtp.host}:{smtp.port}" if smtp is not None else "outbox"
+
+
+DELIVERER = Deliverer("email", deliver, log_host=relay)
