@@ -26,6 +26,10 @@ from tests.conftest import AUTH, ROOT, TERMINAL, WEBHOOK_SECRET, free_port, proc
 from tests.test_processes import http, wait_ready
 from tests.test_server import listening_addresses
 
+#: `dispatcher dev` without REDIS_URL starts its embedded Redis on port 16379 when free: one such test at
+#: a time (pytest-xdist runs a group on one worker), or two could race for the port.
+pytestmark = pytest.mark.xdist_group("embedded-redis-port")
+
 #: What `dispatcher dev` says while it stops, in this order (the scheduler's line is RQ's own).
 STOP_LINES = (
     "dispatcher dev: stopping the API",

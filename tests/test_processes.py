@@ -19,6 +19,10 @@ import pytest
 
 from tests.conftest import ROOT, TERMINAL, free_port, process_env
 
+#: `dispatcher dev` without REDIS_URL starts its embedded Redis on port 16379 when free: one such test at
+#: a time (pytest-xdist runs a group on one worker), or two could race for the port.
+pytestmark = pytest.mark.xdist_group("embedded-redis-port")
+
 BIN = Path(sys.executable).parent
 
 

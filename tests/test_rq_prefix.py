@@ -19,7 +19,7 @@ PREFIX = "dsp"
 def test_the_rq_contract_tests_pass_under_rq_key_prefix(redis_url, redis_conn):
     env = os.environ | {"RQ_KEY_PREFIX": PREFIX, "TEST_REDIS_URL": redis_url}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CONTRACT_TESTS],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *CONTRACT_TESTS],
         env=env,
         cwd=ROOT,
         capture_output=True,
