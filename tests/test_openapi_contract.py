@@ -108,15 +108,21 @@ def test_schemathesis_finds_no_failure_and_every_202_made_exactly_its_jobs(web: 
     accepted: set[str] = set()
     for entry in json.loads(har.read_text())["log"]["entries"]:
         path = urlsplit(entry["request"]["url"]).path
+        if path.startswith("/v1/jobs/"):
+            path = "/v1/jobs/{id}"
         response = entry["response"]
         answered.setdefault(f"{entry['request']['method']} {path}", set()).add(response["status"])
         if response["status"] == 202:
             body = json.loads(response["content"]["text"])
             accepted.update(item["id"] for item in body.get("items", [body]))
-    # Generated requests of both kinds reached the API and were judged by it.
-    assert 202 in answered["POST /v1/emails"] and 422 in answered["POST /v1/emails"]
-    assert 202 in answered["POST /v1/webhooks/batch"] and 422 in answered["POST /v1/webhooks/batch"]
-    assert {200, 422} <= answered["GET /v1/jobs"]
+        elif response["status"] == 422:  # every refusal names what it refused
+            details = json.loads(response["content"]["text"])["error"]["details"]
+            assert details and all(detail["field"] for detail in details), entry["request"]
+    # Generated requests of both kinds reached every part of the API and were judged by it.
+    for operation in ("POST /v1/emails", "POST /v1/webhooks", "POST /v1/emails/batch", "POST /v1/webhooks/batch"):
+        assert {202, 422} <= answered[operation], (operation, answered[operation])
+    assert {200, 422} <= answered["GET /v1/jobs"] and 404 in answered["GET /v1/jobs/{id}"]
+    assert 200 in answered["GET /v1/stats"] and 200 in answered["GET /readyz"]
     # A 202 made exactly the jobs it named and no other request made any; each one decodes.
     indexed = {job_id.decode() for job_id in redis_conn.zrange(Keys(web.settings.queue_name).index, 0, -1)}
     queued = {job_id for queue in make_queues(redis_conn, web.settings) for job_id in queue.get_job_ids()}
