@@ -276,19 +276,16 @@ def test_query_parameters_given_twice_are_refused(client, query):
     assert [detail["field"] for detail in response.get_json()["error"]["details"]] == [query.partition("=")[0]]
 
 
-def _addresses() -> list[Any]:
-    return [
-        pytest.param(path, id=".".join(map(str, path)))
-        for path, schema in _fields(SCHEMAS["EmailRequest"])
-        if schema.get("format") in ("idn-email", "mailbox")
-    ]
+#: Every address field of an email; the test below checks the document lists no other.
+ADDRESSES = [("to", 0), ("cc", 0), ("bcc", 0), ("from",), ("reply_to",)]
 
 
-def test_every_address_field_is_found():
-    assert {param.values[0] for param in _addresses()} == {("to", 0), ("cc", 0), ("bcc", 0), ("from",), ("reply_to",)}
+def test_every_address_field_is_listed():
+    formats = ("idn-email", "mailbox")
+    assert [path for path, schema in _fields(SCHEMAS["EmailRequest"]) if schema.get("format") in formats] == ADDRESSES
 
 
-@pytest.mark.parametrize("path", _addresses())
+@pytest.mark.parametrize("path", ADDRESSES, ids=lambda path: ".".join(map(str, path)))
 @pytest.mark.parametrize("value", ["", " ", "@", "a@", "@b.com", "a@b@c.com"])
 def test_addresses_that_are_no_addresses_are_refused_by_the_document_and_the_api(client, path, value):
     """`to: [""]` was valid by the document. (`mailbox`, the document's own format for `from` and
