@@ -36,7 +36,9 @@ MAX_METADATA_KEYS = 50
 #: Objects and arrays nested in a webhook payload, the payload itself included.
 MAX_PAYLOAD_DEPTH = 100
 #: HTTP token characters (RFC 9110), which is also safe for email header names.
-HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}")
+_TOKEN_CHARACTER = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+MAX_HEADER_NAME = 100
+HEADER_NAME = re.compile(f"{_TOKEN_CHARACTER}{{1,{MAX_HEADER_NAME}}}")
 #: Lone surrogates: JSON can escape them (\ud800), UTF-8 cannot encode them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _PLAIN_JSON = frozenset({int, bool, type(None)})
@@ -54,7 +56,8 @@ def _ascii_class(characters: str) -> str:
 
 #: The OpenAPI document's patterns for what the validators below check in Python code.
 NO_LINE_BREAKS = f"^[^{_ascii_class(LINE_BREAKS)}]*$"
-#: The shortest address, `a@b`, and longer than any: what the `email` format alone leaves open.
+HTTP_HEADER_VALUE = f"^{_HTTP_HEADER_VALUE.pattern}$"
+#: No address is shorter than `a@b`; said beside the format, which some readers take as a mere annotation.
 _ADDRESS_LENGTH = {"minLength": 3}
 
 
@@ -66,7 +69,7 @@ def case_insensitive(text: str) -> str:
 def header_name_pattern(reserved: frozenset[str], prefixes: tuple[str, ...], max_length: int) -> str:
     """The document's pattern for a header name: an HTTP token, none of `reserved`, no `prefixes`."""
     refused = "|".join([*(f"{case_insensitive(name)}$" for name in sorted(reserved)), *map(case_insensitive, prefixes)])
-    return f"^(?!{refused})[!#$%&'*+\\-.^_`|~0-9A-Za-z]{{1,{max_length}}}$"
+    return f"^(?!{refused}){_TOKEN_CHARACTER}{{1,{max_length}}}$"
 
 
 def headers_schema(name_pattern: str, value_pattern: str) -> dict[str, Any]:

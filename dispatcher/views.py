@@ -1,8 +1,9 @@
 """What the API answers, and the query parameters it reads, as types.
 
-The OpenAPI document (dispatcher.openapi) is generated from these and from the request models, so
-it describes what the code builds; the status code fills them in (dispatcher.status,
-dispatcher.history). The answers are TypedDicts: plain dicts at run time, a schema for the document.
+The OpenAPI document (dispatcher.openapi) is generated from these and from the request models. The
+answers are TypedDicts, the shapes of the plain dicts the API and its status code build
+(dispatcher.api, dispatcher.status, dispatcher.history); tests/test_openapi_contract.py checks every
+answer of a running service against the document.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ from dispatcher.errors import DestinationRefused, FieldProblem, ResolutionFailed
 from dispatcher.history import isoformat
 from dispatcher.models import (
     _SURROGATE,
+    HTTP_HEADER_VALUE,
     MAX_BATCH,
+    MAX_HEADER_NAME,
     JsonObject,
     Metadata,
     RetryPolicy,
@@ -45,10 +47,6 @@ _JOB_TIMEOUT_MARGIN = 60
 RESERVED_WEBHOOK_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding"})
 
 
-#: An HTTP header value: visible ASCII, spaces and tabs.
-_HEADER_VALUE = "^[\\u0009\\u0020-\\u007e]*$"
-
-
 class WebhookRequest(SendRequest):
     url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] = Field(
         description="http:// or https://, whose host resolves to addresses the network guard allows",
@@ -59,7 +57,7 @@ class WebhookRequest(SendRequest):
     headers: dict[str, str] = Field(
         default_factory=dict,
         json_schema_extra=headers_schema(
-            header_name_pattern(RESERVED_WEBHOOK_HEADERS, ("webhook-",), 100), _HEADER_VALUE
+            header_name_pattern(RESERVED_WEBHOOK_HEADERS, ("webhook-",), MAX_HEADER_NAME), HTTP_HEADER_VALUE
         ),
     )
     metadata: Metadata = Field(default_factory=dict)
