@@ -29,6 +29,7 @@ from urllib.parse import urljoin, urlsplit
 import jsonschema_rs
 import pytest
 import requests
+from rq.job import Job
 
 from dispatcher.config import Settings
 from dispatcher.enqueue import make_queues
@@ -51,8 +52,9 @@ class Web:
 
 
 @pytest.fixture(scope="module")
-def web(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    """`dispatcher web` on a free port and a queue of its own that no worker serves."""
+def web(service_env: dict[str, str], redis_conn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    """`dispatcher web` on a free port and a queue of its own that no worker serves; its jobs are
+    deleted afterwards (the run's 10,000-item batches would otherwise stay in the suite's Redis)."""
     port = free_port()
     env = service_env | {"DISPATCHER_QUEUE": f"contract-{os.urandom(6).hex()}"}
     log = tmp_path_factory.mktemp("contract") / "web.log"
@@ -73,13 +75,23 @@ def web(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
         except requests.ConnectionError:
             return process.poll() is not None  # exited: stop waiting, fail below
 
+    settings = Settings.from_env(env)
     try:
         wait_until(up, 30, "dispatcher web did not start")
         assert process.poll() is None, log.read_text(errors="replace")
-        yield Web(url, Settings.from_env(env))
+        yield Web(url, settings)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+        _delete_jobs(redis_conn, settings)
+
+
+def _delete_jobs(redis_conn, settings: Settings) -> None:
+    keys = Keys(settings.queue_name)
+    job_ids = [job_id.decode() for job_id in redis_conn.zrange(keys.index, 0, -1)]
+    for start in range(0, len(job_ids), 1000):
+        redis_conn.delete(*(Job.key_for(job_id) for job_id in job_ids[start : start + 1000]))
+    redis_conn.delete(keys.index, keys.wake, *(queue.key for queue in make_queues(redis_conn, settings)))
 
 
 # --- schemathesis against the running service ------------------------------------------------
