@@ -142,7 +142,9 @@ class EmailRequest(SendRequest):
     subject: Annotated[SafeStr, StringConstraints(min_length=1, max_length=998)]
     text: str | None = None
     html: str | None = None
-    attachments: list[Attachment] = Field(default=[], max_length=100)
+    attachments: list[Attachment] = Field(
+        default=[], max_length=100, description=f"at most {MAX_ATTACHMENT_BYTES} bytes in total once decoded"
+    )
     headers: dict[str, str] = Field(
         default_factory=dict, json_schema_extra=headers_schema(_EMAIL_HEADER_NAME, NO_LINE_BREAKS)
     )

@@ -27,6 +27,7 @@ from dispatcher.models import (
     HTTP_HEADER_VALUE,
     MAX_BATCH,
     MAX_HEADER_NAME,
+    MAX_PAYLOAD_DEPTH,
     JsonObject,
     Metadata,
     RetryPolicy,
@@ -53,7 +54,9 @@ class WebhookRequest(SendRequest):
         json_schema_extra={"format": "iri"},
     )
     event_type: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-    payload: dict[str, Any]
+    payload: dict[str, Any] = Field(
+        description=f"any JSON object, at most {MAX_PAYLOAD_DEPTH} levels deep, without lone surrogates"
+    )
     headers: dict[str, str] = Field(
         default_factory=dict,
         json_schema_extra=headers_schema(
