@@ -99,6 +99,8 @@ def _delete_jobs(redis_conn, settings: Settings) -> None:
 
 def test_schemathesis_finds_no_failure_and_every_202_made_exactly_its_jobs(web: Web, redis_conn, tmp_path: Path):
     har = tmp_path / "run.har"
+    # One worker thread: with two, hypothesis's strategy descriptions (ast.parse in threads) hit
+    # CPython 3.11's "AST constructor recursion depth mismatch" now and then.
     run = subprocess.run(
         [
             str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(CONFIG),
