@@ -87,7 +87,9 @@ def _accept_batch(channel: Channel) -> dict:
                 "content": {"application/json": {"schema": _ref(channel.batch.__name__)}},
             },
             "responses": _responses(
-                202, "AcceptedBatch", "every item accepted and queued (a 422 accepts none)",
+                202,
+                "AcceptedBatch",
+                "every item accepted and queued (a 422 accepts none)",
                 (400, 401, 413, 415, 422, 503),
             ),
         }
@@ -165,9 +167,7 @@ def _paths(jobs_query: dict) -> dict:
 def openapi_document() -> dict:
     """The whole document; built once, it only depends on the code."""
     inputs: list[tuple[str, JsonSchemaMode, TypeAdapter[Any]]] = [
-        (model.__name__, "validation", TypeAdapter(model))
-        for c in CHANNELS.values()
-        for model in (c.request, c.batch)
+        (model.__name__, "validation", TypeAdapter(model)) for c in CHANNELS.values() for model in (c.request, c.batch)
     ]
     inputs.append(("JobsQuery", "validation", TypeAdapter(JobsQuery)))
     inputs += [(answer.__name__, "serialization", TypeAdapter(answer)) for answer in _ANSWERS]
@@ -192,4 +192,3 @@ def openapi_document() -> dict:
         },
         "security": [{"bearerAuth": []}],
     }
-

@@ -138,9 +138,7 @@ if TYPE_CHECKING:
     Stats = dict[str, Any]
 else:
     #: GET /v1/stats: the counts of every channel, by its name, and the recent failures.
-    Stats = with_config(_FORBID)(
-        TypedDict("Stats", {**dict.fromkeys(KINDS, Counts), "recent_failures": list[Failure]})
-    )
+    Stats = with_config(_FORBID)(TypedDict("Stats", {**dict.fromkeys(KINDS, Counts), "recent_failures": list[Failure]}))
 
 
 class JobsQuery(BaseModel):

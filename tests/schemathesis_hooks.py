@@ -31,9 +31,7 @@ display_names = st.text(
 )
 mailboxes = addresses | st.builds("{} <{}>".format, display_names, addresses)
 
-_path = st.text(string.ascii_letters + string.digits + "-._~/%", max_size=20).map(
-    lambda path: path.replace("%", "%25")
-)
+_path = st.text(string.ascii_letters + string.digits + "-._~/%", max_size=20).map(lambda path: path.replace("%", "%25"))
 loopback_urls = st.builds(
     "{}://{}:{}/{}".format,
     st.sampled_from(["http", "https", "HTTP"]),
