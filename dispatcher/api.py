@@ -12,13 +12,13 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ValidationError
 
-from dispatcher.channels import CHANNELS, KINDS, Channel
+from dispatcher.channels import CHANNELS, Channel
 from dispatcher.enqueue import enqueue, enqueue_many
 from dispatcher.errors import APIError, FieldProblem
 from dispatcher.logs import note_batch, note_job
 from dispatcher.openapi import openapi_document
 from dispatcher.runtime import Runtime
-from dispatcher.status import MAX_LIST_LIMIT, Status
+from dispatcher.views import JobsQuery
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
 health = Blueprint("health", __name__)
@@ -90,22 +90,19 @@ def get_job(job_id: str) -> Response:
 
 @v1.get("/jobs")
 def list_jobs() -> Response:
-    details = []
-    kind = request.args.get("kind") or None
-    if kind is not None and kind not in KINDS:
-        details.append({"field": "kind", "problem": f"must be one of {', '.join(KINDS)}"})
-    status = request.args.get("status") or None
-    statuses = [s.value for s in Status]
-    if status is not None and status not in statuses:
-        details.append({"field": "status", "problem": f"must be one of {', '.join(statuses)}"})
-    limit_raw = request.args.get("limit", "50")
-    # ASCII digits only ("²" is isdigit() but not int()), and few enough for int() to parse.
-    limit = int(limit_raw) if limit_raw.isascii() and limit_raw.isdigit() and len(limit_raw) <= 9 else 0
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        details.append({"field": "limit", "problem": f"must be an integer from 1 to {MAX_LIST_LIMIT}"})
-    if details:
-        raise APIError(422, "validation_error", "invalid query parameters", details)
-    return jsonify(jobs=runtime().status.list(kind, status, limit))
+    # One value per parameter: a repeated one would otherwise be read as its first value.
+    repeated = [
+        {"field": name, "problem": "give it once"}
+        for name, values in request.args.lists()
+        if len(values) > 1 and name in JobsQuery.model_fields
+    ]
+    if repeated:
+        raise APIError(422, "validation_error", "invalid query parameters", repeated)
+    try:
+        query = JobsQuery.model_validate(request.args.to_dict())
+    except ValidationError as exc:
+        raise APIError(422, "validation_error", "invalid query parameters", _details(exc)) from None
+    return jsonify(jobs=runtime().status.list(query.kind, query.status, query.limit))
 
 
 @v1.get("/stats")

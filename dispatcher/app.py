@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 from dispatcher import dashboard, metrics
 from dispatcher.api import health, v1
 from dispatcher.config import Settings
+from dispatcher.docs import docs
 from dispatcher.errors import APIError
 from dispatcher.runtime import Runtime
 
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(v1)
     dashboard.init_app(app, settings)
     metrics.init_app(app)
+    app.register_blueprint(docs)
     _register_error_handlers(app)
     return app
 

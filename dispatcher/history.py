@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple, cast
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, cast
 
 import redis
+from pydantic import ConfigDict, Field
 from redis.client import Pipeline
 
 from dispatcher.keys import Keys, Kind
 
 Outcome = Literal["succeeded", "retryable", "permanent"]
+#: A moment as the API writes it (isoformat): `date-time` in the OpenAPI document.
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 RECENT_FAILURES = 10
 #: The fields of the attempts hash that are not attempt numbers: the counter, the attempt that
 #: settled the job, and how many attempts came before the current series (see _BEGIN).
@@ -138,9 +141,14 @@ def isoformat(moment: datetime) -> str:
 
 @dataclass
 class Attempt:
-    number: int
-    started_at: str
-    finished_at: str | None = None
+    #: For the OpenAPI document (dispatcher.views): the API shows an attempt's fields and no others.
+    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(
+        extra="forbid", json_schema_serialization_defaults_required=True
+    )
+
+    number: Annotated[int, Field(ge=1)]
+    started_at: Timestamp
+    finished_at: Timestamp | None = None
     duration_ms: int | None = None
     outcome: Outcome | None = None
     status_code: int | None = None

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -28,13 +29,16 @@ from dispatcher.errors import FieldProblem
 from dispatcher.priorities import BATCH_PRIORITY, DEFAULT_PRIORITY, Priority
 
 MAX_HEADERS = 50
+MAX_HEADER_VALUE = 4096
 #: Longer mail header names cannot be folded onto a 78-character line (the email package fails on them).
 MAX_EMAIL_HEADER_NAME = 76
 MAX_METADATA_KEYS = 50
 #: Objects and arrays nested in a webhook payload, the payload itself included.
 MAX_PAYLOAD_DEPTH = 100
 #: HTTP token characters (RFC 9110), which is also safe for email header names.
-HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}")
+_TOKEN_CHARACTER = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+MAX_HEADER_NAME = 100
+HEADER_NAME = re.compile(f"{_TOKEN_CHARACTER}{{1,{MAX_HEADER_NAME}}}")
 #: Lone surrogates: JSON can escape them (\ud800), UTF-8 cannot encode them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _PLAIN_JSON = frozenset({int, bool, type(None)})
@@ -42,6 +46,46 @@ _PLAIN_JSON = frozenset({int, bool, type(None)})
 _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 #: What an HTTP/1.1 header value may hold: visible ASCII, spaces and tabs.
 _HTTP_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
+def _ascii_class(characters: str) -> str:
+    """The characters as \\uXXXX escapes for a regex character class that JSON Schema (ECMA 262),
+    Python's re and pydantic's engine all read alike."""
+    return "".join(f"\\u{ord(c):04x}" for c in characters)
+
+
+#: The OpenAPI document's patterns for what the validators below check in Python code.
+NO_LINE_BREAKS = f"^[^{_ascii_class(LINE_BREAKS)}]*$"
+HTTP_HEADER_VALUE = f"^{_HTTP_HEADER_VALUE.pattern}$"
+#: No address is shorter than `a@b`; said beside the format, which some readers take as a mere annotation.
+_ADDRESS_LENGTH = {"minLength": 3}
+
+
+def case_insensitive(text: str) -> str:
+    """A regex matching `text` in any case, for JSON Schema patterns, which have no flags."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in text)
+
+
+def header_name_pattern(reserved: frozenset[str], prefixes: tuple[str, ...], max_length: int) -> str:
+    """The document's pattern for a header name: an HTTP token, none of `reserved`, no `prefixes`."""
+    refused = "|".join([*(f"{case_insensitive(name)}$" for name in sorted(reserved)), *map(case_insensitive, prefixes)])
+    return f"^(?!{refused}){_TOKEN_CHARACTER}{{1,{max_length}}}$"
+
+
+def headers_schema(name_pattern: str, value_pattern: str) -> dict[str, Any]:
+    """The document's schema of a `headers` object, as _check_headers judges it."""
+    return {
+        "maxProperties": MAX_HEADERS,
+        "propertyNames": {"pattern": name_pattern},
+        "additionalProperties": {"type": "string", "maxLength": MAX_HEADER_VALUE, "pattern": value_pattern},
+    }
+
+
+def _json_number(value: Any) -> Any:
+    """Only a JSON number is a number: pydantic alone would take true as 1 and "5" as 5."""
+    if isinstance(value, bool | str):
+        raise ValueError(f"must be a JSON number, not {'a boolean' if isinstance(value, bool) else 'a string'}")
+    return value
 
 
 def _no_line_breaks(value: str) -> str:
@@ -65,9 +109,26 @@ def _mailbox(value: str) -> str:
     return format_mailbox(address.display_name, address.addr_spec)
 
 
-SafeStr = Annotated[str, AfterValidator(_no_line_breaks)]
-EmailAddress = Annotated[str, StringConstraints(max_length=320), AfterValidator(_address)]
-Mailbox = Annotated[str, StringConstraints(max_length=400), AfterValidator(_mailbox)]
+SafeStr = Annotated[str, AfterValidator(_no_line_breaks), Field(json_schema_extra={"pattern": NO_LINE_BREAKS})]
+EmailAddress = Annotated[
+    str,
+    StringConstraints(max_length=320),
+    AfterValidator(_address),
+    Field(json_schema_extra={"format": "idn-email", **_ADDRESS_LENGTH}),
+]
+#: `addr` or `Display Name <addr>`: a format of the document's own (JSON Schema has none for it).
+Mailbox = Annotated[
+    str,
+    StringConstraints(max_length=400),
+    AfterValidator(_mailbox),
+    Field(
+        json_schema_extra={"format": "mailbox", **_ADDRESS_LENGTH},
+        description="an address, or `Display Name <address>`",
+    ),
+]
+#: For every number a request holds, after its bounds (so that they reach the document): a JSON
+#: number, never a boolean or a string.
+JSON_NUMBER = BeforeValidator(_json_number)
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=1024)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)]
@@ -94,8 +155,8 @@ def _check_headers(
             raise FieldProblem(field, "must not contain CR, LF, NUL or another line break (header injection)")
         if http and not _HTTP_HEADER_VALUE.fullmatch(value):
             raise FieldProblem(field, "may hold only visible ASCII characters, spaces and tabs (an HTTP header)")
-        if len(value) > 4096:
-            raise FieldProblem(field, "is longer than 4096 characters")
+        if len(value) > MAX_HEADER_VALUE:
+            raise FieldProblem(field, f"is longer than {MAX_HEADER_VALUE} characters")
 
 
 class RequestModel(BaseModel):
@@ -111,8 +172,16 @@ class SendRequest(RequestModel):
     priority: Priority = Field(default=DEFAULT_PRIORITY, description="high, default or low: which queue the job joins")
 
 
+def _items_without_priority(schema: dict[str, Any]) -> None:
+    """The document's batch: its items may not carry a priority of their own (_one_priority)."""
+    items = schema["properties"]["items"]
+    items["items"] = {"allOf": [items["items"]], "not": {"required": ["priority"]}}
+
+
 class SendBatch(RequestModel):
     """What every channel's batch has besides its items: one priority for all of them."""
+
+    model_config = ConfigDict(json_schema_extra=_items_without_priority)
 
     priority: Priority = Field(default=BATCH_PRIORITY, description="high, default or low; a batch is low by default")
 
@@ -127,8 +196,8 @@ class SendBatch(RequestModel):
 class RetryPolicy(RequestModel):
     """`max_attempts` in all (first try included); `backoff[i]` seconds before attempt i+2."""
 
-    max_attempts: int | None = Field(default=None, ge=1, le=MAX_ATTEMPTS_LIMIT)
-    backoff: list[Annotated[float, Field(ge=0, le=MAX_BACKOFF_SECONDS)]] | None = Field(
+    max_attempts: Annotated[int, Field(ge=1, le=MAX_ATTEMPTS_LIMIT), JSON_NUMBER] | None = None
+    backoff: list[Annotated[float, Field(ge=0, le=MAX_BACKOFF_SECONDS), JSON_NUMBER]] | None = Field(
         default=None, min_length=1, max_length=MAX_ATTEMPTS_LIMIT - 1
     )
 

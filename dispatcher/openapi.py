@@ -1,7 +1,9 @@
 """The OpenAPI 3.1 document of the API, served at `GET /openapi.json`.
 
-Request bodies come from the pydantic models themselves, so the document cannot drift
-from what the API validates; the paths and the answers are written out here.
+Every schema in it is generated from the types the code uses: request bodies from the pydantic
+models that validate them, query parameters from the model that parses them, and the answers
+from the TypedDicts the status code fills in (dispatcher.views). Only the paths, which operation
+answers what, are written out here.
 """
 
 from __future__ import annotations
@@ -9,123 +11,27 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from pydantic.json_schema import models_json_schema
+from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import JsonSchemaMode
 
-from dispatcher.channels import CHANNELS, KINDS, Channel
+from dispatcher.channels import CHANNELS, Channel
 from dispatcher.models import MAX_BATCH
-from dispatcher.priorities import PRIORITIES
-from dispatcher.status import MAX_LIST_LIMIT, Status
+from dispatcher.views import (
+    Accepted,
+    AcceptedBatch,
+    ErrorBody,
+    Health,
+    JobList,
+    JobsQuery,
+    JobView,
+    Readiness,
+    Stats,
+)
 
 _REF = "#/components/schemas/{model}"
-_COUNTS = ("queued", "scheduled", "running", "succeeded", "failed")
 
-
-def _target(channel: Channel) -> str:
-    return f"{channel.name.capitalize()}Target"
-
-
-def _ref(name: str) -> dict:
-    return {"$ref": _REF.format(model=name)}
-
-
-def _nullable(schema: dict) -> dict:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def _object(properties: dict[str, dict], required: tuple[str, ...] | None = None) -> dict:
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties if required is None else required),
-        "additionalProperties": False,
-    }
-
-
-_STRING = {"type": "string"}
-_TIME = {"type": "string", "format": "date-time"}
-_STRINGS = {"type": "array", "items": _STRING}
-
-_SCHEMAS: dict[str, dict] = {
-    "Error": _object(
-        {
-            "error": _object(
-                {
-                    "code": _STRING,
-                    "message": _STRING,
-                    "details": {
-                        "type": "array",
-                        "items": _object({"field": _STRING, "problem": _STRING}),
-                    },
-                }
-            )
-        }
-    ),
-    "Accepted": _object(
-        {"id": _STRING, "status": {"type": "string", "enum": ["queued"]}, "status_url": _STRING}
-    ),
-    "Health": _object({"status": {"type": "string", "enum": ["ok"]}}),
-    "Readiness": _object(
-        {
-            "status": {"type": "string", "enum": ["ok"]},
-            "queues": _object(
-                {
-                    p: _object(
-                        {"queue": _STRING, "queued": {"type": "integer", "minimum": 0},
-                         "workers": {"type": "integer", "minimum": 0}}
-                    )
-                    for p in PRIORITIES
-                }
-            ),
-            "warnings": _STRINGS,
-        }
-    ),
-    **{_target(c): _object(c.target_schema["properties"]) for c in CHANNELS.values()},
-    "Attempt": _object(
-        {
-            "number": {"type": "integer", "minimum": 1},
-            "started_at": _TIME,
-            "finished_at": _nullable(_TIME),
-            "duration_ms": _nullable({"type": "integer"}),
-            "outcome": {"enum": ["succeeded", "retryable", "permanent", None]},
-            "status_code": _nullable({"type": "integer"}),
-            "error": _nullable(_STRING),
-            "response_excerpt": _nullable(_STRING),
-        }
-    ),
-    "Job": _object(
-        {
-            "id": _STRING,
-            "kind": {"type": "string", "enum": list(KINDS)},
-            "status": {"type": "string", "enum": [s.value for s in Status]},
-            "priority": {"enum": [*PRIORITIES, None]},
-            "created_at": _nullable(_TIME),
-            "updated_at": _nullable(_TIME),
-            "next_attempt_at": _nullable(_TIME),
-            "attempts": {"type": "array", "items": _ref("Attempt")},
-            "error": _nullable(_STRING),
-            "metadata": {"type": "object", "additionalProperties": _STRING},
-            "target": {"anyOf": [*(_ref(_target(c)) for c in CHANNELS.values()), {"type": "null"}]},
-        }
-    ),
-    "JobList": _object({"jobs": {"type": "array", "items": _ref("Job")}}),
-    "Counts": _object({name: {"type": "integer", "minimum": 0} for name in _COUNTS}),
-    "Failure": _object(
-        {
-            "id": _STRING,
-            "kind": {"type": "string", "enum": list(KINDS)},
-            "failed_at": _nullable(_TIME),
-            "attempts": {"type": "integer"},
-            "error": _nullable(_STRING),
-            "target": {"anyOf": [*(_ref(_target(c)) for c in CHANNELS.values()), {"type": "null"}]},
-        }
-    ),
-    "Stats": _object(
-        {
-            **{kind: _ref("Counts") for kind in KINDS},
-            "recent_failures": {"type": "array", "items": _ref("Failure")},
-        }
-    ),
-}
+#: The answers' types; the document names each schema after its type.
+_ANSWERS: tuple[Any, ...] = (ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats)
 
 #: Error answers, by status: (code, description).
 _ERRORS = {
@@ -134,17 +40,22 @@ _ERRORS = {
     404: "`not_found`: unknown (or expired) job",
     413: "`body_too_large`: the body is over 15 MB",
     415: "`unsupported_media_type`: the body is not `application/json`",
-    422: "`validation_error`: one entry in `details` for every bad field",
+    422: "`validation_error`: one entry in `details` for every bad field or query parameter",
     503: "`unavailable`: Redis is unreachable",
 }
+_STRING = {"type": "string"}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": _REF.format(model=name)}
 
 
 def _json(schema: dict, description: str, **extra: Any) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}, **extra}
 
 
-def _responses(ok: int, schema: dict, description: str, errors: tuple[int, ...], **extra: Any) -> dict:
-    answers = {str(ok): _json(schema, description, **extra)}
+def _responses(ok: int, answer: str, description: str, errors: tuple[int, ...], **extra: Any) -> dict:
+    answers = {str(ok): _json(_ref(answer), description, **extra)}
     answers.update({str(status): {"$ref": f"#/components/responses/E{status}"} for status in errors})
     return answers
 
@@ -160,14 +71,13 @@ def _accept(channel: Channel) -> dict:
                 "content": {"application/json": {"schema": _ref(channel.request.__name__)}},
             },
             "responses": _responses(
-                202, _ref("Accepted"), "accepted and queued", (400, 401, 413, 415, 422, 503), headers=location
+                202, "Accepted", "accepted and queued", (400, 401, 413, 415, 422, 503), headers=location
             ),
         }
     }
 
 
 def _accept_batch(channel: Channel) -> dict:
-    accepted = _object({"items": {"type": "array", "items": _ref("Accepted")}})
     return {
         "post": {
             "operationId": f"create_{channel.name}_batch",
@@ -177,68 +87,93 @@ def _accept_batch(channel: Channel) -> dict:
                 "content": {"application/json": {"schema": _ref(channel.batch.__name__)}},
             },
             "responses": _responses(
-                202, accepted, "every item accepted and queued (a 422 accepts none)", (400, 401, 413, 415, 422, 503)
+                202,
+                "AcceptedBatch",
+                "every item accepted and queued (a 422 accepts none)",
+                (400, 401, 413, 415, 422, 503),
             ),
         }
     }
 
 
-def _get(operation_id: str, summary: str, schema: dict, errors: tuple[int, ...], **extra: Any) -> dict:
+def _get(operation_id: str, summary: str, answer: str, errors: tuple[int, ...], **extra: Any) -> dict:
     return {
         "get": {
             "operationId": operation_id,
             "summary": summary,
-            "responses": _responses(200, schema, "OK", errors),
+            "responses": _responses(200, answer, "OK", errors),
             **extra,
         }
     }
 
 
-def _query(name: str, schema: dict, description: str) -> dict:
-    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+def _query_parameters(model: type[BaseModel], schema: dict) -> list[dict]:
+    """One optional query parameter per field of `model` (its generated `schema`), null left out:
+    a parameter is absent or a value, never null."""
+    parameters = []
+    for name, field in schema["properties"].items():
+        variants = [s for s in field.get("anyOf", [field]) if s.get("type") != "null"]
+        (value,) = variants
+        value = {k: v for k, v in value.items() if k not in ("title", "description")}
+        if field.get("default") is not None:
+            value["default"] = field["default"]
+        parameters.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "schema": value,
+                "description": model.model_fields[name].description or "",
+            }
+        )
+    return parameters
 
 
-_PATHS = {
-    **{f"/v1/{c.path}": _accept(c) for c in CHANNELS.values()},
-    **{f"/v1/{c.path}/batch": _accept_batch(c) for c in CHANNELS.values()},
-    "/v1/jobs/{id}": _get(
-        "get_job",
-        "One job's status and attempts",
-        _ref("Job"),
-        (401, 404, 503),
-        parameters=[{"name": "id", "in": "path", "required": True, "schema": _STRING}],
-    ),
-    "/v1/jobs": _get(
-        "list_jobs",
-        "Jobs, newest first",
-        _ref("JobList"),
-        (401, 422, 503),
-        parameters=[
-            _query("kind", {"type": "string", "enum": list(KINDS)}, "only jobs of this kind"),
-            _query("status", {"type": "string", "enum": [s.value for s in Status]}, "only jobs in this status"),
-            _query(
-                "limit",
-                {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 50},
-                "at most this many jobs",
-            ),
-        ],
-    ),
-    "/v1/stats": _get("get_stats", "Counts per kind and status, recent failures", _ref("Stats"), (401, 503)),
-    "/healthz": _get("healthz", "The process is up", _ref("Health"), (), security=[]),
-    "/readyz": _get(
-        "readyz", "Redis answers; jobs waiting and workers alive per priority", _ref("Readiness"), (503,), security=[]
-    ),
-}
+def _paths(jobs_query: dict) -> dict:
+    return {
+        **{f"/v1/{c.path}": _accept(c) for c in CHANNELS.values()},
+        **{f"/v1/{c.path}/batch": _accept_batch(c) for c in CHANNELS.values()},
+        "/v1/jobs/{id}": _get(
+            "get_job",
+            "One job's status and attempts",
+            "JobView",
+            (401, 404, 503),
+            parameters=[
+                {
+                    "name": "id",
+                    "in": "path",
+                    "required": True,
+                    "schema": _STRING,
+                    "description": "the job id a 202 answered; an unknown or expired one is a 404",
+                }
+            ],
+        ),
+        "/v1/jobs": _get(
+            "list_jobs",
+            "Jobs, newest first",
+            "JobList",
+            (401, 422, 503),
+            parameters=_query_parameters(JobsQuery, jobs_query),
+        ),
+        "/v1/stats": _get("get_stats", "Counts per kind and status, recent failures", "Stats", (401, 503)),
+        "/healthz": _get("healthz", "The process is up", "Health", (), security=[]),
+        "/readyz": _get(
+            "readyz", "Redis answers; jobs waiting and workers alive per priority", "Readiness", (503,), security=[]
+        ),
+    }
 
 
 @cache
 def openapi_document() -> dict:
     """The whole document; built once, it only depends on the code."""
-    _, generated = models_json_schema(
-        [(model, "validation") for c in CHANNELS.values() for model in (c.request, c.batch)],
-        by_alias=True,
-        ref_template=_REF,
-    )
+    inputs: list[tuple[str, JsonSchemaMode, TypeAdapter[Any]]] = [
+        (model.__name__, "validation", TypeAdapter(model)) for c in CHANNELS.values() for model in (c.request, c.batch)
+    ]
+    inputs.append(("JobsQuery", "validation", TypeAdapter(JobsQuery)))
+    inputs += [(answer.__name__, "serialization", TypeAdapter(answer)) for answer in _ANSWERS]
+    _, definitions = TypeAdapter.json_schemas(inputs, by_alias=True, ref_template=_REF)
+    schemas = definitions["$defs"]
+    jobs_query = schemas.pop("JobsQuery")  # parameters, not a body
     return {
         "openapi": "3.1.0",
         "info": {
@@ -247,11 +182,11 @@ def openapi_document() -> dict:
             "description": "Send email and call webhooks in the background. Every error is "
             '`{"error": {"code", "message", "details": [{"field", "problem"}]}}`.',
         },
-        "paths": _PATHS,
+        "paths": _paths(jobs_query),
         "components": {
-            "schemas": generated["$defs"] | _SCHEMAS,
+            "schemas": schemas,
             "responses": {
-                f"E{status}": _json(_ref("Error"), description) for status, description in _ERRORS.items()
+                f"E{status}": _json(_ref("ErrorBody"), description) for status, description in _ERRORS.items()
             },
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },

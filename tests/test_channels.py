@@ -108,6 +108,7 @@ GENERIC = [
     "dispatcher/status.py",
     "dispatcher/api.py",
     "dispatcher/openapi.py",
+    "dispatcher/views.py",
     "dispatcher/metrics.py",
     "dispatcher/tallies.py",
     "workers/attempt.py",

@@ -1,9 +1,10 @@
 """Bad input never breaks anything.
 
 Property tests (hypothesis) feed every request model arbitrary and mutated input: each value is either
-refused with a pydantic ValidationError or becomes a job that the workers can decode and send. A
-schemathesis run drives the API from its own OpenAPI document: no 5xx, every answer as documented, and a
-request enqueues exactly one job (202) or none. Then the cases the issue names: huge and deeply nested
+refused with a pydantic ValidationError or becomes a job that the workers can decode and send; the API
+answers any JSON or bytes with exactly one job (202) or none and a clear 4xx. (schemathesis drives the
+running service from its OpenAPI document in tests/test_openapi_contract.py; here it checks the views of
+jobs a worker really ran against the document.) Then the cases the issue names: huge and deeply nested
 bodies, invalid UTF-8, header injection, URLs with credentials, odd ports, IPv6 literals and IDN hosts,
 each answered with a clear 4xx.
 
@@ -715,50 +716,6 @@ SEED_WEBHOOK = {"url": "http://127.0.0.1:1/hook", "event_type": "order.created",
 def operations_of(app) -> dict:
     schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
     return {op.label: op for op in (result.ok() for result in schema.get_all_operations())}
-
-
-def test_schemathesis_finds_no_server_error_and_every_answer_is_documented(redis_conn, settings):
-    """Positive and negative cases for every operation, on a queue of the run's own; the jobs it made decode."""
-    run_settings = dataclasses.replace(settings, queue_name="fuzz-schemathesis-" + uuid.uuid4().hex)
-    operations = operations_of(create_app(run_settings))
-    assert set(operations) == {
-        "POST /v1/emails", "POST /v1/webhooks", "POST /v1/emails/batch", "POST /v1/webhooks/batch",
-        "GET /v1/jobs/{id}", "GET /v1/jobs", "GET /v1/stats", "GET /healthz", "GET /readyz",
-    }
-    # Accepted requests first, so the job views below have real jobs to show.
-    seeded = [
-        operations["POST /v1/emails"].Case(body=SEED_EMAIL, media_type="application/json"),
-        operations["POST /v1/webhooks"].Case(body=SEED_WEBHOOK, media_type="application/json"),
-    ]
-    job_ids = [case.call_and_validate(headers=AUTH, checks=SCHEMATHESIS_CHECKS).json()["id"] for case in seeded]
-    for job_id in job_ids:
-        operations["GET /v1/jobs/{id}"].Case(path_parameters={"id": job_id}).call_and_validate(
-            headers=AUTH, checks=SCHEMATHESIS_CHECKS
-        )
-    seen: dict[str, set[int]] = {}
-    for operation in operations.values():
-        modes = [schemathesis.GenerationMode.POSITIVE]
-        if [*operation.query, *operation.path_parameters, *operation.body]:
-            modes.append(schemathesis.GenerationMode.NEGATIVE)  # else there is nothing to make invalid
-        for mode in modes:
-
-            @hypothesis_settings(FUZZ, max_examples=40)
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def run(case):
-                enqueued = Enqueued(redis_conn, run_settings)
-                response = case.call_and_validate(headers=AUTH, checks=SCHEMATHESIS_CHECKS)
-                seen.setdefault(case.operation.label, set()).add(response.status_code)
-                queued, indexed = enqueued.added()
-                if response.status_code == 202:
-                    assert queued == indexed == {response.json()["id"]}
-                    assert_job_deliverable(redis_conn, response.json()["id"])
-                else:
-                    assert queued == indexed == set()
-
-            run()
-    assert 422 in seen["POST /v1/emails"] and 422 in seen["POST /v1/webhooks"]
-    assert 200 in seen["GET /v1/jobs"] and 200 in seen["GET /v1/stats"] and 404 in seen["GET /v1/jobs/{id}"]
-    assert assert_queue_deliverable(redis_conn, run_settings) >= len(job_ids)
 
 
 def test_job_views_after_delivery_match_the_openapi_document(burst_worker, receiver):

@@ -55,8 +55,8 @@ class Channel:
     summary: str
     request: type[BaseModel]
     batch: type[BaseModel]
-    #: JSON schema of the job's target, for the OpenAPI document.
-    target_schema: dict[str, Any]
+    #: The job's target (JobParts.target) as a TypedDict: the OpenAPI document's schema of it.
+    target: type
     #: (validated request, job id, accepted at, settings) -> the job's parts.
     job: Callable[[Any, str, datetime, Settings], JobParts]
     #: RQ's job timeout: a safety net beyond the delivery's own deadlines.

@@ -9,9 +9,19 @@ import base64
 import binascii
 import re
 from datetime import datetime
-from typing import Annotated, TypedDict
+from typing import Annotated
 
-from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+    with_config,
+)
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from dispatcher.addresses import AddressError, split_mailbox, wire_address
 from dispatcher.channels import PAYLOAD_VERSION, Channel, JobParts
@@ -19,6 +29,8 @@ from dispatcher.config import Settings
 from dispatcher.errors import FieldProblem
 from dispatcher.models import (
     MAX_BATCH,
+    MAX_EMAIL_HEADER_NAME,
+    NO_LINE_BREAKS,
     EmailAddress,
     Mailbox,
     Metadata,
@@ -28,6 +40,9 @@ from dispatcher.models import (
     SendBatch,
     SendRequest,
     _check_headers,
+    case_insensitive,
+    header_name_pattern,
+    headers_schema,
     resolve_retry,
 )
 
@@ -76,14 +91,23 @@ def _attachment_type(value: str) -> str:
     return value
 
 
+#: The document's pattern for a content type: _CONTENT_TYPE, and neither multipart/* nor message/*.
+_CONTENT_TYPE_SCHEMA = (
+    f"^(?!{case_insensitive('multipart/')}|{case_insensitive('message/')}){_CONTENT_TYPE.pattern.removeprefix('^')}"
+)
+#: Standard base64 with its padding, what b64decode(validate=True) accepts.
+_BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
 class Attachment(RequestModel):
     filename: Annotated[SafeStr, StringConstraints(min_length=1, max_length=255)]
     content_type: Annotated[
         str,
         StringConstraints(max_length=255, pattern=_CONTENT_TYPE.pattern),
         AfterValidator(_attachment_type),
+        Field(json_schema_extra={"pattern": _CONTENT_TYPE_SCHEMA}),
     ] = "application/octet-stream"
-    content: str = Field(description="base64")
+    content: str = Field(description="base64", json_schema_extra={"format": "byte", "pattern": _BASE64})
 
     @field_validator("content")
     @classmethod
@@ -98,17 +122,32 @@ class Attachment(RequestModel):
         return len(base64.b64decode(self.content))
 
 
+_RECIPIENTS = f"to, cc and bcc together hold at most {MAX_RECIPIENTS} addresses"
+_EMAIL_HEADER_NAME = header_name_pattern(RESERVED_EMAIL_HEADERS, ("content-", "resent-"), MAX_EMAIL_HEADER_NAME)
+
+
 class EmailRequest(SendRequest):
-    to: list[EmailAddress] = Field(min_length=1)
-    cc: list[EmailAddress] = Field(default_factory=list)
-    bcc: list[EmailAddress] = Field(default_factory=list)
+    # text, html or both: the document says so with its anyOf.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [{"required": [name], "properties": {name: {"type": "string"}}} for name in ("text", "html")]
+        }
+    )
+
+    to: list[EmailAddress] = Field(min_length=1, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    cc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    bcc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
     from_: Mailbox | None = Field(default=None, alias="from")
     reply_to: Mailbox | None = None
     subject: Annotated[SafeStr, StringConstraints(min_length=1, max_length=998)]
     text: str | None = None
     html: str | None = None
-    attachments: list[Attachment] = Field(default=[], max_length=100)
-    headers: dict[str, str] = Field(default_factory=dict)
+    attachments: list[Attachment] = Field(
+        default=[], max_length=100, description=f"at most {MAX_ATTACHMENT_BYTES} bytes in total once decoded"
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra=headers_schema(_EMAIL_HEADER_NAME, NO_LINE_BREAKS)
+    )
     metadata: Metadata = Field(default_factory=dict)
     retry: RetryPolicy | None = None
 
@@ -187,7 +226,7 @@ def job(request: EmailRequest, job_id: str, accepted_at: datetime, settings: Set
     recipients = len(request.to) + len(request.cc) + len(request.bcc)
     return JobParts(
         payload=payload,
-        target={"to": request.to, "cc": request.cc, "bcc": request.bcc, "subject": request.subject},
+        target=dict(EmailTarget(to=request.to, cc=request.cc, bcc=request.bcc, subject=request.subject)),
         description=f"email {request.subject!r} to {recipients} recipient(s)",
     )
 
@@ -201,7 +240,15 @@ def _ascii_domain(sender: str) -> str:
         return "dispatcher.invalid"
 
 
-_STRINGS = {"type": "array", "items": {"type": "string"}}
+@with_config(ConfigDict(extra="forbid"))
+class EmailTarget(TypedDict):
+    """What GET /v1/jobs/<id> shows as an email's target."""
+
+    to: list[str]
+    cc: list[str]
+    bcc: list[str]
+    subject: str
+
 
 CHANNEL = Channel(
     name=NAME,
@@ -210,10 +257,7 @@ CHANNEL = Channel(
     summary="Send an email",
     request=EmailRequest,
     batch=EmailBatch,
-    target_schema={
-        "type": "object",
-        "properties": {"to": _STRINGS, "cc": _STRINGS, "bcc": _STRINGS, "subject": {"type": "string"}},
-    },
+    target=EmailTarget,
     job=job,
     job_timeout=lambda settings: EMAIL_JOB_TIMEOUT,
 )

@@ -10,10 +10,11 @@ import functools
 import json
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, with_config
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
@@ -23,13 +24,18 @@ from dispatcher.errors import DestinationRefused, FieldProblem, ResolutionFailed
 from dispatcher.history import isoformat
 from dispatcher.models import (
     _SURROGATE,
+    HTTP_HEADER_VALUE,
     MAX_BATCH,
+    MAX_HEADER_NAME,
+    MAX_PAYLOAD_DEPTH,
     JsonObject,
     Metadata,
     RetryPolicy,
     SendBatch,
     SendRequest,
     _check_headers,
+    header_name_pattern,
+    headers_schema,
     json_text,
     resolve_retry,
 )
@@ -43,10 +49,20 @@ RESERVED_WEBHOOK_HEADERS = frozenset({"content-type", "content-length", "host", 
 
 
 class WebhookRequest(SendRequest):
-    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] = Field(
+        description="http:// or https://, whose host resolves to addresses the network guard allows",
+        json_schema_extra={"format": "iri"},
+    )
     event_type: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-    payload: dict[str, Any]
-    headers: dict[str, str] = Field(default_factory=dict)
+    payload: dict[str, Any] = Field(
+        description=f"any JSON object, at most {MAX_PAYLOAD_DEPTH} levels deep, without lone surrogates"
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        json_schema_extra=headers_schema(
+            header_name_pattern(RESERVED_WEBHOOK_HEADERS, ("webhook-",), MAX_HEADER_NAME), HTTP_HEADER_VALUE
+        ),
+    )
     metadata: Metadata = Field(default_factory=dict)
     retry: RetryPolicy | None = None
 
@@ -132,6 +148,14 @@ class WebhookBatch(SendBatch):
     items: list[WebhookRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+@with_config(ConfigDict(extra="forbid"))
+class WebhookTarget(TypedDict):
+    """What GET /v1/jobs/<id> shows as a webhook's target."""
+
+    url: str
+    event_type: str
+
+
 class WebhookPayload(TypedDict):
     """A webhook job's payload (version 2). The body is fixed, and so signed the same way, at acceptance."""
 
@@ -162,7 +186,7 @@ def job(request: WebhookRequest, job_id: str, accepted_at: datetime, settings: S
     }
     return JobParts(
         payload=dict(payload),
-        target={"url": request.url, "event_type": request.event_type},
+        target=dict(WebhookTarget(url=request.url, event_type=request.event_type)),
         # No query: it often carries a token, and rq-dashboard and `rq info` show the description.
         description=f"webhook {request.event_type} to {request.url.partition('?')[0]}",
     )
@@ -188,7 +212,7 @@ CHANNEL = Channel(
     summary="Call a webhook",
     request=WebhookRequest,
     batch=WebhookBatch,
-    target_schema={"type": "object", "properties": {"url": {"type": "string"}, "event_type": {"type": "string"}}},
+    target=WebhookTarget,
     job=job,
     job_timeout=lambda settings: int(settings.webhook_timeout * 2) + _JOB_TIMEOUT_MARGIN,
     hosts=_hosts,

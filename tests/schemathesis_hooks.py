@@ -1,0 +1,60 @@
+"""What the OpenAPI document cannot spell out, told to `schemathesis run` (tests/test_openapi_contract.py).
+
+Every other value comes from the document alone.
+
+- `mailbox` (`from`, `reply_to`): the document's own format, `addr` or `Display Name <addr>`;
+  JSON Schema has no format for it, so schemathesis would draw any string containing an `@`.
+- `iri` (a webhook's `url`): valid only if its host resolves to addresses the network guard
+  allows, which depends on the deployment. The test service allows loopback (conftest's
+  service_env) and has no DNS to the internet: its valid destinations are loopback addresses.
+  No worker serves the test's queue, so nothing is sent to them.
+- An email's `to`, `cc` and `bcc` hold at most MAX_RECIPIENTS addresses together: JSON Schema
+  cannot add up the lengths of three arrays, so the document says it in words and the run leaves
+  out the requests that break it (tests/test_api.py checks that rule).
+"""
+
+from __future__ import annotations
+
+import string
+
+import schemathesis
+from hypothesis import strategies as st
+
+from dispatcher.channels.email import MAX_RECIPIENTS
+
+_atom = st.text(string.ascii_lowercase + string.digits + "!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=8)
+_label = st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=8)
+addresses = st.builds("{}@{}.{}".format, _atom, _label, st.sampled_from(["com", "org", "example", "test"]))
+#: A display name: any text but line breaks, controls and the characters that delimit an address.
+display_names = st.text(
+    st.characters(exclude_categories=("Cs", "Cc", "Zl", "Zp"), exclude_characters='<>"\x85'), min_size=1, max_size=20
+)
+mailboxes = addresses | st.builds("{} <{}>".format, display_names, addresses)
+
+_path = st.text(string.ascii_letters + string.digits + "-._~/%", max_size=20).map(lambda path: path.replace("%", "%25"))
+loopback_urls = st.builds(
+    "{}://{}:{}/{}".format,
+    st.sampled_from(["http", "https", "HTTP"]),
+    st.sampled_from(["127.0.0.1", "127.1.2.3", "[::1]"]),
+    st.integers(1, 65535),
+    _path,
+)
+
+schemathesis.openapi.format("mailbox", mailboxes)
+schemathesis.openapi.format("iri", loopback_urls)
+
+
+def _recipients(message: object) -> int:
+    if not isinstance(message, dict):
+        return 0
+    return sum(len(message[field]) for field in ("to", "cc", "bcc") if isinstance(message.get(field), list))
+
+
+@schemathesis.hook
+def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> bool:
+    """Leave out an email, or a batch item, with more recipients than the document can describe."""
+    if not case.operation.path.startswith("/v1/emails"):
+        return True
+    body = case.body if isinstance(case.body, dict) else {}
+    items = body.get("items") if case.operation.path.endswith("/batch") else [body]
+    return all(_recipients(item) <= MAX_RECIPIENTS for item in (items if isinstance(items, list) else []))
