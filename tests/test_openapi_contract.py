@@ -126,7 +126,8 @@ def test_schemathesis_finds_no_failure_and_every_202_made_exactly_its_jobs(web: 
 
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-8000:]
-    assert "Tested: 9" in output, output[-3000:]  # every operation, none skipped
+    operations = sum(len(methods) for methods in openapi_document()["paths"].values())
+    assert f"Tested: {operations}" in output, output[-3000:]  # every operation, none skipped
 
     answered: dict[str, set[int]] = {}
     accepted: set[str] = set()
