@@ -41,8 +41,9 @@ _ANSWERS: tuple[Any, ...] = (
 _ERRORS = {
     400: "`malformed_json`: the body is not valid JSON or not UTF-8",
     401: "`unauthorized`: no or wrong bearer key",
-    404: "`not_found`: unknown (or expired) job",
+    404: "`not_found`: unknown (or expired) job or batch",
     413: "`body_too_large`: the body is over 15 MB",
+    414: "`uri_too_long`: the request line (path and query) is over 4,094 bytes",
     415: "`unsupported_media_type`: the body is not `application/json`",
     422: "`validation_error`: one entry in `details` for every bad field or query parameter",
     503: "`unavailable`: Redis is unreachable",
@@ -141,7 +142,7 @@ def _paths(jobs_query: dict, batch_query: dict) -> dict:
             "get_job",
             "One job's status and attempts",
             "JobView",
-            (401, 404, 503),
+            (401, 404, 414, 503),
             parameters=[
                 {
                     "name": "id",
@@ -156,14 +157,14 @@ def _paths(jobs_query: dict, batch_query: dict) -> dict:
             "list_jobs",
             "Jobs, newest first",
             "JobList",
-            (401, 422, 503),
+            (401, 414, 422, 503),
             parameters=_query_parameters(JobsQuery, jobs_query),
         ),
         "/v1/batches/{id}": _get(
             "get_batch",
             "A batch's progress: its jobs by status, percent done, a page of the failed ids",
             "BatchView",
-            (401, 404, 422, 503),
+            (401, 404, 414, 422, 503),
             parameters=[
                 {
                     "name": "id",
