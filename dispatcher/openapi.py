@@ -25,25 +25,38 @@ from dispatcher.views import (
     JobsQuery,
     JobView,
     Readiness,
+    Replayed,
+    ReplayRequest,
     Stats,
 )
 
 _REF = "#/components/schemas/{model}"
 
 #: The answers' types; the document names each schema after its type.
-_ANSWERS: tuple[Any, ...] = (ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats)
+_ANSWERS: tuple[Any, ...] = (ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, Replayed)
 
 #: Error answers, by status: (code, description).
 _ERRORS = {
     400: "`malformed_json`: the body is not valid JSON or not UTF-8",
     401: "`unauthorized`: no or wrong bearer key",
     404: "`not_found`: unknown (or expired) job",
+    409: "`conflict`: the job's status does not allow it; the message says which it is",
     413: "`body_too_large`: the body is over 15 MB",
     415: "`unsupported_media_type`: the body is not `application/json`",
     422: "`validation_error`: one entry in `details` for every bad field or query parameter",
     503: "`unavailable`: Redis is unreachable",
 }
 _STRING = {"type": "string"}
+
+
+_LOCATION = {"Location": {"description": "the job's status URL", "schema": _STRING}}
+_JOB_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": _STRING,
+    "description": "the job id a 202 answered; an unknown or expired one is a 404",
+}
 
 
 def _ref(name: str) -> dict:
@@ -61,7 +74,6 @@ def _responses(ok: int, answer: str, description: str, errors: tuple[int, ...], 
 
 
 def _accept(channel: Channel) -> dict:
-    location = {"Location": {"description": "the job's status URL", "schema": _STRING}}
     return {
         "post": {
             "operationId": f"create_{channel.name}",
@@ -71,7 +83,7 @@ def _accept(channel: Channel) -> dict:
                 "content": {"application/json": {"schema": _ref(channel.request.__name__)}},
             },
             "responses": _responses(
-                202, "Accepted", "accepted and queued", (400, 401, 413, 415, 422, 503), headers=location
+                202, "Accepted", "accepted and queued", (400, 401, 413, 415, 422, 503), headers=_LOCATION
             ),
         }
     }
@@ -133,21 +145,34 @@ def _paths(jobs_query: dict) -> dict:
     return {
         **{f"/v1/{c.path}": _accept(c) for c in CHANNELS.values()},
         **{f"/v1/{c.path}/batch": _accept_batch(c) for c in CHANNELS.values()},
-        "/v1/jobs/{id}": _get(
-            "get_job",
-            "One job's status and attempts",
-            "JobView",
-            (401, 404, 503),
-            parameters=[
-                {
-                    "name": "id",
-                    "in": "path",
+        "/v1/jobs/{id}": {
+            **_get("get_job", "One job's status and attempts", "JobView", (401, 404, 503), parameters=[_JOB_ID]),
+            "delete": {
+                "operationId": "cancel_job",
+                "summary": "Cancel a queued or scheduled job: it is never delivered",
+                "parameters": [_JOB_ID],
+                "responses": _responses(200, "JobView", "canceled; the job's view", (401, 404, 409, 503)),
+            },
+        },
+        "/v1/jobs/{id}/retry": {
+            "post": {
+                "operationId": "retry_job",
+                "summary": "Deliver a failed job again, with the same id, as a new series of attempts",
+                "parameters": [_JOB_ID],
+                "responses": _responses(202, "Accepted", "requeued", (401, 404, 409, 503), headers=_LOCATION),
+            }
+        },
+        "/v1/jobs/replay": {
+            "post": {
+                "operationId": "replay_jobs",
+                "summary": "Deliver failed jobs again, chosen by kind and when they failed",
+                "requestBody": {
                     "required": True,
-                    "schema": _STRING,
-                    "description": "the job id a 202 answered; an unknown or expired one is a 404",
-                }
-            ],
-        ),
+                    "content": {"application/json": {"schema": _ref("ReplayRequest")}},
+                },
+                "responses": _responses(200, "Replayed", "the jobs requeued", (400, 401, 413, 415, 422, 503)),
+            }
+        },
         "/v1/jobs": _get(
             "list_jobs",
             "Jobs, newest first",
@@ -170,6 +195,7 @@ def openapi_document() -> dict:
         (model.__name__, "validation", TypeAdapter(model)) for c in CHANNELS.values() for model in (c.request, c.batch)
     ]
     inputs.append(("JobsQuery", "validation", TypeAdapter(JobsQuery)))
+    inputs.append(("ReplayRequest", "validation", TypeAdapter(ReplayRequest)))
     inputs += [(answer.__name__, "serialization", TypeAdapter(answer)) for answer in _ANSWERS]
     _, definitions = TypeAdapter.json_schemas(inputs, by_alias=True, ref_template=_REF)
     schemas = definitions["$defs"]
