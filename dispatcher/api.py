@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ValidationError
+from werkzeug.routing import BaseConverter
 
 from dispatcher.channels import CHANNELS, Channel
 from dispatcher.control import JobControl
@@ -23,6 +24,17 @@ from dispatcher.views import JobsQuery, ReplayRequest
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
 health = Blueprint("health", __name__)
+
+
+class JobIdConverter(BaseConverter):
+    """A job id in a path: any segment but `replay`, so GET or DELETE /v1/jobs/replay is the 405 of
+    POST /v1/jobs/replay, not a lookup of a job named `replay`."""
+
+    regex = r"(?!replay$)[^/]+"
+
+
+# (before the routes: a rule's converter must be known when the rule is added)
+v1.record_once(lambda state: state.app.url_map.converters.setdefault("job_id", JobIdConverter))
 
 
 
@@ -80,7 +92,7 @@ for _channel in CHANNELS.values():
     _add_channel_routes(_channel)
 
 
-@v1.get("/jobs/<job_id>")
+@v1.get("/jobs/<job_id:job_id>")
 def get_job(job_id: str) -> Response:
     note_job(job_id)
     view = runtime().status.job(job_id)
@@ -89,7 +101,7 @@ def get_job(job_id: str) -> Response:
     return jsonify(view)
 
 
-@v1.delete("/jobs/<job_id>")
+@v1.delete("/jobs/<job_id:job_id>")
 def cancel_job(job_id: str) -> Response:
     """Cancel a queued or scheduled job; answers its view, now `canceled`."""
     note_job(job_id)

@@ -54,7 +54,8 @@ _JOB_ID = {
     "name": "id",
     "in": "path",
     "required": True,
-    "schema": _STRING,
+    # (`replay` names POST /v1/jobs/replay, never a job)
+    "schema": {"type": "string", "not": {"const": "replay"}},
     "description": "the job id a 202 answered; an unknown or expired one is a 404",
 }
 

@@ -22,7 +22,7 @@ from rq.serializers import JSONSerializer
 
 from dispatcher.control import JobControl
 from dispatcher.enqueue import make_queue
-from tests.conftest import AUTH, wait_for
+from tests.conftest import AUTH, wait_for, wait_until
 
 BIN = Path(sys.executable).parent
 ONCE = {"max_attempts": 1}
@@ -108,10 +108,12 @@ def test_a_canceled_job_stays_canceled_when_rqs_scheduler_moves_a_copy_it_read_b
     assert _rq_job(redis_conn, job_id).get_status() == "queued"
     svc.start_worker()
 
-    assert wait_for(svc.client, canary)["status"] == "succeeded", svc.logs()
-    assert [r.headers["webhook-id"] for r in receiver.received(url)] == [canary]
     assert svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()["status"] == "canceled"
-    assert _rq_job(redis_conn, job_id).get_status() == "canceled"  # the worker set it back as it skipped it
+    assert wait_for(svc.client, canary)["status"] == "succeeded", svc.logs()
+    # The worker pops it, skips it and sets RQ's status back.
+    wait_until(lambda: _rq_job(redis_conn, job_id).get_status() == "canceled", 30, "the worker did not skip it")
+    assert queue.get_job_ids() == [] and redis_conn.llen(queue.intermediate_queue_key) == 0
+    assert [r.headers["webhook-id"] for r in receiver.received(url)] == [canary]
 
 
 def test_cancel_refuses_a_job_a_worker_took_a_running_one_a_finished_one_and_an_unknown_one(
@@ -128,7 +130,7 @@ def test_cancel_refuses_a_job_a_worker_took_a_running_one_a_finished_one_and_an_
     assert _rq_job(redis_conn, popped).get_status() == "queued"
     redis_conn.delete(queue.intermediate_queue_key)
     svc.start_worker()
-    slow = _webhook(svc, receiver.url("slow/2"))
+    slow = _webhook(svc, receiver.url("slow/1"))
     wait_for(svc.client, slow, until=lambda j: j["status"] == "running")
     message = _error(svc.client.delete(f"/v1/jobs/{slow}", headers=AUTH), 409, "conflict")
     assert message == f"job {slow} is running; only a queued or scheduled job can be canceled"
@@ -138,13 +140,19 @@ def test_cancel_refuses_a_job_a_worker_took_a_running_one_a_finished_one_and_an_
     assert _error(svc.client.delete("/v1/jobs/wh_nope", headers=AUTH), 404, "not_found")
 
 
-@pytest.mark.parametrize("job_id", ["*", "wh_*", "rq:job:x", "wh_%0D%0AX-Evil:%201", "wh_" + "f" * 2000, "replay"])
+@pytest.mark.parametrize("job_id", ["*", "wh_*", "rq:job:x", "wh_%0D%0AX-Evil:%201", "wh_" + "f" * 2000])
 def test_cancel_and_retry_of_an_id_that_is_no_job_answer_404(client, job_id):
     for response in (
         client.delete(f"/v1/jobs/{job_id}", headers=AUTH),
         client.post(f"/v1/jobs/{job_id}/retry", headers=AUTH),
     ):
         assert _error(response, 404, "not_found")
+
+
+def test_replay_is_no_job_id(client):
+    for method in ("GET", "DELETE"):
+        response = client.open("/v1/jobs/replay", method=method, headers=AUTH)
+        assert _error(response, 405, "method_not_allowed") and "POST" in response.headers["Allow"]
 
 
 def test_cancel_and_retry_never_touch_another_dispatcher_queues_job(service, receiver, redis_conn):
