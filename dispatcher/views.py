@@ -172,7 +172,9 @@ class Replayed(TypedDict):
 
 
 #: RFC 3339 (the document's `date-time`): a date, `T`, a time, and an offset or `Z`, nothing looser.
-_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})")
+_RFC3339 = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 def _moment(value: Any) -> Any:

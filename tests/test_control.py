@@ -7,22 +7,25 @@ history; `POST /v1/jobs/replay` does it for many. Real Redis, real workers, real
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import redis
 from rq.job import Job, cancel_job
 from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import now, utcformat
 
 from dispatcher.control import JobControl
 from dispatcher.enqueue import make_queue
-from tests.conftest import AUTH, wait_for, wait_until
+from tests.conftest import API_KEY, AUTH, wait_for, wait_until
 
 BIN = Path(sys.executable).parent
 ONCE = {"max_attempts": 1}
@@ -168,29 +171,34 @@ def test_cancel_and_retry_never_touch_another_dispatcher_queues_job(service, rec
 # --- retry -----------------------------------------------------------------------------------
 
 
-def test_retry_through_the_api_and_rq_requeue_give_the_same_history(service, receiver, redis_url, redis_conn):
+def test_retry_through_the_api_rq_requeue_and_the_dashboard_give_the_same_history(
+    service, receiver, redis_url, redis_conn
+):
     svc = service()
     svc.start_worker()
-    urls = [receiver.url("fail/1/500") for _ in range(2)]
-    by_api, by_rq = (_webhook(svc, url, retry=ONCE) for url in urls)
-    for job_id in (by_api, by_rq):
+    urls = [receiver.url("fail/1/500") for _ in range(3)]
+    by_api, by_rq, by_dashboard = ids = [_webhook(svc, url, retry=ONCE) for url in urls]
+    for job_id in ids:
         assert wait_for(svc.client, job_id)["status"] == "failed", svc.logs()
 
     response = svc.client.post(f"/v1/jobs/{by_api}/retry", headers=AUTH)
     rq_cli = [BIN / "rq", "requeue", "-u", redis_url, "-S", "json", "--queue", svc.settings.queue_name, by_rq]
     subprocess.run(rq_cli, check=True, capture_output=True, timeout=60)
+    login = "Basic " + base64.b64encode(f"ops:{API_KEY}".encode()).decode()
+    button = {"Authorization": login, "X-Requested-With": "XMLHttpRequest"}
+    assert svc.client.post(f"/dashboard/job/{by_dashboard}/requeue", headers=button).status_code == 200
 
     assert response.status_code == 202, response.get_json()
     assert response.get_json() == {"id": by_api, "status": "queued", "status_url": f"/v1/jobs/{by_api}"}
     assert response.headers["Location"] == f"/v1/jobs/{by_api}"
     shapes = []
-    for job_id, url in zip((by_api, by_rq), urls, strict=True):
+    for job_id, url in zip(ids, urls, strict=True):
         job = wait_for(svc.client, job_id, until=lambda j: j["status"] == "succeeded")
         shapes.append([(a["number"], a["outcome"], a["status_code"]) for a in job["attempts"]])
         assert [r.headers["webhook-id"] for r in receiver.received(url)] == [job_id, job_id]
-    assert shapes[0] == shapes[1] == [(1, "retryable", 500), (2, "succeeded", 200)]
+    assert shapes == [[(1, "retryable", 500), (2, "succeeded", 200)]] * 3
     stats = svc.client.get("/v1/stats", headers=AUTH).get_json()["webhook"]
-    assert (stats["succeeded"], stats["failed"]) == (2, 0)
+    assert (stats["succeeded"], stats["failed"]) == (3, 0)
     message = _error(svc.client.post(f"/v1/jobs/{by_api}/retry", headers=AUTH), 409, "conflict")
     assert message == f"job {by_api} is succeeded; only a failed job can be retried"
     assert _error(svc.client.post("/v1/jobs/wh_nope/retry", headers=AUTH), 404, "not_found")
@@ -302,6 +310,44 @@ def test_two_replays_at_once_requeue_each_failed_job_once(service, receiver, red
 
     assert sorted(answers[0] + answers[1]) == sorted(ids)
     assert sorted(make_queue(redis_conn, svc.settings, "low").get_job_ids()) == sorted(ids)
+
+
+class _CountingConnection(redis.Connection):
+    """A redis-py connection that counts what it sends: one round trip per command or pipeline."""
+
+    sent = 0
+
+    def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        type(self).sent += 1
+        super().send_packed_command(command, check_health)
+
+
+def test_a_replay_of_10000_failed_jobs_takes_a_few_round_trips_not_one_per_job(service, receiver, redis_url):
+    svc = service()
+    item = {"url": receiver.url("ok"), "event_type": "a.b", "payload": {}}
+    response = svc.client.post("/v1/webhooks/batch", json={"items": [item] * 10_000}, headers=AUTH)
+    ids = [accepted["id"] for accepted in response.get_json()["items"]]
+    connection = redis.Redis.from_url(redis_url, connection_class=_CountingConnection)
+    queue = make_queue(connection, svc.settings, "low")
+    # Failed as RQ leaves a job that failed an hour ago: its status, end time and failed-registry entry.
+    ended = utcformat(now() - timedelta(hours=1))
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hset(queue.job_class.key_for(job_id), mapping={"status": "failed", "ended_at": ended})
+        pipe.zadd(queue.failed_job_registry.key, dict.fromkeys(ids, time.time() + 3600))
+        pipe.delete(queue.key)
+        pipe.execute()
+    since = datetime.now(UTC) - timedelta(hours=2)
+    before = _CountingConnection.sent
+
+    try:
+        requeued = JobControl.of(connection, svc.settings).replay(since=since, limit=10_000)
+
+        assert _CountingConnection.sent - before < 40
+        assert len(requeued) == 10_000 and set(requeued) == set(ids)
+        assert sorted(queue.get_job_ids()) == sorted(ids)
+    finally:
+        connection.delete(queue.key, *(queue.job_class.key_for(job_id) for job_id in ids))
 
 
 @pytest.mark.parametrize(
