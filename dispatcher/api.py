@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from flask.blueprints import BlueprintSetupState
 from pydantic import BaseModel, ValidationError
 from werkzeug.routing import BaseConverter
 
@@ -33,8 +34,10 @@ class JobIdConverter(BaseConverter):
     regex = r"(?!replay$)[^/]+"
 
 
-# (before the routes: a rule's converter must be known when the rule is added)
-v1.record_once(lambda state: state.app.url_map.converters.setdefault("job_id", JobIdConverter))
+@v1.record_once
+def _register_converter(state: BlueprintSetupState) -> None:
+    """Before the routes: a rule's converter must be known when the rule is added."""
+    state.app.url_map.converters["job_id"] = JobIdConverter
 
 
 

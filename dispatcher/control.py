@@ -63,7 +63,7 @@ class JobControl:
         Raises NoSuchJob, or JobStateConflict when it is running, being started by a worker, or over.
         """
         outcome = rqstore.cancel(self.connection, self.queues, job_id, self.keys.attempts(job_id), self.keep_canceled)
-        if outcome == "canceled":
+        if outcome == "done":
             return
         if outcome == "missing":
             raise NoSuchJob(job_id)
@@ -81,7 +81,7 @@ class JobControl:
         if requeued:
             return requeued[0][1]
         view = StatusReader(self.connection, self.queues, self.keys).job(job_id)
-        if view is None:
+        if view is None or rqstore.queue_of(self.connection, self.queues, job_id) is None:
             raise NoSuchJob(job_id)
         if view["status"] != "failed":
             raise JobStateConflict(f"job {job_id} is {view['status']}; only a failed job can be retried")

@@ -593,7 +593,7 @@ def fail_unreadable(
 # KEYS: the job hash, its attempts hash, then per queue (highest priority first) its list, its
 # ScheduledJobRegistry and its CanceledJobRegistry. ARGV: the job id, the CanceledJobRegistry score
 # (what RQ's registry `add` gives it: now), the moment (ISO) for CANCELED_FIELD, the TTL,
-# CANCELED_FIELD, the queue names. Answers `canceled`; `missing` (no hash, or one of another queue); `taken` (queued
+# CANCELED_FIELD, the queue names. Answers `done`; `missing` (no hash, or one of another queue); `taken` (queued
 # or scheduled but in neither place: a worker popped it, so it is starting); or the job's status
 # when it is no longer waiting. Taking the job off its list or registry in the same script that
 # marks it is what makes it atomic against a worker's pop (LMOVE) and the scheduler's move.
@@ -615,7 +615,7 @@ redis.call('HSET', KEYS[1], 'status', 'canceled', ARGV[5], ARGV[3])
 redis.call('ZADD', canceled, ARGV[2], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-return 'canceled'
+return 'done'
 """,
 )
 
@@ -627,7 +627,8 @@ def cancel(connection: redis.Redis, queues: list[Queue], job_id: str, attempts_k
     keys = [queues[0].job_class.key_for(job_id), attempts_key]
     for queue in queues:
         keys += [queue.key, queue.scheduled_job_registry.key, CanceledJobRegistry(queue.name, queue.connection).key]
-    args = [job_id, current_timestamp(), utcformat(now()), ttl, CANCELED_FIELD, *(queue.name for queue in queues)]
+    args: list[Any] = [job_id, current_timestamp(), utcformat(now()), ttl, CANCELED_FIELD]
+    args += [queue.name for queue in queues]
     reply = _CANCEL(keys=keys, args=args, client=connection)
     return reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
 
@@ -699,6 +700,15 @@ def requeue_failed(
     args += [queue.name for queue in queues] + job_ids
     reply = cast(list, _REQUEUE_FAILED(keys=keys, args=args, client=connection))
     return [(reply[i].decode(), queues[int(reply[i + 1]) - 1]) for i in range(0, len(reply), 2)]
+
+
+def queue_of(connection: redis.Redis, queues: list[Queue], job_id: str) -> Queue | None:
+    """The one of `queues` the job belongs to (its hash's `origin`), or None: no such job, or another queue's."""
+    try:
+        origin = cast(bytes | None, connection.hget(queues[0].job_class.key_for(job_id), "origin"))
+    except redis.ResponseError:  # not a hash
+        return None
+    return next((queue for queue in queues if origin == queue.name.encode()), None)
 
 
 def failed_page(connection: redis.Redis, queue: Queue, start: int, count: int) -> list[str]:

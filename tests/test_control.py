@@ -366,6 +366,7 @@ def test_a_replay_of_10000_failed_jobs_takes_a_few_round_trips_not_one_per_job(s
         ({"until": "2026-12-04"}, "until"),
         ({"until": "2026-02-30T18:00:00Z"}, "until"),
         ({"until": "2026-12-04 18:00:00+01:00"}, "until"),
+        ({"until": "\u0662\u0660\u0662\u0666-12-04T18:00:00Z"}, "until"),  # Arabic-Indic digits
         ({"ids": ["wh_1"]}, "ids"),
     ],
 )
