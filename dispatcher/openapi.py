@@ -40,6 +40,7 @@ _ERRORS = {
     400: "`malformed_json`: the body is not valid JSON or not UTF-8",
     401: "`unauthorized`: no or wrong bearer key",
     404: "`not_found`: unknown (or expired) job",
+    405: "`method_not_allowed`: `replay` is not a job id (it names POST /v1/jobs/replay)",
     409: "`conflict`: the job's status does not allow it; the message says which it is",
     413: "`body_too_large`: the body is over 15 MB",
     415: "`unsupported_media_type`: the body is not `application/json`",
@@ -147,12 +148,12 @@ def _paths(jobs_query: dict) -> dict:
         **{f"/v1/{c.path}": _accept(c) for c in CHANNELS.values()},
         **{f"/v1/{c.path}/batch": _accept_batch(c) for c in CHANNELS.values()},
         "/v1/jobs/{id}": {
-            **_get("get_job", "One job's status and attempts", "JobView", (401, 404, 503), parameters=[_JOB_ID]),
+            **_get("get_job", "One job's status and attempts", "JobView", (401, 404, 405, 503), parameters=[_JOB_ID]),
             "delete": {
                 "operationId": "cancel_job",
                 "summary": "Cancel a queued or scheduled job: it is never delivered",
                 "parameters": [_JOB_ID],
-                "responses": _responses(200, "JobView", "canceled; the job's view", (401, 404, 409, 503)),
+                "responses": _responses(200, "JobView", "canceled; the job's view", (401, 404, 405, 409, 503)),
             },
         },
         "/v1/jobs/{id}/retry": {

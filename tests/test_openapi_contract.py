@@ -113,6 +113,11 @@ def test_schemathesis_finds_no_failure_and_every_202_made_exactly_its_jobs(web: 
             f"{web.url}/openapi.json",
             "--checks",
             "all",
+            # But one: DELETE /v1/jobs/{id} cancels a job and does not remove it, so GET then answers
+            # 200 with status `canceled`, as issue #11 asks (tests/test_control.py); `use_after_free`
+            # takes that for a deleted resource still served. (Only that operation is a DELETE.)
+            "--exclude-checks",
+            "use_after_free",
             "--mode",
             "all",
             "--max-examples",
