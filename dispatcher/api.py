@@ -7,13 +7,14 @@ import hmac
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from pydantic import BaseModel, ValidationError
 from werkzeug.routing import BaseConverter
 
+from dispatcher.batches import batch_view, new_batch_id
 from dispatcher.channels import CHANNELS, Channel
 from dispatcher.control import JobControl
 from dispatcher.enqueue import enqueue, enqueue_many
@@ -21,7 +22,9 @@ from dispatcher.errors import APIError, FieldProblem, JobStateConflict, NoSuchJo
 from dispatcher.logs import note_batch, note_job
 from dispatcher.openapi import openapi_document
 from dispatcher.runtime import Runtime
-from dispatcher.views import JobsQuery, ReplayRequest
+from dispatcher.views import BatchQuery, JobsQuery, ReplayRequest
+
+QueryModel = TypeVar("QueryModel", bound=BaseModel)
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
 health = Blueprint("health", __name__)
@@ -152,19 +155,34 @@ def _job_errors() -> Iterator[None]:
 
 @v1.get("/jobs")
 def list_jobs() -> Response:
+    query = _query(JobsQuery)
+    return jsonify(jobs=runtime().status.list(query.kind, query.status, query.limit))
+
+
+@v1.get("/batches/<batch_id>")
+def get_batch(batch_id: str) -> Response:
+    query = _query(BatchQuery)
+    rt = runtime()
+    view = batch_view(rt.connection, rt.keys, batch_id, query.failed_offset, query.failed_limit)
+    if view is None:
+        raise APIError(404, "not_found", f"no batch with id {batch_id!r} (it may have expired)")
+    return jsonify(view)
+
+
+def _query(model: type[QueryModel]) -> QueryModel:
+    """The request's query parameters as `model`; a 422 naming each bad or repeated one."""
     # One value per parameter: a repeated one would otherwise be read as its first value.
     repeated = [
         {"field": name, "problem": "give it once"}
         for name, values in request.args.lists()
-        if len(values) > 1 and name in JobsQuery.model_fields
+        if len(values) > 1 and name in model.model_fields
     ]
     if repeated:
         raise APIError(422, "validation_error", "invalid query parameters", repeated)
     try:
-        query = JobsQuery.model_validate(request.args.to_dict())
+        return model.model_validate(request.args.to_dict())
     except ValidationError as exc:
         raise APIError(422, "validation_error", "invalid query parameters", _details(exc)) from None
-    return jsonify(jobs=runtime().status.list(query.kind, query.status, query.limit))
 
 
 @v1.get("/stats")
@@ -186,11 +204,13 @@ def _accept_batch(channel: Channel) -> tuple[Response, int]:
     rt = runtime()
     with _gc_paused():
         batch = _validate(channel, channel.batch)
+        batch_id = new_batch_id()
         job_ids = enqueue_many(
-            rt.connection, rt.settings, channel.name, batch.items, batch.priority  # type: ignore[attr-defined]
+            rt.connection, rt.settings, channel.name, batch.items, batch.priority, batch_id  # type: ignore[attr-defined]
         )
     note_batch(job_ids)
-    return jsonify(items=[_accepted(job_id) for job_id in job_ids]), 202
+    answer = {"batch_id": batch_id, "count": len(job_ids), "status_url": f"/v1/batches/{batch_id}"}
+    return jsonify(answer | {"items": [_accepted(job_id) for job_id in job_ids]}), 202
 
 
 @contextmanager

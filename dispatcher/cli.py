@@ -516,15 +516,21 @@ _json_flag = click.option("--json", "as_json", is_flag=True, help="print the API
 
 @cli.command()
 @click.argument("job_id", metavar="ID")
-@click.option("--watch", is_flag=True, help="print each attempt as it ends, until the job succeeds or fails")
+@click.option("--watch", is_flag=True, help="follow it live until it is over (attempts; a batch's progress bar)")
 @_json_flag
 def status(job_id: str, watch: bool, as_json: bool) -> None:
-    """Show a job: its status, target and every attempt (as GET /v1/jobs/ID shows it).
+    """Show a job: its status, target and every attempt (as GET /v1/jobs/ID shows it); or a batch
+    (an ID starting ba_, as GET /v1/batches/ID): its jobs by status and how much is done.
 
-    With --watch, follow it live: each attempt is printed as it ends and the command exits when the
-    job has succeeded (0) or failed (1).
+    With --watch, follow it live: each attempt of a job is printed as it ends, a batch's progress bar
+    moves; the command exits when it is over: 0 when everything was delivered, 1 when anything failed.
     """
+    from dispatcher.batches import ID_PREFIX
+
     store = _store()
+    if job_id.startswith(ID_PREFIX):
+        _batch_status(store, job_id, watch, as_json)
+        return
     job = _job(store, job_id)
     if not watch:
         click.echo(json.dumps(job, indent=2) if as_json else _job_text(job))
@@ -545,6 +551,54 @@ def status(job_id: str, watch: bool, as_json: bool) -> None:
             _exit(0 if job["status"] == "succeeded" else 1)
         time.sleep(WATCH_INTERVAL)
         job = _job(store, job_id)
+
+
+def _batch_status(store: _Store, batch_id: str, watch: bool, as_json: bool) -> None:
+    from dispatcher.batches import batch_view
+    from dispatcher.keys import Keys
+
+    keys = Keys(store.settings.queue_name)
+
+    def read() -> dict:
+        view = batch_view(store.connection, keys, batch_id, 0, 20)
+        if view is None:
+            raise Failed(f"no batch {batch_id} in {store.settings.queue_name} on {_shown(store.settings.redis_url)}")
+        return view
+
+    view = read()
+    if as_json and not watch:
+        click.echo(json.dumps(view, indent=2))
+        return
+    click.echo(f"{view['id']}  {view['kind']} batch of {view['count']}  (priority {view['priority']})")
+    click.echo(f"  created  {view['created_at']}")
+    tty = sys.stdout.isatty()
+    last = None
+    while True:
+        line = _progress_line(view)
+        if line != last:
+            click.echo(f"\r{line}" if tty else line, nl=not tty)
+            last = line
+        if not watch or view["percent_done"] >= 100:
+            break
+        time.sleep(WATCH_INTERVAL)
+        view = read()
+    if tty:
+        click.echo()
+    if view["failed"]["count"]:
+        more = view["failed"]["count"] - len(view["failed"]["ids"])
+        click.echo(f"  failed: {' '.join(view['failed']['ids'])}{f' and {more} more' if more > 0 else ''}")
+    if view["finished_at"]:
+        click.echo(f"  finished {view['finished_at']}")
+    if watch:
+        _exit(1 if view["failed"]["count"] else 0)
+
+
+def _progress_line(view: dict) -> str:
+    """`[#####.....]  50.0%  succeeded 5  failed 0  ...`: the statuses that have jobs, in order."""
+    width = 30
+    filled = int(width * view["percent_done"] / 100)
+    counts = "  ".join(f"{status} {n}" for status, n in view["by_status"].items() if n)
+    return f"  [{'#' * filled}{'.' * (width - filled)}] {view['percent_done']:5.1f}%  {counts}"
 
 
 def _job(store: _Store, job_id: str) -> dict:

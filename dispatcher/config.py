@@ -134,10 +134,8 @@ class Settings:
             allowed_networks=parse_networks(get("DISPATCHER_ALLOWED_NETWORKS")),
             webhook_retry=_parse_schedule("WEBHOOK", env, 8, DEFAULT_WEBHOOK_BACKOFF),
             email_retry=_parse_schedule("EMAIL", env, 6, DEFAULT_EMAIL_BACKOFF),
-            result_ttl=_parse_int("DISPATCHER_RESULT_TTL", get("DISPATCHER_RESULT_TTL"), DEFAULT_RESULT_TTL, 60, 10**9),
-            failure_ttl=_parse_int(
-                "DISPATCHER_FAILURE_TTL", get("DISPATCHER_FAILURE_TTL"), DEFAULT_FAILURE_TTL, 60, 10**9
-            ),
+            result_ttl=_parse_retention(env, "SUCCEEDED", "DISPATCHER_RESULT_TTL", DEFAULT_RESULT_TTL),
+            failure_ttl=_parse_retention(env, "FAILED", "DISPATCHER_FAILURE_TTL", DEFAULT_FAILURE_TTL),
             concurrency=concurrency,
             max_per_host=_parse_int(
                 "DISPATCHER_MAX_PER_HOST",
@@ -293,6 +291,16 @@ def parse_backoff(text: str) -> tuple[float, ...]:
             raise ValueError(f"{item} is outside 0..{MAX_BACKOFF_SECONDS}")
         values.append(number)
     return tuple(values)
+
+
+def _parse_retention(env: Mapping[str, str], outcome: str, old_name: str, default: int) -> int:
+    """DISPATCHER_RETENTION_<outcome>, in seconds; `old_name`, its name before, is still read when
+    it alone is set."""
+    name = f"DISPATCHER_RETENTION_{outcome}"
+    raw, old = env.get(name, "").strip() or None, env.get(old_name, "").strip() or None
+    if raw is not None and old is not None and raw != old:
+        raise ConfigError(f"{name} and {old_name} (its old name) differ: set {name} only")
+    return _parse_int(name if raw is not None or old is None else old_name, raw or old, default, 1, 10**9)
 
 
 def _parse_schedule(kind: str, env: Mapping[str, str], attempts: int, backoff: tuple[float, ...]) -> RetrySchedule:

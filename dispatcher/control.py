@@ -50,7 +50,7 @@ class JobControl:
     connection: redis.Redis
     queues: list[Queue]
     keys: Keys
-    #: How long a canceled job stays readable (DISPATCHER_FAILURE_TTL).
+    #: How long a canceled job stays readable (DISPATCHER_RETENTION_FAILED).
     keep_canceled: int
 
     @classmethod

@@ -16,6 +16,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
 from dispatcher import rqstore
+from dispatcher.batches import batch_record
 from dispatcher.channels import CHANNELS, JOB_FUNCTION, Channel
 from dispatcher.config import Settings
 from dispatcher.keys import Keys
@@ -60,9 +61,10 @@ def enqueue_many(
     channel: str,
     requests: Sequence[BaseModel],
     priority: Priority = DEFAULT_PRIORITY,
+    batch_id: str | None = None,
 ) -> list[str]:
     """Enqueue each request as an RQ job of `priority`'s queue, accepted now, in one Redis call: all
-    of them or none.
+    of them or none, with the record of batch `batch_id` if given (dispatcher.batches).
 
     This writes what `Queue.enqueue_many` writes, without it: RQ builds a `Job` object per job and
     serializes all of it, and redis-py packs each field of each hash in Python; together that was
@@ -87,5 +89,9 @@ def enqueue_many(
         jobs += (job_id, rqstore.job_data(JOB_FUNCTION, payload), JSONSerializer.dumps(meta), description, stamp)
         job_ids.append(job_id)
     keys = Keys(settings.queue_name)
-    rqstore.write_jobs(client, queue, keys.index, keys.wake, time.time(), shared, jobs)
+    batch = None
+    if batch_id is not None:
+        ttl = max(settings.result_ttl, settings.failure_ttl)
+        batch = batch_record(keys, batch_id, channel, priority, len(job_ids), accepted_at, ttl)
+    rqstore.write_jobs(client, queue, keys.index, keys.wake, time.time(), shared, jobs, batch)
     return job_ids

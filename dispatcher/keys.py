@@ -31,6 +31,14 @@ class Keys:
         """A worker's liveness: set with a short TTL by its reaper thread every few seconds."""
         return f"{self.prefix}:alive:{worker_name}"
 
+    def batch(self, batch_id: str) -> str:
+        """Hash of one batch: its kind, priority, count and acceptance time (dispatcher.batches)."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_jobs(self, batch_id: str) -> str:
+        """List of one batch's job ids, in the order of its items."""
+        return f"{self.prefix}:batch:{batch_id}:jobs"
+
     def limbo(self, job_id: str) -> str:
         """When a reaper first saw this job popped but not started (a worker clears it as it starts the job)."""
         return f"{self.prefix}:limbo:{job_id}"

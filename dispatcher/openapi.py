@@ -19,6 +19,8 @@ from dispatcher.models import MAX_BATCH
 from dispatcher.views import (
     Accepted,
     AcceptedBatch,
+    BatchQuery,
+    BatchView,
     ErrorBody,
     Health,
     JobList,
@@ -33,7 +35,9 @@ from dispatcher.views import (
 _REF = "#/components/schemas/{model}"
 
 #: The answers' types; the document names each schema after its type.
-_ANSWERS: tuple[Any, ...] = (ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, Replayed)
+_ANSWERS: tuple[Any, ...] = (
+    ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, BatchView, Replayed
+)
 
 #: Error answers, by status: (code, description).
 _ERRORS = {
@@ -143,7 +147,7 @@ def _query_parameters(model: type[BaseModel], schema: dict) -> list[dict]:
     return parameters
 
 
-def _paths(jobs_query: dict) -> dict:
+def _paths(jobs_query: dict, batch_query: dict) -> dict:
     return {
         **{f"/v1/{c.path}": _accept(c) for c in CHANNELS.values()},
         **{f"/v1/{c.path}/batch": _accept_batch(c) for c in CHANNELS.values()},
@@ -182,6 +186,22 @@ def _paths(jobs_query: dict) -> dict:
             (401, 422, 503),
             parameters=_query_parameters(JobsQuery, jobs_query),
         ),
+        "/v1/batches/{id}": _get(
+            "get_batch",
+            "A batch's progress: its jobs by status, percent done, a page of the failed ids",
+            "BatchView",
+            (401, 404, 422, 503),
+            parameters=[
+                {
+                    "name": "id",
+                    "in": "path",
+                    "required": True,
+                    "schema": _STRING,
+                    "description": "the batch_id a batch's 202 answered; an unknown or expired one is a 404",
+                },
+                *_query_parameters(BatchQuery, batch_query),
+            ],
+        ),
         "/v1/stats": _get("get_stats", "Counts per kind and status, recent failures", "Stats", (401, 503)),
         "/healthz": _get("healthz", "The process is up", "Health", (), security=[]),
         "/readyz": _get(
@@ -196,12 +216,12 @@ def openapi_document() -> dict:
     inputs: list[tuple[str, JsonSchemaMode, TypeAdapter[Any]]] = [
         (model.__name__, "validation", TypeAdapter(model)) for c in CHANNELS.values() for model in (c.request, c.batch)
     ]
-    inputs.append(("JobsQuery", "validation", TypeAdapter(JobsQuery)))
+    inputs += [(query.__name__, "validation", TypeAdapter(query)) for query in (JobsQuery, BatchQuery)]
     inputs.append(("ReplayRequest", "validation", TypeAdapter(ReplayRequest)))
     inputs += [(answer.__name__, "serialization", TypeAdapter(answer)) for answer in _ANSWERS]
     _, definitions = TypeAdapter.json_schemas(inputs, by_alias=True, ref_template=_REF)
     schemas = definitions["$defs"]
-    jobs_query = schemas.pop("JobsQuery")  # parameters, not a body
+    jobs_query, batch_query = schemas.pop("JobsQuery"), schemas.pop("BatchQuery")  # parameters, not bodies
     return {
         "openapi": "3.1.0",
         "info": {
@@ -210,7 +230,7 @@ def openapi_document() -> dict:
             "description": "Send email and call webhooks in the background. Every error is "
             '`{"error": {"code", "message", "details": [{"field", "problem"}]}}`.',
         },
-        "paths": _paths(jobs_query),
+        "paths": _paths(jobs_query, batch_query),
         "components": {
             "schemas": schemas,
             "responses": {

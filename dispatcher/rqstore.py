@@ -43,9 +43,10 @@ def job_data(function: str, payload: dict) -> bytes:
 
 
 #: Writes jobs as RQ's `Queue.enqueue_many` does (hash, queue list, the set of queues) and indexes
-#: them. KEYS: the queue list, RQ's set of queues, our job index, the wake list. ARGV: the job key
-#: prefix, the index score, the field/value pairs every job shares (a JSON array: one argument to
-#: pack, not 26), WAKE_TOKENS, then
+#: them. KEYS: the queue list, RQ's set of queues, our job index, the wake list, and for a batch its
+#: hash and its list of job ids. ARGV: the job key prefix, the index score, the field/value pairs
+#: every job shares (a JSON array: one argument to pack, not 26), WAKE_TOKENS, the batch's fields (a
+#: JSON array, or empty for no batch), the batch keys' TTL, then
 #: per job its id, data, meta, description and created/enqueued time. One script is atomic, and a
 #: script that fails on its first write (out of memory, say) has written nothing; the job keys are
 #: new random ids, so no later write can fail on a wrong type. (The job keys are not declared: RQ runs
@@ -55,7 +56,7 @@ _WRITE_JOBS = Script(
     b"""
 local prefix, score, shared = ARGV[1], ARGV[2], cjson.decode(ARGV[3])
 local ids, scored = {}, {}
-for i = 5, #ARGV, 5 do
+for i = 7, #ARGV, 5 do
   local id = ARGV[i]
   redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
     'created_at', ARGV[i + 4], 'enqueued_at', ARGV[i + 4], unpack(shared))
@@ -69,6 +70,14 @@ for i = 1, #ids, 1000 do
   redis.call('ZADD', KEYS[3], unpack(scored, 2 * i - 1, math.min(2 * i + 1998, #scored)))
 end
 redis.call('SADD', KEYS[2], KEYS[1])
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[5], unpack(cjson.decode(ARGV[5])))
+  for i = 1, #ids, 1000 do
+    redis.call('RPUSH', KEYS[6], unpack(ids, i, math.min(i + 999, #ids)))
+  end
+  redis.call('EXPIRE', KEYS[5], ARGV[6])
+  redis.call('EXPIRE', KEYS[6], ARGV[6])
+end
 -- Wake idle workers that serve several queues (they block on this list, not on a queue): one
 -- token per job, at most WAKE_TOKENS in the list however long no worker takes them.
 local room = tonumber(ARGV[4]) - redis.call('LLEN', KEYS[4])
@@ -92,11 +101,17 @@ def write_jobs(
     score: float,
     shared: str,
     jobs: list[Any],
+    batch: tuple[str, str, str, int] | None = None,
 ) -> None:
     """Write jobs (id, data, meta, description, created time, five per job, flat) to queue `queue_name`,
-    index them in `index_key` and wake idle workers (`wake_key`), in one script: all or none."""
+    index them in `index_key` and wake idle workers (`wake_key`), in one script: all or none. `batch`:
+    its hash key, its job list key, its fields (a JSON array) and their TTL, written in the same script."""
     keys = [Queue.redis_queue_namespace_prefix + queue_name, Queue.redis_queues_keys, index_key, wake_key]
-    args: list[Any] = [Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, *jobs]
+    batch_args: list[Any] = ["", 0]
+    if batch is not None:
+        keys += batch[:2]
+        batch_args = [batch[2], batch[3]]
+    args: list[Any] = [Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, *batch_args, *jobs]
     if isinstance(client, redis.Redis) and len(jobs) > 5:
         # A batch's arguments run to megabytes: let a pipeline check that Redis has the script
         # (SCRIPT EXISTS) instead of sending them twice after a NOSCRIPT answer.
@@ -105,6 +120,14 @@ def write_jobs(
             pipe.execute()
     else:
         _WRITE_JOBS(keys, args, client=client)
+
+
+def job_states(connection: redis.Redis, job_ids: list[str]) -> list[tuple[bytes | None, bytes | None]]:
+    """Each job's RQ status and end time (None, None for a job that is gone), in one round trip."""
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hmget(Job.redis_job_namespace_prefix + job_id, "status", "ended_at")
+        return [(status, ended) for status, ended in pipe.execute()]
 
 
 def announce_queues(connection: redis.Redis, queues: list[Queue]) -> None:

@@ -29,7 +29,7 @@ class Status(StrEnum):
 
 
 #: RQ's job statuses as the API names them.
-_FROM_RQ: dict[bytes, Status] = {
+FROM_RQ: dict[bytes, Status] = {
     b"created": Status.QUEUED,
     b"queued": Status.QUEUED,
     b"deferred": Status.QUEUED,
@@ -158,7 +158,7 @@ def _view(job_id: str, fields: list | Exception, raw_attempts: dict | Exception,
     values = dict(zip(rqstore.VIEW_FIELDS, fields, strict=True))
     if not fatal and all(v is None for v in fields):
         return None
-    status = _FROM_RQ.get(values["status"]) if values["status"] is not None else None
+    status = FROM_RQ.get(values["status"]) if values["status"] is not None else None
     if status is None and not fatal:
         fatal.append(
             "its status is missing" if values["status"] is None else f"its status {values['status'][:40]!r} is unknown"

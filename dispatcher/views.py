@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, with_config
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
+from dispatcher.batches import MAX_FAILED_PAGE
 from dispatcher.channels import CHANNELS, KINDS
 from dispatcher.control import MAX_REPLAY
 from dispatcher.history import Attempt, Timestamp
@@ -64,6 +65,11 @@ class Accepted(TypedDict):
 
 @with_config(_FORBID)
 class AcceptedBatch(TypedDict):
+    """A batch accepted: its id, how many jobs, where to follow it, and each item's job."""
+
+    batch_id: str
+    count: Count
+    status_url: str
     items: list[Accepted]
 
 
@@ -143,6 +149,59 @@ if TYPE_CHECKING:
 else:
     #: GET /v1/stats: the counts of every channel, by its name, and the recent failures.
     Stats = with_config(_FORBID)(TypedDict("Stats", {**dict.fromkeys(KINDS, Counts), "recent_failures": list[Failure]}))
+
+
+@with_config(_FORBID)
+class BatchCounts(TypedDict):
+    """A batch's jobs by status; `gone`: no longer in Redis (expired after they ended, or deleted)."""
+
+    queued: Count
+    scheduled: Count
+    running: Count
+    succeeded: Count
+    failed: Count
+    canceled: Count
+    gone: Count
+
+
+@with_config(_FORBID)
+class FailedPage(TypedDict):
+    count: Count
+    ids: list[str]
+    next_offset: Count | None
+
+
+@with_config(_FORBID)
+class BatchView(TypedDict):
+    """GET /v1/batches/<id>: a batch's progress, read from its jobs (dispatcher.batches)."""
+
+    id: str
+    kind: Kind
+    priority: Priority
+    count: Count
+    by_status: BatchCounts
+    percent_done: Annotated[float, Field(ge=0, le=100)]
+    created_at: Timestamp
+    finished_at: Timestamp | None
+    failed: FailedPage
+
+
+class BatchQuery(BaseModel):
+    """GET /v1/batches/<id>?failed_offset=&failed_limit=: which page of the failed job ids."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    failed_offset: int = Field(default=0, ge=0, description="skip this many failed job ids")
+    failed_limit: int = Field(
+        default=100, ge=1, le=MAX_FAILED_PAGE, description="list at most this many failed job ids"
+    )
+
+    @field_validator("failed_offset", "failed_limit", mode="before")
+    @classmethod
+    def _digits(cls, value: Any) -> Any:
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+            raise ValueError("must be a whole number")
+        return value
 
 
 class JobsQuery(BaseModel):

@@ -475,6 +475,31 @@ def serve() -> Iterator[Callable[[Settings], str]]:
         server.shutdown()
 
 
+def start_dispatcher(
+    command: str, env: dict[str, str], log: Path, cwd: Path = ROOT, *args: str
+) -> subprocess.Popen:
+    """`dispatcher <command>` as a process in a session of its own (as a terminal's foreground job or
+    a supervisor's child is), its output in `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dispatcher.cli", command, *args],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:`port`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_until(predicate, timeout: float, message: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

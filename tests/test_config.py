@@ -66,7 +66,9 @@ from tests.conftest import ROOT, WEBHOOK_SECRET, process_env
         pytest.param("DISPATCHER_EMAIL_FROM", "Sender <sender@>", id="email-from-no-domain"),
         pytest.param("DISPATCHER_QUEUE", "my queue", id="queue-with-space"),
         pytest.param("DISPATCHER_QUEUE", "a:b", id="queue-with-colon"),
-        pytest.param("DISPATCHER_RESULT_TTL", "10", id="result-ttl-too-short"),
+        pytest.param("DISPATCHER_RETENTION_SUCCEEDED", "0", id="retention-succeeded-zero"),
+        pytest.param("DISPATCHER_RETENTION_FAILED", "2d", id="retention-failed-not-seconds"),
+        pytest.param("DISPATCHER_RESULT_TTL", "0", id="old-name-zero"),
     ],
 )
 def test_bad_value_is_a_config_error_naming_the_variable(name, value):
@@ -268,3 +270,22 @@ def test_a_bad_redis_url_stops_start_up_with_one_line(command):
     result = run_cli(command, env)
 
     assert_one_line_naming(result, command, "REDIS_URL")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, (7 * 24 * 3600, 30 * 24 * 3600)),
+        ({"DISPATCHER_RETENTION_SUCCEEDED": "60", "DISPATCHER_RETENTION_FAILED": "120"}, (60, 120)),
+        ({"DISPATCHER_RESULT_TTL": "61", "DISPATCHER_FAILURE_TTL": "121"}, (61, 121)),  # the names before
+        ({"DISPATCHER_RETENTION_FAILED": "5", "DISPATCHER_FAILURE_TTL": "5"}, (7 * 24 * 3600, 5)),
+    ],
+)
+def test_retention_is_read_under_its_name_or_its_old_one(env, expected):
+    settings = Settings.from_env(env)
+    assert (settings.result_ttl, settings.failure_ttl) == expected
+
+
+def test_retention_under_both_names_with_different_values_is_refused():
+    with pytest.raises(ConfigError, match="DISPATCHER_RETENTION_FAILED and DISPATCHER_FAILURE_TTL"):
+        Settings.from_env({"DISPATCHER_RETENTION_FAILED": "5", "DISPATCHER_FAILURE_TTL": "6"})

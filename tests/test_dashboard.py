@@ -11,9 +11,6 @@ import base64
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +25,17 @@ from rq.job import Job
 from dispatcher.dashboard import ACTIONS, CONNECT_TIMEOUT
 from dispatcher.runtime import API_CONNECT_TIMEOUT, API_SOCKET_TIMEOUT
 from tests.browser import browser  # noqa: F401 - a pytest fixture
-from tests.conftest import API_KEY, AUTH, ROOT, Service, free_port, process_env, wait_for, wait_until
+from tests.conftest import (
+    API_KEY,
+    AUTH,
+    Service,
+    free_port,
+    listening,
+    process_env,
+    start_dispatcher,
+    wait_for,
+    wait_until,
+)
 
 #: A path to save a screenshot of a failed job's page to, for the README (docs/dashboard.png). The
 #: queues are then named `dispatcher`, as a reader's would be: use a Redis no other run shares.
@@ -57,14 +64,6 @@ class Site:
     log: Path
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def site(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """`dispatcher web` on a free port, on a queue of its own; no worker until a test starts one."""
@@ -73,17 +72,9 @@ def site(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     svc = Service(service_env | {"DISPATCHER_QUEUE": queue}, log_dir)
     port = free_port()
     log = log_dir / "web.log"
-    with open(log, "wb") as out:
-        web = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.cli", "web"],
-            cwd=ROOT,
-            env=process_env(svc.env | {"PORT": str(port), "WEB_CONCURRENCY": "1"}),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    web = start_dispatcher("web", process_env(svc.env | {"PORT": str(port), "WEB_CONCURRENCY": "1"}), log)
     try:
-        wait_until(lambda: _listening(port) or web.poll() is not None, 30, "dispatcher web did not start")
+        wait_until(lambda: listening(port) or web.poll() is not None, 30, "dispatcher web did not start")
         assert web.poll() is None, log.read_text(errors="replace")
         yield Site(svc, f"http://127.0.0.1:{port}/dashboard/", log)
     finally:

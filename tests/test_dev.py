@@ -22,7 +22,7 @@ from rq.worker import Worker
 
 from dispatcher.config import Settings
 from dispatcher.embedded import EMBEDDED_PORT
-from tests.conftest import AUTH, ROOT, TERMINAL, WEBHOOK_SECRET, free_port, process_env, wait_until
+from tests.conftest import AUTH, ROOT, TERMINAL, WEBHOOK_SECRET, free_port, process_env, start_dispatcher, wait_until
 from tests.test_processes import http, wait_ready
 from tests.test_server import listening_addresses
 
@@ -45,15 +45,7 @@ class Dev:
 
     def __init__(self, cwd: Path, env: dict[str, str], name: str) -> None:
         self.log = cwd / f"{name}.log"
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "dispatcher.cli", "dev"],
-                cwd=cwd,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.process = start_dispatcher("dev", env, self.log, cwd)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")

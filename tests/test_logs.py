@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,17 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from dispatcher.config import Settings
-from tests.conftest import API_KEY, ROOT, TERMINAL, SmtpHandler, free_port, process_env, wait_until
+from tests.conftest import (
+    API_KEY,
+    ROOT,
+    TERMINAL,
+    SmtpHandler,
+    free_port,
+    listening,
+    process_env,
+    start_dispatcher,
+    wait_until,
+)
 
 #: Strings that must never reach a log line: one per kind of secret or content a request carries.
 HEADER_SECRET = "hdrsecret" + uuid.uuid4().hex
@@ -63,14 +72,6 @@ def auth_smtp() -> Iterator[tuple[int, SmtpHandler]]:
         yield port, handler
     finally:
         controller.stop()
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -139,7 +140,7 @@ def start(env: dict[str, str], directory: Path) -> Run:
             )
         run.processes.append(process)
     try:
-        wait_until(lambda: _listening(port), 30, f"dispatcher web did not listen: {run.web_log.read_text()}")
+        wait_until(lambda: listening(port), 30, f"dispatcher web did not listen: {run.web_log.read_text()}")
     except BaseException:
         run.stop()
         raise
@@ -354,15 +355,7 @@ def test_dispatcher_dev_writes_text(redis_url: str, tmp_path: Path) -> None:
     port = free_port()
     env = process_env({"PORT": str(port), "REDIS_URL": redis_url, "DISPATCHER_QUEUE": f"logs-{uuid.uuid4().hex[:10]}"})
     log = tmp_path / "dev.log"
-    with open(log, "wb") as out:
-        dev = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.cli", "dev"],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    dev = start_dispatcher("dev", env, log, tmp_path)
     try:
         running = ("Press Ctrl+C to stop.", " rq.worker INFO ")
         wait_until(lambda: all(line in log.read_text() for line in running), 30, log.read_text())

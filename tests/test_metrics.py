@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +31,7 @@ from dispatcher.channels import KINDS
 from dispatcher.history import Attempt
 from dispatcher.keys import Keys
 from dispatcher.tallies import DURATION_BUCKETS, Tally
-from tests.conftest import AUTH, ROOT, Service, free_port, process_env, wait_until
+from tests.conftest import AUTH, ROOT, Service, free_port, process_env, start_dispatcher, wait_until
 
 #: (name, sorted label pairs) -> value, for every sample of one scrape.
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -77,11 +76,7 @@ def web(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[Servi
         port = free_port()
         log = tmp_path / f"web-{port}.log"
         env = process_env(svc.env | {"PORT": str(port), "WEB_CONCURRENCY": "2"})
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "dispatcher.cli", "web"], cwd=ROOT, env=env, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        process = start_dispatcher("web", env, log)
         started.append(process)
         booted = lambda: log.read_bytes().count(b"Booting worker") >= 2  # noqa: E731
         wait_until(booted, START_BOUND, f"dispatcher web did not start 2 workers: {log.read_text(errors='replace')}")

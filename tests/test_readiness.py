@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import urllib.request
 
-from tests.conftest import API_KEY, ROOT, free_port, process_env, wait_until
+from tests.conftest import API_KEY, free_port, process_env, start_dispatcher, wait_until
 
 
 def readiness(svc) -> dict:
@@ -47,11 +45,7 @@ def test_the_web_process_warns_in_its_log_when_jobs_wait_for_no_worker(service, 
     port = free_port()
     log = tmp_path / "web.log"
     env = process_env(svc.env | {"PORT": str(port), "WEB_CONCURRENCY": "1"})
-    with open(log, "wb") as out:
-        web = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.cli", "web"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    web = start_dispatcher("web", env, log)
     try:
         wait_until(lambda: b"Booting worker" in log.read_bytes(), 30, "dispatcher web did not start")
         body = json.dumps({"url": receiver.url("ok"), "event_type": "a.b", "payload": {}, "priority": "high"})

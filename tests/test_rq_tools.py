@@ -66,7 +66,7 @@ def test_requeue_through_rqs_api_delivers_a_new_series_in_the_same_history(servi
 def test_a_requeued_job_loses_its_failure_expiry_so_it_cannot_vanish_while_it_waits_for_a_retry(
     service, receiver, redis_conn
 ):
-    svc = service(DISPATCHER_FAILURE_TTL="60")
+    svc = service(DISPATCHER_RETENTION_FAILED="60")
     svc.start_worker()
     url = receiver.url("fail/3/500")
     retry = {"max_attempts": 2, "backoff": [3]}

@@ -19,7 +19,7 @@ import pytest
 
 from dispatcher.config import Settings
 from dispatcher.server import KEEPALIVE, WebServer
-from tests.conftest import API_KEY, ROOT, free_port, process_env
+from tests.conftest import API_KEY, ROOT, free_port, listening, process_env, start_dispatcher
 
 #: The issue's bound: with slow clients connected, /healthz and a POST still answer within this.
 ANSWER_BOUND = 1.0
@@ -41,14 +41,6 @@ class Web:
         return self.log.read_text(errors="replace")
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def web(service_env: dict[str, str], receiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     """The real `dispatcher web` on a free port, two worker processes, HOME and XDG_RUNTIME_DIR of its own."""
@@ -60,17 +52,9 @@ def web(service_env: dict[str, str], receiver, tmp_path_factory: pytest.TempPath
         | {"PORT": str(port), "WEB_CONCURRENCY": "2", "HOME": str(home), "XDG_RUNTIME_DIR": str(home / "run")}
     )
     log = home / "web.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.cli", "web"],
-            cwd=home,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_dispatcher("web", env, log, home)
     deadline = time.monotonic() + 30
-    while not _listening(port):
+    while not listening(port):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"dispatcher web did not start:\n{log.read_text(errors='replace')[-3000:]}")
