@@ -35,7 +35,6 @@ _REQUEUE_CHUNK = 1_000
 
 #: `_CANCEL`'s answers for jobs no longer waiting, as the API names their status.
 _NOT_WAITING = {
-    "started": "running",
     "finished": "succeeded",
     "failed": "failed",
     "stopped": "failed",
@@ -67,8 +66,8 @@ class JobControl:
             return
         if outcome == "missing":
             raise NoSuchJob(job_id)
-        if outcome == "taken":
-            raise JobStateConflict(f"job {job_id} has just been taken by a worker; it can no longer be canceled")
+        if outcome in ("taken", "started"):  # (started: delivering, or held by the worker for a slot for its host)
+            raise JobStateConflict(f"job {job_id} has been taken by a worker to run; it can no longer be canceled")
         shown = _NOT_WAITING.get(outcome, outcome[:40])
         raise JobStateConflict(f"job {job_id} is {shown}; only a queued or scheduled job can be canceled")
 

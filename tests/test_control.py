@@ -129,14 +129,14 @@ def test_cancel_refuses_a_job_a_worker_took_a_running_one_a_finished_one_and_an_
 
     message = _error(svc.client.delete(f"/v1/jobs/{popped}", headers=AUTH), 409, "conflict")
 
-    assert message == f"job {popped} has just been taken by a worker; it can no longer be canceled"
+    assert message == f"job {popped} has been taken by a worker to run; it can no longer be canceled"
     assert _rq_job(redis_conn, popped).get_status() == "queued"
     redis_conn.delete(queue.intermediate_queue_key)
     svc.start_worker()
     slow = _webhook(svc, receiver.url("slow/1"))
     wait_for(svc.client, slow, until=lambda j: j["status"] == "running")
     message = _error(svc.client.delete(f"/v1/jobs/{slow}", headers=AUTH), 409, "conflict")
-    assert message == f"job {slow} is running; only a queued or scheduled job can be canceled"
+    assert message == f"job {slow} has been taken by a worker to run; it can no longer be canceled"
     assert wait_for(svc.client, slow)["status"] == "succeeded"
     message = _error(svc.client.delete(f"/v1/jobs/{slow}", headers=AUTH), 409, "conflict")
     assert message == f"job {slow} is succeeded; only a queued or scheduled job can be canceled"
