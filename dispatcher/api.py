@@ -110,7 +110,6 @@ def get_job(job_id: str) -> Response:
 @v1.delete("/jobs/<job_id:job_id>")
 def cancel_job(job_id: str) -> Response:
     """Cancel a queued or scheduled job; answers its view, now `canceled`."""
-    note_job(job_id)
     with _job_errors():
         _control().cancel(job_id)
     return get_job(job_id)
@@ -119,9 +118,9 @@ def cancel_job(job_id: str) -> Response:
 @v1.post("/jobs/<job_id>/retry")
 def retry_job(job_id: str) -> tuple[Response, int, dict[str, str]]:
     """Deliver a failed job again, with the same id, as a new series of attempts in its history."""
-    note_job(job_id)
     with _job_errors():
         _control().retry(job_id)
+    note_job(job_id)  # (once it is known to be a job: a path may hold anything, a line break included)
     accepted = _accepted(job_id)
     return jsonify(accepted), 202, {"Location": accepted["status_url"]}
 
