@@ -143,6 +143,23 @@ def test_cancel_refuses_a_job_a_worker_took_a_running_one_a_finished_one_and_an_
     assert _error(svc.client.delete("/v1/jobs/wh_nope", headers=AUTH), 404, "not_found")
 
 
+def test_a_job_held_by_a_worker_for_its_hosts_slot_is_refused_and_delivered_once(service, receiver, redis_conn):
+    """A worker holds a job whose host has no free slot: started in RQ's sense, `queued` in the view."""
+    svc = service(DISPATCHER_CONCURRENCY="2", DISPATCHER_MAX_PER_HOST="1")
+    svc.start_worker()
+    busy = _webhook(svc, receiver.url("slow/1.5"))
+    wait_for(svc.client, busy, until=lambda j: j["status"] == "running")
+    url = receiver.url("ok")
+    held = _webhook(svc, url)
+    wait_until(lambda: _rq_job(redis_conn, held).get_status() == "started", 30, "the worker did not hold it")
+
+    message = _error(svc.client.delete(f"/v1/jobs/{held}", headers=AUTH), 409, "conflict")
+
+    assert message == f"job {held} has been taken by a worker to run; it can no longer be canceled"
+    assert wait_for(svc.client, held)["status"] == "succeeded", svc.logs()
+    assert [r.headers["webhook-id"] for r in receiver.received(url)] == [held]
+
+
 @pytest.mark.parametrize("job_id", ["*", "wh_*", "rq:job:x", "wh_%0D%0AX-Evil:%201", "wh_" + "f" * 2000])
 def test_cancel_and_retry_of_an_id_that_is_no_job_answer_404(client, job_id):
     for response in (
