@@ -10,21 +10,37 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from flask.blueprints import BlueprintSetupState
 from pydantic import BaseModel, ValidationError
+from werkzeug.routing import BaseConverter
 
 from dispatcher.batches import batch_view, new_batch_id
 from dispatcher.channels import CHANNELS, Channel
+from dispatcher.control import JobControl
 from dispatcher.enqueue import enqueue, enqueue_many
-from dispatcher.errors import APIError, FieldProblem
+from dispatcher.errors import APIError, FieldProblem, JobStateConflict, NoSuchJob
 from dispatcher.logs import note_batch, note_job
 from dispatcher.openapi import openapi_document
 from dispatcher.runtime import Runtime
-from dispatcher.views import BatchQuery, JobsQuery
+from dispatcher.views import BatchQuery, JobsQuery, ReplayRequest
 
 QueryModel = TypeVar("QueryModel", bound=BaseModel)
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
 health = Blueprint("health", __name__)
+
+
+class JobIdConverter(BaseConverter):
+    """A job id in a path: any segment but `replay`, so GET or DELETE /v1/jobs/replay is the 405 of
+    POST /v1/jobs/replay, not a lookup of a job named `replay`."""
+
+    regex = r"(?!replay$)[^/]+"
+
+
+@v1.record_once
+def _register_converter(state: BlueprintSetupState) -> None:
+    """Before the routes: a rule's converter must be known when the rule is added."""
+    state.app.url_map.converters["job_id"] = JobIdConverter
 
 
 
@@ -82,13 +98,58 @@ for _channel in CHANNELS.values():
     _add_channel_routes(_channel)
 
 
-@v1.get("/jobs/<job_id>")
+@v1.get("/jobs/<job_id:job_id>")
 def get_job(job_id: str) -> Response:
     note_job(job_id)
     view = runtime().status.job(job_id)
     if view is None:
         raise APIError(404, "not_found", f"no job with id {job_id!r} (it may have expired)")
     return jsonify(view)
+
+
+@v1.delete("/jobs/<job_id:job_id>")
+def cancel_job(job_id: str) -> Response:
+    """Cancel a queued or scheduled job; answers its view, now `canceled`."""
+    with _job_errors():
+        _control().cancel(job_id)
+    return get_job(job_id)
+
+
+@v1.post("/jobs/<job_id>/retry")
+def retry_job(job_id: str) -> tuple[Response, int, dict[str, str]]:
+    """Deliver a failed job again, with the same id, as a new series of attempts in its history."""
+    with _job_errors():
+        _control().retry(job_id)
+    note_job(job_id)  # (once it is known to be a job: a path may hold anything, a line break included)
+    accepted = _accepted(job_id)
+    return jsonify(accepted), 202, {"Location": accepted["status_url"]}
+
+
+@v1.post("/jobs/replay")
+def replay_jobs() -> Response:
+    """Deliver failed jobs again, as retry does, chosen by kind and when they failed."""
+    try:
+        replay = ReplayRequest.model_validate(_json_body())
+    except ValidationError as exc:
+        raise APIError(422, "validation_error", "the request has invalid fields", _details(exc)) from None
+    ids = _control().replay(replay.kind, replay.since, replay.until, replay.limit)
+    note_batch(ids)
+    return jsonify(requeued=len(ids), ids=ids)
+
+
+def _control() -> JobControl:
+    rt = runtime()
+    return JobControl(rt.connection, rt.status.queues, rt.keys, rt.settings.failure_ttl)
+
+
+@contextmanager
+def _job_errors() -> Iterator[None]:
+    try:
+        yield
+    except NoSuchJob as exc:
+        raise APIError(404, "not_found", str(exc)) from None
+    except JobStateConflict as exc:
+        raise APIError(409, "conflict", str(exc)) from None
 
 
 @v1.get("/jobs")

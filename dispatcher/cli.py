@@ -2,7 +2,7 @@
 
 Running the service: `dev`, `web`, `worker`. Sending, through the API (as an application does):
 `send-email`, `send-webhook`. Looking and acting, straight on Redis (as RQ's own command line does,
-so they work while the API is down): `status`, `jobs`, `retry`, `stats`, `rq-info`.
+so they work while the API is down): `status`, `jobs`, `retry`, `cancel`, `replay`, `stats`, `rq-info`.
 
 Every failure is one line on stderr, `dispatcher <command>: <what went wrong>`, and a non-zero exit:
 1 when the command could not do its work, 2 for a usage or configuration error.
@@ -74,7 +74,7 @@ def cli() -> None:
 
     Quick start: `dispatcher dev` runs everything here (embedded Redis, the API, a worker). From
     the same directory, the other commands then find that service through ./var/ by themselves.
-    Elsewhere they read REDIS_URL (status, jobs, retry, stats, rq-info) or DISPATCHER_URL and
+    Elsewhere they read REDIS_URL (status, jobs, retry, cancel, replay, stats, rq-info) or DISPATCHER_URL and
     DISPATCHER_API_KEY (send-email, send-webhook).
     """
 
@@ -674,24 +674,71 @@ def retry(job_id: str) -> None:
     """Deliver a failed job again, as a new series of attempts in the same history.
 
     It keeps its id, so a webhook keeps its webhook-id and an email its Message-ID. This is RQ's
-    requeue, as rq-dashboard's Requeue button and `rq requeue` do it.
+    requeue, as rq-dashboard's Requeue button and `rq requeue` do it (and POST /v1/jobs/ID/retry).
     """
-    from rq.exceptions import InvalidJobOperation
-    from rq.job import Job
-    from rq.registry import FailedJobRegistry
-    from rq.serializers import JSONSerializer
+    with _control() as control:
+        queue = control.retry(job_id)
+    click.echo(f"{job_id} requeued on {queue.name}")
+
+
+@cli.command()
+@click.argument("job_id", metavar="ID")
+def cancel(job_id: str) -> None:
+    """Cancel a queued or scheduled job: it is never delivered (as DELETE /v1/jobs/ID does).
+
+    A job a worker has started can no longer be canceled, nor one that is over.
+    """
+    with _control() as control:
+        control.cancel(job_id)
+    click.echo(f"{job_id} canceled")
+
+
+def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from pydantic import TypeAdapter, ValidationError
+
+    from dispatcher.views import Moment
+
+    if value is None:
+        return None
+    try:
+        return TypeAdapter(Moment).validate_python(value)
+    except ValidationError as exc:
+        raise click.BadParameter(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+
+@cli.command()
+@click.option("--kind", type=click.Choice(["email", "webhook"]), help="only emails or only webhooks")
+@click.option(
+    "--since", callback=_moment, metavar="DATETIME", help="only jobs that failed at or after, e.g. 2026-12-04T18:00:00Z"
+)
+@click.option("--until", callback=_moment, metavar="DATETIME", help="only jobs that failed before this moment")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=1000, show_default=True, help="at most this many")
+def replay(kind: str | None, since: Any, until: Any, limit: int) -> None:
+    """Deliver failed jobs again, as retry does for one (and POST /v1/jobs/replay).
+
+    Prints each job requeued, then how many. Highest priority first, then oldest failure first.
+    """
+    with _control() as control:
+        ids = control.replay(kind, since, until, limit)
+    for job_id in ids:
+        click.echo(job_id)
+    click.echo(f"{len(ids)} requeued", err=True)
+
+
+@contextlib.contextmanager
+def _control() -> Iterator[Any]:
+    """The job control of the configured Redis; its refusals become one line and exit code 1."""
+    from dispatcher.control import JobControl
+    from dispatcher.errors import JobStateConflict, NoSuchJob
 
     store = _store()
-    job = _job(store, job_id)
-    if job["status"] != "failed":
-        raise Failed(f"job {job_id} is {job['status']}; only a failed job can be retried")
-    rq_job = Job.fetch(job_id, connection=store.connection, serializer=JSONSerializer)
-    registry = FailedJobRegistry(rq_job.origin, connection=store.connection, serializer=JSONSerializer)
     try:
-        registry.requeue(rq_job)
-    except InvalidJobOperation as exc:
-        raise Failed(f"job {job_id} cannot be requeued: {exc}") from None
-    click.echo(f"{job_id} requeued on {rq_job.origin}")
+        yield JobControl.of(store.connection, store.settings)
+    except NoSuchJob as exc:
+        where = f"{store.settings.queue_name} on {_shown(store.settings.redis_url)}"
+        raise Failed(f"no job {exc.job_id} in {where}") from None
+    except JobStateConflict as exc:
+        raise Failed(str(exc)) from None
 
 
 @cli.command()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any, Literal, TypedDict
 
 import requests
@@ -84,7 +85,17 @@ class Unavailable(DispatcherError):
     """503 after every retry, or the server could not be reached (status 0)."""
 
 
-_ERRORS: dict[int, type[DispatcherError]] = {422: ValidationFailed, 401: Unauthorized, 404: NotFound, 503: Unavailable}
+class Conflict(DispatcherError):
+    """409: the job's status does not allow a cancel or a retry; the message says its status."""
+
+
+_ERRORS: dict[int, type[DispatcherError]] = {
+    422: ValidationFailed,
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    503: Unavailable,
+}
 
 
 class Client:
@@ -150,11 +161,35 @@ class Client:
         """Enqueue a batch of webhooks (all or none; `low` priority unless given); returns the ids."""
         return self._batch("/v1/webhooks/batch", items, priority)
 
+    # --- controlling ---------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or scheduled job; returns its view, now `canceled`. Conflict if it is not waiting."""
+        return self._request("DELETE", _job_path(job_id))  # type: ignore[return-value]
+
+    def retry(self, job_id: str) -> None:
+        """Deliver a failed job again, with the same id. Conflict if it is not failed."""
+        self._request("POST", f"{_job_path(job_id)}/retry")
+
+    def replay(
+        self,
+        kind: Kind | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        limit: int | None = None,
+    ) -> list[str]:
+        """Deliver failed jobs again (of `kind`, failed from `since` until before `until`, at most
+        `limit`, 1000 unless given); returns the ids requeued."""
+        moments = {"since": since, "until": until}
+        moments = {name: value.isoformat() if isinstance(value, datetime) else value for name, value in moments.items()}
+        body = _drop_none({"kind": kind, "limit": limit, **moments})
+        return self._request("POST", "/v1/jobs/replay", body)["ids"]  # type: ignore[no-any-return]
+
     # --- reading -------------------------------------------------------------------------------
 
     def job(self, job_id: str) -> Job:
         """The job's status and attempts; NotFound if there is none (or it expired)."""
-        return self._request("GET", f"/v1/jobs/{requests.utils.quote(job_id, safe='')}")  # type: ignore[return-value]
+        return self._request("GET", _job_path(job_id))  # type: ignore[return-value]
 
     def jobs(self, kind: Kind | None = None, status: str | None = None, limit: int = 50) -> list[Job]:
         """Newest first, filtered by kind and status."""
@@ -231,6 +266,10 @@ def _never_sent(exc: requests.RequestException) -> bool:
     if isinstance(reason, MaxRetryError):
         reason = reason.reason
     return isinstance(reason, NewConnectionError)
+
+
+def _job_path(job_id: str) -> str:
+    return f"/v1/jobs/{requests.utils.quote(job_id, safe='')}"
 
 
 def _drop_none(fields: dict[str, Any]) -> dict[str, Any]:

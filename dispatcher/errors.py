@@ -37,6 +37,18 @@ class FieldProblem(DispatcherError, ValueError):
         self.problem = problem
 
 
+class NoSuchJob(DispatcherError, LookupError):
+    """No job with this id in this Dispatcher queue (or it has expired)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r} (it may have expired)")
+        self.job_id = job_id
+
+
+class JobStateConflict(DispatcherError):
+    """The job's state does not allow the operation (cancel, retry); the message says why."""
+
+
 class APIError(DispatcherError):
     """An error answered to an API client as JSON."""
 

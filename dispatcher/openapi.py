@@ -27,6 +27,8 @@ from dispatcher.views import (
     JobsQuery,
     JobView,
     Readiness,
+    Replayed,
+    ReplayRequest,
     Stats,
 )
 
@@ -34,7 +36,7 @@ _REF = "#/components/schemas/{model}"
 
 #: The answers' types; the document names each schema after its type.
 _ANSWERS: tuple[Any, ...] = (
-    ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, BatchView
+    ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, BatchView, Replayed
 )
 
 #: Error answers, by status: (code, description).
@@ -42,6 +44,8 @@ _ERRORS = {
     400: "`malformed_json`: the body is not valid JSON or not UTF-8",
     401: "`unauthorized`: no or wrong bearer key",
     404: "`not_found`: unknown (or expired) job or batch",
+    405: "`method_not_allowed`: `replay` is not a job id (it names POST /v1/jobs/replay)",
+    409: "`conflict`: the job's status does not allow it; the message says which it is",
     413: "`body_too_large`: the body is over 15 MB",
     414: "`uri_too_long`: the request line (path and query) is over 4,094 bytes",
     415: "`unsupported_media_type`: the body is not `application/json`",
@@ -49,6 +53,17 @@ _ERRORS = {
     503: "`unavailable`: Redis is unreachable",
 }
 _STRING = {"type": "string"}
+
+
+_LOCATION = {"Location": {"description": "the job's status URL", "schema": _STRING}}
+_JOB_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    # (`replay` names POST /v1/jobs/replay, never a job)
+    "schema": {"type": "string", "not": {"const": "replay"}},
+    "description": "the job id a 202 answered; an unknown or expired one is a 404",
+}
 
 
 def _ref(name: str) -> dict:
@@ -66,7 +81,6 @@ def _responses(ok: int, answer: str, description: str, errors: tuple[int, ...], 
 
 
 def _accept(channel: Channel) -> dict:
-    location = {"Location": {"description": "the job's status URL", "schema": _STRING}}
     return {
         "post": {
             "operationId": f"create_{channel.name}",
@@ -76,7 +90,7 @@ def _accept(channel: Channel) -> dict:
                 "content": {"application/json": {"schema": _ref(channel.request.__name__)}},
             },
             "responses": _responses(
-                202, "Accepted", "accepted and queued", (400, 401, 413, 415, 422, 503), headers=location
+                202, "Accepted", "accepted and queued", (400, 401, 413, 415, 422, 503), headers=_LOCATION
             ),
         }
     }
@@ -138,21 +152,34 @@ def _paths(jobs_query: dict, batch_query: dict) -> dict:
     return {
         **{f"/v1/{c.path}": _accept(c) for c in CHANNELS.values()},
         **{f"/v1/{c.path}/batch": _accept_batch(c) for c in CHANNELS.values()},
-        "/v1/jobs/{id}": _get(
-            "get_job",
-            "One job's status and attempts",
-            "JobView",
-            (401, 404, 414, 503),
-            parameters=[
-                {
-                    "name": "id",
-                    "in": "path",
+        "/v1/jobs/{id}": {
+            **_get("get_job", "One job's status and attempts", "JobView", (401, 404, 405, 414, 503), parameters=[_JOB_ID]),
+            "delete": {
+                "operationId": "cancel_job",
+                "summary": "Cancel a queued or scheduled job: it is never delivered",
+                "parameters": [_JOB_ID],
+                "responses": _responses(200, "JobView", "canceled; the job's view", (401, 404, 405, 409, 414, 503)),
+            },
+        },
+        "/v1/jobs/{id}/retry": {
+            "post": {
+                "operationId": "retry_job",
+                "summary": "Deliver a failed job again, with the same id, as a new series of attempts",
+                "parameters": [_JOB_ID],
+                "responses": _responses(202, "Accepted", "requeued", (401, 404, 409, 414, 503), headers=_LOCATION),
+            }
+        },
+        "/v1/jobs/replay": {
+            "post": {
+                "operationId": "replay_jobs",
+                "summary": "Deliver failed jobs again, chosen by kind and when they failed",
+                "requestBody": {
                     "required": True,
-                    "schema": _STRING,
-                    "description": "the job id a 202 answered; an unknown or expired one is a 404",
-                }
-            ],
-        ),
+                    "content": {"application/json": {"schema": _ref("ReplayRequest")}},
+                },
+                "responses": _responses(200, "Replayed", "the jobs requeued", (400, 401, 413, 415, 422, 503)),
+            }
+        },
         "/v1/jobs": _get(
             "list_jobs",
             "Jobs, newest first",
@@ -191,6 +218,7 @@ def openapi_document() -> dict:
         (model.__name__, "validation", TypeAdapter(model)) for c in CHANNELS.values() for model in (c.request, c.batch)
     ]
     inputs += [(query.__name__, "validation", TypeAdapter(query)) for query in (JobsQuery, BatchQuery)]
+    inputs.append(("ReplayRequest", "validation", TypeAdapter(ReplayRequest)))
     inputs += [(answer.__name__, "serialization", TypeAdapter(answer)) for answer in _ANSWERS]
     _, definitions = TypeAdapter.json_schemas(inputs, by_alias=True, ref_template=_REF)
     schemas = definitions["$defs"]

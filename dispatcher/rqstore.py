@@ -27,6 +27,7 @@ from redis.typing import EncodableT
 from rq import Queue
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now, utcformat
@@ -399,8 +400,13 @@ def stop_listener(thread: Any) -> None:
 
 # --- Reading (the status view) -------------------------------------------------------------------
 
+#: A field RQ never writes, set on the job hash by `cancel` beside RQ's status. RQ's scheduler
+#: re-saves a due job's whole hash (status `queued`) from a copy it read just before: this field
+#: survives that, so the worker and the status view still know the job was canceled.
+CANCELED_FIELD = "dispatcher_canceled_at"
+
 #: The job hash fields a status view needs; the job's data (maybe megabytes of attachments) is never read.
-VIEW_FIELDS = ("status", "created_at", "enqueued_at", "started_at", "ended_at", "meta", "origin")
+VIEW_FIELDS = ("status", "created_at", "enqueued_at", "started_at", "ended_at", "meta", "origin", CANCELED_FIELD)
 
 
 def read_job_view(pipe: Pipeline, queues: list[Queue], job_id: str) -> int:
@@ -603,3 +609,144 @@ def fail_unreadable(
         pipe.zrem(queue.started_job_registry.key, execution.composite_key)
         pipe.srem(execution.worker_executions_key, execution.composite_key)
     Result.create_failure(job, ttl, exc_string=error, worker_name=worker_name, pipeline=pipe)
+
+
+# --- Job control: cancel, requeue failed jobs (dispatcher.control) ------------------------------
+
+# KEYS: the job hash, its attempts hash, then per queue (highest priority first) its list, its
+# ScheduledJobRegistry and its CanceledJobRegistry. ARGV: the job id, the CanceledJobRegistry score
+# (what RQ's registry `add` gives it: now), the moment (ISO) for CANCELED_FIELD, the TTL,
+# CANCELED_FIELD, the queue names. Answers `done`; `missing` (no hash, or one of another queue); `taken` (queued
+# or scheduled but in neither place: a worker popped it, so it is starting); or the job's status
+# when it is no longer waiting. Taking the job off its list or registry in the same script that
+# marks it is what makes it atomic against a worker's pop (LMOVE) and the scheduler's move.
+_CANCEL = Script(
+    None,  # type: ignore[arg-type]  # called with an explicit client
+    b"""
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 'missing' end
+local fields = redis.call('HMGET', KEYS[1], 'status', 'origin')
+local status, origin = fields[1], fields[2]
+local q = nil
+for i = 6, #ARGV do
+  if origin == ARGV[i] then q = i - 5 end
+end
+if not q then return 'missing' end
+if status ~= 'queued' and status ~= 'scheduled' then return status or 'unreadable' end
+local list, scheduled, canceled = KEYS[3 * q], KEYS[3 * q + 1], KEYS[3 * q + 2]
+if redis.call('LREM', list, 0, ARGV[1]) + redis.call('ZREM', scheduled, ARGV[1]) == 0 then return 'taken' end
+redis.call('HSET', KEYS[1], 'status', 'canceled', ARGV[5], ARGV[3])
+redis.call('ZADD', canceled, ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 'done'
+""",
+)
+
+
+def cancel(connection: redis.Redis, queues: list[Queue], job_id: str, attempts_key: str, ttl: int) -> str:
+    """Cancel a queued or scheduled job of `queues` as RQ's `Job.cancel` does (status `canceled`, off
+    its queue or ScheduledJobRegistry, into the CanceledJobRegistry), atomically; the job and its
+    attempts (`attempts_key`) then expire in `ttl` seconds. Returns what `_CANCEL` answers."""
+    keys = [queues[0].job_class.key_for(job_id), attempts_key]
+    for queue in queues:
+        keys += [queue.key, queue.scheduled_job_registry.key, CanceledJobRegistry(queue.name, queue.connection).key]
+    args: list[Any] = [job_id, current_timestamp(), utcformat(now()), ttl, CANCELED_FIELD]
+    args += [queue.name for queue in queues]
+    reply = _CANCEL(keys=keys, args=args, client=connection)
+    return reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+
+
+def was_canceled(raw: dict) -> bool:
+    """Whether a job's hash (an HGETALL reply) says it was canceled, by RQ's status or by `cancel`."""
+    return raw.get(b"status") == JobStatus.CANCELED.value.encode() or CANCELED_FIELD.encode() in raw
+
+
+#: What RQ's requeue writes as `exc_info` (it clears the job's exception info: zlib of nothing).
+_NO_EXC_INFO = zlib.compress(b"")
+
+# KEYS: the wake list, then per queue its FailedJobRegistry and its list. ARGV: the job key prefix,
+# the enqueued time, the cleared exc_info, WAKE_TOKENS, how many queues, their names, then job ids.
+# What RQ's FailedJobRegistry.requeue does, for many jobs in one call: a job is requeued only if this
+# call takes it out of its queue's FailedJobRegistry (ZREM), so two calls racing requeue it once.
+# Its hash loses any expiry its failure gave it (RQ's requeue keeps it; the worker's history drops
+# it when the new series begins): a job must not vanish while it waits. Answers id, queue number,
+# per requeued job.
+_REQUEUE_FAILED = Script(
+    None,  # type: ignore[arg-type]  # called with an explicit client
+    b"""
+local prefix, stamp, exc, nq = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
+local done, count = {}, 0
+for i = 6 + nq, #ARGV do
+  local id = ARGV[i]
+  local key = prefix .. id
+  if redis.call('TYPE', key)['ok'] == 'hash' then
+    local origin = redis.call('HGET', key, 'origin')
+    for q = 1, nq do
+      if origin == ARGV[5 + q] then
+        if redis.call('ZREM', KEYS[2 * q], id) == 1 then
+          redis.call('HSET', key, 'status', 'queued', 'started_at', '', 'ended_at', '', 'enqueued_at', stamp,
+            'exc_info', exc)
+          redis.call('PERSIST', key)
+          redis.call('RPUSH', KEYS[2 * q + 1], id)
+          done[#done + 1] = id
+          done[#done + 1] = q
+          count = count + 1
+        end
+        break
+      end
+    end
+  end
+end
+local room = math.min(tonumber(ARGV[4]) - redis.call('LLEN', KEYS[1]), count)
+if room > 0 then
+  local tokens = {}
+  for i = 1, room do tokens[i] = 1 end
+  redis.call('RPUSH', KEYS[1], unpack(tokens))
+end
+return done
+""",
+)
+
+
+def requeue_failed(
+    connection: redis.Redis, queues: list[Queue], job_ids: list[str], wake_key: str
+) -> list[tuple[str, Queue]]:
+    """Requeue those of `job_ids` that are in their queue's FailedJobRegistry, as RQ's
+    `FailedJobRegistry.requeue` does (at the back of their queue, status `queued`), in one script,
+    and wake idle workers; returns each requeued job with its queue."""
+    if not job_ids:
+        return []
+    keys = [wake_key]
+    for queue in queues:
+        keys += [queue.failed_job_registry.key, queue.key]
+    args: list[Any] = [Job.redis_job_namespace_prefix, utcformat(now()), _NO_EXC_INFO, WAKE_TOKENS, len(queues)]
+    args += [queue.name for queue in queues] + job_ids
+    reply = cast(list, _REQUEUE_FAILED(keys=keys, args=args, client=connection))
+    return [(reply[i].decode(), queues[int(reply[i + 1]) - 1]) for i in range(0, len(reply), 2)]
+
+
+def queue_of(connection: redis.Redis, queues: list[Queue], job_id: str) -> Queue | None:
+    """The one of `queues` the job belongs to (its hash's `origin`), or None: no such job, or another queue's."""
+    try:
+        origin = cast(bytes | None, connection.hget(queues[0].job_class.key_for(job_id), "origin"))
+    except redis.ResponseError:  # not a hash
+        return None
+    return next((queue for queue in queues if origin == queue.name.encode()), None)
+
+
+def failed_page(connection: redis.Redis, queue: Queue, start: int, count: int) -> list[str]:
+    """Ids in `queue`'s FailedJobRegistry not yet expired (it scores an entry by when it expires, so
+    the oldest failures come first), from position `start`."""
+    key = queue.failed_job_registry.key
+    ids = cast(list[bytes], connection.zrangebyscore(key, f"({current_timestamp()}", "+inf", start=start, num=count))
+    return [job_id.decode(errors="replace") for job_id in ids]
+
+
+def ended_at(connection: redis.Redis, queue: Queue, job_ids: list[str]) -> list[str | None]:
+    """When each job ended (a failed job: when it failed), as RQ writes it (`utcformat`, which sorts
+    as text), or None."""
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(queue.job_class.key_for(job_id), "ended_at")
+        replies = pipe.execute(raise_on_error=False)
+    return [r.decode(errors="replace") if isinstance(r, bytes) and r else None for r in replies]

@@ -179,6 +179,8 @@ def _view(job_id: str, fields: list | Exception, raw_attempts: dict | Exception,
         results = []
     if fatal:
         status = Status.FAILED
+    elif values[rqstore.CANCELED_FIELD] is not None:  # canceled, even if RQ's scheduler re-saved it as queued
+        status = Status.CANCELED
     assert status is not None
     if status is Status.RUNNING and (not attempts or attempts[-1]["finished_at"] is not None):
         # Started in RQ's sense but no attempt in hand: held by a worker until its host has a free slot.

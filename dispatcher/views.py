@@ -8,14 +8,18 @@ answer of a running service against the document.
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, with_config
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, with_config
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from dispatcher.batches import MAX_FAILED_PAGE
 from dispatcher.channels import CHANNELS, KINDS
+from dispatcher.control import MAX_REPLAY
 from dispatcher.history import Attempt, Timestamp
+from dispatcher.models import JSON_NUMBER, RequestModel
 from dispatcher.priorities import Priority
 from dispatcher.status import MAX_LIST_LIMIT, Status
 
@@ -216,3 +220,49 @@ class JobsQuery(BaseModel):
         if isinstance(value, str) and not (value.isascii() and value.isdigit()):
             raise ValueError(f"must be an integer from 1 to {MAX_LIST_LIMIT}")
         return value
+
+
+@with_config(_FORBID)
+class Replayed(TypedDict):
+    """POST /v1/jobs/replay: how many failed jobs were requeued, and which."""
+
+    requeued: Count
+    ids: list[str]
+
+
+#: RFC 3339 (the document's `date-time`): a date, `T`, a time, and an offset or `Z`, nothing looser.
+_RFC3339 = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def _moment(value: Any) -> Any:
+    """A date-time with its offset, in RFC 3339 only: not a number, and not the looser forms that
+    pydantic or `datetime.fromisoformat` also take."""
+    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError("must be an RFC 3339 date-time with an offset, like 2026-12-04T18:00:00Z")
+    day, time, fraction, offset = match.groups()
+    offset = "+00:00" if offset in "Zz" else offset
+    try:
+        return datetime.fromisoformat(f"{day}T{time}.{(fraction or '0')[:6].ljust(6, '0')}{offset}")
+    except ValueError as exc:
+        raise ValueError(f"is not a valid date-time: {exc}") from None
+
+
+#: A moment given by a client: an RFC 3339 date-time with its offset.
+Moment = Annotated[datetime, BeforeValidator(_moment), Field(json_schema_extra={"format": "date-time"})]
+
+
+class ReplayRequest(RequestModel):
+    """POST /v1/jobs/replay: which failed jobs to deliver again."""
+
+    kind: Kind | None = Field(default=None, description="only jobs of this kind (default: every kind)")
+    status: Literal["failed"] = Field(
+        default="failed", description="the status of the jobs to replay: only failed jobs are delivered again"
+    )
+    since: Moment | None = Field(default=None, description="only jobs that failed at or after this moment")
+    until: Moment | None = Field(default=None, description="only jobs that failed before this moment")
+    limit: Annotated[int, Field(ge=1, le=MAX_REPLAY), JSON_NUMBER] = Field(
+        default=1000, description=f"at most this many jobs (1 to {MAX_REPLAY:,})"
+    )

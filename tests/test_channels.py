@@ -106,6 +106,7 @@ GENERIC = [
     "dispatcher/enqueue.py",
     "dispatcher/history.py",
     "dispatcher/status.py",
+    "dispatcher/control.py",
     "dispatcher/api.py",
     "dispatcher/openapi.py",
     "dispatcher/views.py",

@@ -20,7 +20,20 @@ BIN = Path(sys.executable).parent
 DISPATCHER = str(BIN / "dispatcher")
 #: Seconds any one command may take here (most take well under one).
 BOUND = 60
-COMMANDS = {"dev", "web", "worker", "send-email", "send-webhook", "status", "jobs", "retry", "stats", "rq-info"}
+COMMANDS = {
+    "dev",
+    "web",
+    "worker",
+    "send-email",
+    "send-webhook",
+    "status",
+    "jobs",
+    "retry",
+    "cancel",
+    "replay",
+    "stats",
+    "rq-info",
+}
 
 
 def run(env: dict[str, str], *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -148,6 +161,34 @@ def test_retry_delivers_a_failed_job_again_in_the_same_history(svc_env, receiver
     assert again.stderr.splitlines() == [
         f"dispatcher retry: job {job_id} is succeeded; only a failed job can be retried"
     ]
+
+
+def test_cancel_then_replay_act_as_the_api_does(svc_env, receiver):
+    svc, env = svc_env(DISPATCHER_WEBHOOK_MAX_ATTEMPTS="1")
+    canceled = webhook(env, receiver.url("ok"))  # no worker yet: it waits in its queue
+
+    done = run(env, "cancel", canceled)
+    again = run(env, "cancel", canceled)
+
+    assert (done.returncode, done.stdout) == (0, f"{canceled} canceled\n"), done.stderr
+    assert again.returncode == 1
+    assert again.stderr.splitlines() == [
+        f"dispatcher cancel: job {canceled} is canceled; only a queued or scheduled job can be canceled"
+    ]
+    assert run(env, "cancel", "wh_nope").stderr.startswith("dispatcher cancel: no job wh_nope in ")
+    svc.start_worker()
+    url = receiver.url("fail/1/500")
+    failed = webhook(env, url)
+    assert run(env, "status", failed, "--watch").returncode == 1
+
+    replayed = run(env, "replay", "--kind", "webhook", "--since", "2000-01-01T00:00:00Z", "--limit", "5")
+
+    assert (replayed.returncode, replayed.stdout, replayed.stderr) == (0, f"{failed}\n", "1 requeued\n")
+    assert run(env, "status", failed, "--watch").returncode == 0
+    assert [r.headers["webhook-id"] for r in receiver.received(url)] == [failed, failed]
+    assert run(env, "status", canceled, "--json").stdout.count('"status": "canceled"') == 1
+    bad = run(env, "replay", "--since", "yesterday")
+    assert bad.returncode == 2 and "--since" in bad.stderr and "RFC 3339" in bad.stderr, bad.stderr
 
 
 def test_jobs_lists_newest_first_filtered_by_kind_and_status(svc_env, receiver):

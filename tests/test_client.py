@@ -8,10 +8,19 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 
-from dispatcher.client import Client, DispatcherError, NotFound, Unauthorized, Unavailable, ValidationFailed
+from dispatcher.client import (
+    Client,
+    Conflict,
+    DispatcherError,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+    ValidationFailed,
+)
 from tests.conftest import API_KEY, free_port
 
 
@@ -58,6 +67,28 @@ def test_batches_come_back_as_ids_in_order_on_their_priority(client_of, receiver
     assert [client.job(i)["priority"] for i in [*ids, *urgent]] == ["low", "low", "low", "high"]
     svc.start_worker()
     assert [client.wait(i, timeout=30)["status"] for i in ids] == ["succeeded"] * 3
+
+
+def test_cancels_retries_and_replays(client_of, receiver):
+    svc, client = client_of
+    waiting = client.send_webhook(url=receiver.url("ok"), event_type="a.b", payload={})
+    assert client.cancel(waiting)["status"] == "canceled"
+    with pytest.raises(Conflict) as again:
+        client.cancel(waiting)
+    assert again.value.status == 409 and again.value.code == "conflict"
+    svc.start_worker()
+    failed = [
+        client.send_webhook(url=receiver.url("fail/1/500"), event_type="a.b", payload={}, retry={"max_attempts": 1})
+        for _ in range(2)
+    ]
+    assert [client.wait(i, timeout=30)["status"] for i in failed] == ["failed", "failed"]
+
+    client.retry(failed[0])
+    assert client.replay(kind="webhook", since=datetime(2000, 1, 1, tzinfo=UTC), limit=10) == [failed[1]]
+
+    assert [client.wait(i, timeout=30)["status"] for i in failed] == ["succeeded", "succeeded"]
+    with pytest.raises(Conflict):
+        client.retry(failed[0])
 
 
 def test_error_answers_are_exceptions_with_the_apis_details(client_of, receiver):

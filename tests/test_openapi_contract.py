@@ -30,6 +30,7 @@ import jsonschema_rs
 import pytest
 import requests
 from rq.job import Job
+from rq.registry import CanceledJobRegistry
 
 from dispatcher.config import Settings
 from dispatcher.enqueue import make_queues
@@ -83,7 +84,9 @@ def _delete_jobs(redis_conn, settings: Settings) -> None:
     job_ids = [job_id.decode() for job_id in redis_conn.zrange(keys.index, 0, -1)]
     for start in range(0, len(job_ids), 1000):
         redis_conn.delete(*(Job.key_for(job_id) for job_id in job_ids[start : start + 1000]))
-    redis_conn.delete(keys.index, keys.wake, *(queue.key for queue in make_queues(redis_conn, settings)))
+    queues = make_queues(redis_conn, settings)
+    canceled = [CanceledJobRegistry(queue.name, redis_conn).key for queue in queues]
+    redis_conn.delete(keys.index, keys.wake, *(queue.key for queue in queues), *canceled)
 
 
 # --- schemathesis against the running service ------------------------------------------------
@@ -102,6 +105,11 @@ def test_schemathesis_finds_no_failure_and_every_202_made_exactly_its_jobs(web: 
             f"{web.url}/openapi.json",
             "--checks",
             "all",
+            # But one: DELETE /v1/jobs/{id} cancels a job and does not remove it, so GET then answers
+            # 200 with status `canceled`, as issue #11 asks (tests/test_control.py); `use_after_free`
+            # takes that for a deleted resource still served. (Only that operation is a DELETE.)
+            "--exclude-checks",
+            "use_after_free",
             "--mode",
             "all",
             "--max-examples",
@@ -132,11 +140,13 @@ def test_schemathesis_finds_no_failure_and_every_202_made_exactly_its_jobs(web: 
     answered: dict[str, set[int]] = {}
     accepted: set[str] = set()
     for entry in json.loads(har.read_text())["log"]["entries"]:
-        path = urlsplit(entry["request"]["url"]).path
-        if path.startswith("/v1/jobs/"):
+        method, path = entry["request"]["method"], urlsplit(entry["request"]["url"]).path
+        if method == "POST" and path.startswith("/v1/jobs/") and path.endswith("/retry"):
+            path = "/v1/jobs/{id}/retry"
+        elif path.startswith("/v1/jobs/") and (method, path) != ("POST", "/v1/jobs/replay"):
             path = "/v1/jobs/{id}"
         response = entry["response"]
-        answered.setdefault(f"{entry['request']['method']} {path}", set()).add(response["status"])
+        answered.setdefault(f"{method} {path}", set()).add(response["status"])
         if response["status"] == 202:
             body = json.loads(response["content"]["text"])
             accepted.update(item["id"] for item in body.get("items", [body]))
@@ -148,10 +158,15 @@ def test_schemathesis_finds_no_failure_and_every_202_made_exactly_its_jobs(web: 
         assert {202, 422} <= answered[operation], (operation, answered[operation])
     assert {200, 422} <= answered["GET /v1/jobs"] and {200, 404} & answered["GET /v1/jobs/{id}"]
     assert 200 in answered["GET /v1/stats"] and 200 in answered["GET /readyz"]
-    # A 202 made exactly the jobs it named and no other request made any; each one decodes.
+    assert {200, 422} <= answered["POST /v1/jobs/replay"]  # (with no worker, nothing failed: it requeues none)
+    assert 404 in answered["DELETE /v1/jobs/{id}"] and 404 in answered["POST /v1/jobs/{id}/retry"]
+    # A 202 made exactly the jobs it named and no other request made any; each one decodes. Those
+    # the run canceled (DELETE on an id a 202 answered) left their queue for RQ's canceled registry.
     indexed = {job_id.decode() for job_id in redis_conn.zrange(Keys(web.settings.queue_name).index, 0, -1)}
-    queued = {job_id for queue in make_queues(redis_conn, web.settings) for job_id in queue.get_job_ids()}
-    assert accepted and indexed == queued == accepted
+    queues = make_queues(redis_conn, web.settings)
+    queued = {job_id for queue in queues for job_id in queue.get_job_ids()}
+    canceled = {job_id for queue in queues for job_id in CanceledJobRegistry(queue.name, redis_conn).get_job_ids()}
+    assert accepted and indexed == queued | canceled == accepted and not queued & canceled
     for job_id in accepted:
         assert_job_deliverable(redis_conn, job_id)
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import redis
 from redis.client import Pipeline
 from rq.executions import Execution
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now
 
@@ -152,7 +152,7 @@ def read_job(
         raise UnreadableJob(f"its record cannot be read ({short(raw)})")
     if not raw:
         raise JobGone("deleted")
-    if raw.get(b"status") == JobStatus.CANCELED.value.encode():
+    if rqstore.was_canceled(raw):
         raise JobGone("canceled")
     job = _restore(worker, job_id, raw)
     if job.origin != queue.name:

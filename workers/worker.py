@@ -542,6 +542,8 @@ class DispatcherWorker(SimpleWorker):
                 ready.append((queue, *read_job(self, queue, job_id, raw)))
             except JobGone as gone:  # RQ's tools took it back after it was queued: never deliver it
                 connection.lrem(queue.intermediate_queue_key, 1, job_id)
+                if str(gone) == "canceled":  # (RQ's scheduler may have re-saved a canceled job as queued)
+                    connection.hset(queue.job_class.key_for(job_id), "status", JobStatus.CANCELED.value)
                 self.log.info("Worker %s: job %s was %s; skipped", self.name, job_id, gone)
             except ValueError as exc:  # undecodable, foreign or damaged: fail it visibly, keep going
                 poisoned.append(Poisoned(job_id, queue, str(exc)))

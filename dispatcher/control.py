@@ -1,0 +1,122 @@
+"""Job control: cancel a waiting job, deliver a failed one again, replay many failed ones.
+
+The API (DELETE /v1/jobs/<id>, POST /v1/jobs/<id>/retry, POST /v1/jobs/replay) and the command
+line (`dispatcher cancel`, `retry`, `replay`) both call this module. Each operation is RQ's own
+(`Job.cancel`, `FailedJobRegistry.requeue`), done atomically in one script per call
+(dispatcher.rqstore), so what RQ's tools and rq-dashboard show afterwards is what they would show
+had they done it: a canceled job is in RQ's CanceledJobRegistry, a requeued one back on its queue.
+A requeued job keeps its id, so its `webhook-id` or `Message-ID`, and the worker appends its new
+series of attempts to the same history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+from rq import Queue
+from rq.utils import utcformat
+
+from dispatcher import rqstore
+from dispatcher.channels import CHANNELS
+from dispatcher.config import Settings
+from dispatcher.enqueue import make_queues
+from dispatcher.errors import JobStateConflict, NoSuchJob
+from dispatcher.keys import Keys, Kind
+from dispatcher.status import StatusReader
+
+#: Most jobs one replay requeues.
+MAX_REPLAY = 10_000
+#: Failed-registry entries read per round trip while a replay looks for matches.
+_REPLAY_PAGE = 2_000
+#: Jobs requeued per script: each call holds Redis for well under a millisecond per job.
+_REQUEUE_CHUNK = 1_000
+
+#: `_CANCEL`'s answers for jobs no longer waiting, as the API names their status.
+_NOT_WAITING = {
+    "finished": "succeeded",
+    "failed": "failed",
+    "stopped": "failed",
+    "canceled": "canceled",
+}
+
+
+@dataclass
+class JobControl:
+    """Cancel, retry and replay the jobs of one Dispatcher queue (all its priorities)."""
+
+    connection: redis.Redis
+    queues: list[Queue]
+    keys: Keys
+    #: How long a canceled job stays readable (DISPATCHER_RETENTION_FAILED).
+    keep_canceled: int
+
+    @classmethod
+    def of(cls, connection: redis.Redis, settings: Settings) -> JobControl:
+        return cls(connection, make_queues(connection, settings), Keys(settings.queue_name), settings.failure_ttl)
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a queued or scheduled job: it is never delivered.
+
+        Raises NoSuchJob, or JobStateConflict when it is running, being started by a worker, or over.
+        """
+        outcome = rqstore.cancel(self.connection, self.queues, job_id, self.keys.attempts(job_id), self.keep_canceled)
+        if outcome == "done":
+            return
+        if outcome == "missing":
+            raise NoSuchJob(job_id)
+        if outcome in ("taken", "started"):  # (started: delivering, or held by the worker for a slot for its host)
+            raise JobStateConflict(f"job {job_id} has been taken by a worker to run; it can no longer be canceled")
+        shown = _NOT_WAITING.get(outcome, outcome[:40])
+        raise JobStateConflict(f"job {job_id} is {shown}; only a queued or scheduled job can be canceled")
+
+    def retry(self, job_id: str) -> Queue:
+        """Deliver a failed job again, as a new series of attempts in the same history; returns its queue.
+
+        Raises NoSuchJob, or JobStateConflict when it is not failed.
+        """
+        requeued = rqstore.requeue_failed(self.connection, self.queues, [job_id], self.keys.wake)
+        if requeued:
+            return requeued[0][1]
+        view = StatusReader(self.connection, self.queues, self.keys).job(job_id)
+        if view is None or rqstore.queue_of(self.connection, self.queues, job_id) is None:
+            raise NoSuchJob(job_id)
+        if view["status"] != "failed":
+            raise JobStateConflict(f"job {job_id} is {view['status']}; only a failed job can be retried")
+        raise JobStateConflict(f"job {job_id} is failed but no longer in RQ's failed job registry, so not requeued")
+
+    def replay(
+        self, kind: Kind | None = None, since: datetime | None = None, until: datetime | None = None, limit: int = 1000
+    ) -> list[str]:
+        """Deliver failed jobs again, as `retry` does, up to `limit` of them: of `kind` (None: every
+        kind), failed at or after `since` and before `until` (None: no bound). Highest priority first,
+        then oldest failure first. Returns the ids requeued: a job another replay (or retry, or RQ's
+        requeue) takes first is not counted."""
+        prefix = CHANNELS[kind].id_prefix if kind else ""
+        low = utcformat(since.astimezone(UTC)) if since else None
+        high = utcformat(until.astimezone(UTC)) if until else None
+        chosen: list[str] = []
+        for queue in self.queues:
+            start = 0
+            while len(chosen) < limit:
+                page = rqstore.failed_page(self.connection, queue, start, _REPLAY_PAGE)
+                if not page:
+                    break
+                start += len(page)
+                ids = [job_id for job_id in page if job_id.startswith(prefix)]
+                if ids and (low or high):
+                    ended = rqstore.ended_at(self.connection, queue, ids)
+                    ids = [
+                        job_id
+                        for job_id, at in zip(ids, ended, strict=True)
+                        if at is not None and (low is None or at >= low) and (high is None or at < high)
+                    ]
+                chosen += ids[: limit - len(chosen)]
+        requeued: list[str] = []
+        for start in range(0, len(chosen), _REQUEUE_CHUNK):
+            chunk = chosen[start : start + _REQUEUE_CHUNK]
+            requeued += [
+                job_id for job_id, _ in rqstore.requeue_failed(self.connection, self.queues, chunk, self.keys.wake)
+            ]
+        return requeued
