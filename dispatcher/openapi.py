@@ -153,7 +153,9 @@ def _paths(jobs_query: dict, batch_query: dict) -> dict:
         **{f"/v1/{c.path}": _accept(c) for c in CHANNELS.values()},
         **{f"/v1/{c.path}/batch": _accept_batch(c) for c in CHANNELS.values()},
         "/v1/jobs/{id}": {
-            **_get("get_job", "One job's status and attempts", "JobView", (401, 404, 405, 414, 503), parameters=[_JOB_ID]),
+            **_get(
+                "get_job", "One job's status and attempts", "JobView", (401, 404, 405, 414, 503), parameters=[_JOB_ID]
+            ),
             "delete": {
                 "operationId": "cancel_job",
                 "summary": "Cancel a queued or scheduled job: it is never delivered",
