@@ -275,7 +275,10 @@ def _priority_option(command: F) -> F:
 
 
 @cli.command("send-email")
-@click.option("--to", "to", multiple=True, required=True, metavar="ADDRESS", help="a recipient (repeatable)")
+@click.option(
+    "--to", "to", multiple=True, required=True, metavar="ADDRESS",
+    help="a recipient: ADDRESS or 'Name <ADDRESS>', as for --cc, --bcc, --from, --reply-to (repeatable)",
+)
 @click.option("--cc", multiple=True, metavar="ADDRESS", help="a copy recipient (repeatable)")
 @click.option("--bcc", multiple=True, metavar="ADDRESS", help="a blind copy recipient (repeatable)")
 @click.option("--from", "sender", metavar="ADDRESS", help="the sender (default: DISPATCHER_EMAIL_FROM)")
