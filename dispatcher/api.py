@@ -7,7 +7,7 @@ import hmac
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ValidationError
@@ -22,6 +22,7 @@ from dispatcher.views import JobsQuery
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
 health = Blueprint("health", __name__)
+Q = TypeVar("Q", bound=BaseModel)
 
 
 
@@ -90,19 +91,24 @@ def get_job(job_id: str) -> Response:
 
 @v1.get("/jobs")
 def list_jobs() -> Response:
+    query = parse_query(JobsQuery)
+    return jsonify(jobs=runtime().status.list(query.kind, query.status, query.limit))
+
+
+def parse_query(model: type[Q]) -> Q:
+    """The request's query parameters as `model`; a 422 naming each bad or repeated one."""
     # One value per parameter: a repeated one would otherwise be read as its first value.
     repeated = [
         {"field": name, "problem": "give it once"}
         for name, values in request.args.lists()
-        if len(values) > 1 and name in JobsQuery.model_fields
+        if len(values) > 1 and name in model.model_fields
     ]
     if repeated:
         raise APIError(422, "validation_error", "invalid query parameters", repeated)
     try:
-        query = JobsQuery.model_validate(request.args.to_dict())
+        return model.model_validate(request.args.to_dict())
     except ValidationError as exc:
         raise APIError(422, "validation_error", "invalid query parameters", _details(exc)) from None
-    return jsonify(jobs=runtime().status.list(query.kind, query.status, query.limit))
 
 
 @v1.get("/stats")

@@ -20,7 +20,9 @@ BIN = Path(sys.executable).parent
 DISPATCHER = str(BIN / "dispatcher")
 #: Seconds any one command may take here (most take well under one).
 BOUND = 60
-COMMANDS = {"dev", "web", "worker", "send-email", "send-webhook", "status", "jobs", "retry", "stats", "rq-info"}
+COMMANDS = {
+    "dev", "web", "worker", "send-email", "send-webhook", "status", "jobs", "retry", "stats", "suppressions", "rq-info"
+}
 
 
 def run(env: dict[str, str], *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
