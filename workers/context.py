@@ -73,8 +73,13 @@ class DeliveryContext:
         """The suppression list of the Dispatcher queue whose job this thread delivers."""
         with self._lock:
             if self._redis is None:  # one pool for every thread
+                # (No CLIENT SETINFO: two commands more for each delivery thread's connection.)
                 self._redis = redis.Redis.from_url(
-                    self.settings.redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+                    self.settings.redis_url,
+                    socket_timeout=REDIS_TIMEOUT,
+                    socket_connect_timeout=REDIS_TIMEOUT,
+                    lib_name=None,
+                    lib_version=None,
                 )
             connection = self._redis
         return SuppressionList(connection, Keys(_queue.get() or self.settings.queue_name))
