@@ -78,8 +78,7 @@ class DeliveryContext:
                     self.settings.redis_url,
                     socket_timeout=REDIS_TIMEOUT,
                     socket_connect_timeout=REDIS_TIMEOUT,
-                    lib_name=None,
-                    lib_version=None,
+                    driver_info=None,
                 )
             connection = self._redis
         return SuppressionList(connection, Keys(_queue.get() or self.settings.queue_name))
