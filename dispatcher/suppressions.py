@@ -58,8 +58,10 @@ def normalize(address: str) -> str:
 
 
 def bounce(address: str, code: int, message: str, job_id: str) -> Suppression:
-    """A record of a hard bounce, added now."""
-    return _record(address, "bounce", code, message[:MAX_SMTP_MESSAGE], job_id)
+    """A record of a hard bounce, added now. The server's text is kept printable (a space for each line
+    break or control character): `dispatcher suppressions list` prints it to a terminal."""
+    text = "".join(c if c.isprintable() else " " for c in message[:MAX_SMTP_MESSAGE])
+    return _record(address, "bounce", code, text, job_id)
 
 
 def manual(address: str) -> Suppression:

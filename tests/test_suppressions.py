@@ -14,7 +14,7 @@ from urllib.parse import quote
 import pytest
 from werkzeug.test import Client as WsgiClient
 
-from dispatcher import cli
+from dispatcher import cli, suppressions
 from dispatcher.app import create_app
 from dispatcher.client import Client, NotFound
 from dispatcher.history import Attempt, UnreadableHistory
@@ -239,6 +239,13 @@ def test_the_request_log_never_shows_the_address(settings, caplog):
 )
 def test_only_a_refusal_of_the_mailbox_is_a_hard_bounce(code, text, suppressed):
     assert bool(hard_bounces({"a@example.com": (code, text)})) is suppressed
+
+
+def test_a_bounce_keeps_only_printable_text_of_the_server_reply():
+    reply = "5.1.1 no such user\r\n\x1b[31mhere\x00" + "x" * 300
+    record = suppressions.bounce("A@Example.com", 550, reply, "em_1")
+    assert record["address"] == "a@example.com"
+    assert record["smtp_message"] == ("5.1.1 no such user   [31mhere " + "x" * 300)[:200]
 
 
 def test_attempt_records_from_before_the_list_still_read():
