@@ -28,6 +28,7 @@ QueryModel = TypeVar("QueryModel", bound=BaseModel)
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
 health = Blueprint("health", __name__)
+Q = TypeVar("Q", bound=BaseModel)
 
 
 class JobIdConverter(BaseConverter):
@@ -154,13 +155,13 @@ def _job_errors() -> Iterator[None]:
 
 @v1.get("/jobs")
 def list_jobs() -> Response:
-    query = _query(JobsQuery)
+    query = parse_query(JobsQuery)
     return jsonify(jobs=runtime().status.list(query.kind, query.status, query.limit))
 
 
 @v1.get("/batches/<batch_id>")
 def get_batch(batch_id: str) -> Response:
-    query = _query(BatchQuery)
+    query = parse_query(BatchQuery)
     rt = runtime()
     view = batch_view(rt.connection, rt.keys, batch_id, query.failed_offset, query.failed_limit)
     if view is None:
@@ -168,7 +169,7 @@ def get_batch(batch_id: str) -> Response:
     return jsonify(view)
 
 
-def _query(model: type[QueryModel]) -> QueryModel:
+def parse_query(model: type[Q]) -> Q:
     """The request's query parameters as `model`; a 422 naming each bad or repeated one."""
     # One value per parameter: a repeated one would otherwise be read as its first value.
     repeated = [

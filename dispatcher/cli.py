@@ -275,7 +275,10 @@ def _priority_option(command: F) -> F:
 
 
 @cli.command("send-email")
-@click.option("--to", "to", multiple=True, required=True, metavar="ADDRESS", help="a recipient (repeatable)")
+@click.option(
+    "--to", "to", multiple=True, required=True, metavar="ADDRESS",
+    help="a recipient: ADDRESS or 'Name <ADDRESS>', as for --cc, --bcc, --from, --reply-to (repeatable)",
+)
 @click.option("--cc", multiple=True, metavar="ADDRESS", help="a copy recipient (repeatable)")
 @click.option("--bcc", multiple=True, metavar="ADDRESS", help="a blind copy recipient (repeatable)")
 @click.option("--from", "sender", metavar="ADDRESS", help="the sender (default: DISPATCHER_EMAIL_FROM)")
@@ -784,6 +787,76 @@ def rq_info(rq_args: tuple[str, ...]) -> None:
     argv += ["-S", "rq.serializers.JSONSerializer", *rq_args]
     sys.stdout.flush()
     os.execv(sys.executable, argv)
+
+
+@cli.group()
+def suppressions() -> None:
+    """The suppression list: addresses no mail goes to (a hard bounce adds one).
+
+    Reads and writes Redis directly, as `retry` does: REDIS_URL, else the Redis of the
+    `dispatcher dev` running in this directory.
+    """
+
+
+def _suppression_list() -> Any:
+    from dispatcher.keys import Keys
+    from dispatcher.suppressions import SuppressionList
+
+    store = _store()
+    return SuppressionList(store.connection, Keys(store.settings.queue_name))
+
+
+def _list_address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An address argument in the list's form (lower case); a usage error when it is no address."""
+    from dispatcher.addresses import AddressError
+    from dispatcher.suppressions import normalize
+
+    try:
+        return normalize(value)
+    except AddressError as exc:
+        raise click.BadParameter(f"invalid address: {exc}") from None
+
+
+@suppressions.command("list")
+@_json_flag
+def suppressions_list(as_json: bool) -> None:
+    """Every suppressed address, in address order, with why and when it was added."""
+    listed = _suppression_list()
+    entries, after = [], None
+    while True:
+        page, after = listed.page(after, 1000)
+        entries += page
+        if after is None:
+            break
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    for entry in entries:
+        why = "manual"
+        if entry["reason"] == "bounce":
+            why = f"bounce {entry['smtp_code']} {entry['smtp_message'] or ''}".rstrip()
+        click.echo("  ".join([entry["address"], entry["added_at"] or "-", why]))
+    if not entries:
+        click.echo("no suppressed addresses", err=True)
+
+
+@suppressions.command("add")
+@click.argument("address", callback=_list_address)
+def suppressions_add(address: str) -> None:
+    """Suppress ADDRESS by hand (an address already listed keeps its entry)."""
+    from dispatcher.suppressions import manual
+
+    ((_, added),) = _suppression_list().add([manual(address)])
+    click.echo(f"{address} {'added' if added else 'was already suppressed'}")
+
+
+@suppressions.command("remove")
+@click.argument("address", callback=_list_address)
+def suppressions_remove(address: str) -> None:
+    """Take ADDRESS off the list: mail goes to it again."""
+    if not _suppression_list().remove(address):
+        raise Failed(f"{address} is not on the suppression list")
+    click.echo(f"{address} removed")
 
 
 # --- shared ----------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class Attempt(TypedDict):
     status_code: int | None
     error: str | None
     response_excerpt: str | None
+    suppressed: list[str] | None
 
 
 class Job(TypedDict):
@@ -218,6 +219,25 @@ class Client:
                 raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout}s")
             time.sleep(poll)
 
+    # --- the suppression list --------------------------------------------------------------------
+
+    def suppressions(self, after: str | None = None, limit: int = 100) -> dict[str, Any]:
+        """A page of the list in address order: `{"suppressions": [...], "next": ...}`; pass `next` as
+        `after` for the page after it (None: this was the last)."""
+        return self._request("GET", "/v1/suppressions", params=_drop_none({"after": after, "limit": limit}))
+
+    def suppression(self, address: str) -> dict[str, Any]:
+        """The address's entry (why and when it was added); NotFound if it is not on the list."""
+        return self._request("GET", _suppression_path(address))
+
+    def suppress(self, address: str) -> dict[str, Any]:
+        """Add the address by hand; its entry, which an address already listed keeps."""
+        return self._request("POST", "/v1/suppressions", {"address": address})
+
+    def unsuppress(self, address: str) -> None:
+        """Take the address off the list; NotFound if it was not on it."""
+        self._request("DELETE", _suppression_path(address))
+
     # --- transport -----------------------------------------------------------------------------
 
     def _batch(self, path: str, items: Iterable[dict[str, Any]], priority: Priority | None) -> list[str]:
@@ -234,8 +254,9 @@ class Client:
                     method, self.base_url + path, json=body, params=params, timeout=self.timeout
                 )
             except requests.RequestException as exc:
-                # A GET may always be sent again; a POST only if it never left (else it may have enqueued).
-                if last or not (method == "GET" or _never_sent(exc)):
+                # A GET or DELETE may always be sent again; a POST only if it never left (else it may have
+                # enqueued).
+                if last or not (method in ("GET", "DELETE") or _never_sent(exc)):
                     raise Unavailable(0, "unreachable", f"{method} {path}: {exc}") from exc
             else:
                 if response.status_code != 503 or last:
@@ -245,6 +266,8 @@ class Client:
 
 
 def _answer(response: requests.Response) -> dict[str, Any]:
+    if response.status_code == 204:
+        return {}
     try:
         data = response.json()
     except ValueError:
@@ -270,6 +293,10 @@ def _never_sent(exc: requests.RequestException) -> bool:
 
 def _job_path(job_id: str) -> str:
     return f"/v1/jobs/{requests.utils.quote(job_id, safe='')}"
+
+
+def _suppression_path(address: str) -> str:
+    return f"/v1/suppressions/{requests.utils.quote(address, safe='@')}"
 
 
 def _drop_none(fields: dict[str, Any]) -> dict[str, Any]:

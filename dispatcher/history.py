@@ -126,6 +126,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "status_code": (int, type(None)),
     "error": (str, type(None)),
     "response_excerpt": (str, type(None)),
+    "suppressed": (list, type(None)),
 }
 _OUTCOMES = frozenset({"succeeded", "retryable", "permanent", None})
 
@@ -154,6 +155,9 @@ class Attempt:
     status_code: int | None = None
     error: str | None = None
     response_excerpt: str | None = None
+    #: Email recipients this attempt left out, being on the suppression list (null: none, or a
+    #: record written before there was a suppression list).
+    suppressed: list[str] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -174,6 +178,8 @@ class Attempt:
                 raise UnreadableHistory(f"attempt record {number} has an invalid {name}")
         if record.get("outcome") not in _OUTCOMES:
             raise UnreadableHistory(f"attempt record {number} has an unknown outcome")
+        if not all(isinstance(address, str) for address in record.get("suppressed") or ()):
+            raise UnreadableHistory(f"attempt record {number} has an invalid suppressed")
         fields: dict[str, Any] = {name: record.get(name) for name in _FIELD_TYPES}  # types checked above
         return cls(number=number, **fields)
 

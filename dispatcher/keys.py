@@ -22,6 +22,10 @@ class Keys:
         self.wake = f"{self.prefix}:wake"
         #: Hash of attempt counts by channel, priority, outcome and duration bucket (dispatcher.tallies).
         self.tallies = f"{self.prefix}:tallies"
+        #: Hash of the suppression list: address -> why and when it was added (dispatcher.suppressions).
+        self.suppressed = f"{self.prefix}:suppressed"
+        #: Sorted set of the same addresses, all scored 0: the list in address order, for paging.
+        self.suppressed_index = f"{self.prefix}:suppressed:index"
 
     def attempts(self, job_id: str) -> str:
         """Hash of one job's attempts: field `n` is the counter, fields `1`, `2`, ... the records."""

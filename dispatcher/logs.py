@@ -173,10 +173,20 @@ class RequestLog:
                 request_log.info("request", extra=_request_fields(environ, status, started))
 
 
+#: Paths that end in an email address (dispatcher.suppression_api), which a request line never shows.
+_ADDRESS_PATHS = "/v1/suppressions/"
+
+
+def _logged_path(path: str | None) -> str | None:
+    if path and path.startswith(_ADDRESS_PATHS) and len(path) > len(_ADDRESS_PATHS):
+        return _ADDRESS_PATHS + "<address>"
+    return path
+
+
 def _request_fields(environ: dict, status: list[int], started: float) -> dict[str, Any]:
     return {
         "method": environ.get("REQUEST_METHOD"),
-        "path": environ.get("PATH_INFO"),
+        "path": _logged_path(environ.get("PATH_INFO")),
         "status": status[-1] if status else None,
         "duration_ms": round((time.monotonic() - started) * 1000, 1),
         "remote_addr": environ.get("REMOTE_ADDR"),

@@ -16,6 +16,7 @@ from pydantic.json_schema import JsonSchemaMode
 
 from dispatcher.channels import CHANNELS, Channel
 from dispatcher.models import MAX_BATCH
+from dispatcher.suppressions import MAX_ADDRESS, Suppression
 from dispatcher.views import (
     Accepted,
     AcceptedBatch,
@@ -30,20 +31,24 @@ from dispatcher.views import (
     Replayed,
     ReplayRequest,
     Stats,
+    SuppressionPage,
+    SuppressionRequest,
+    SuppressionsQuery,
 )
 
 _REF = "#/components/schemas/{model}"
 
 #: The answers' types; the document names each schema after its type.
 _ANSWERS: tuple[Any, ...] = (
-    ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, BatchView, Replayed
+    ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, BatchView, Replayed,
+    Suppression, SuppressionPage,
 )
 
 #: Error answers, by status: (code, description).
 _ERRORS = {
     400: "`malformed_json`: the body is not valid JSON or not UTF-8",
     401: "`unauthorized`: no or wrong bearer key",
-    404: "`not_found`: unknown (or expired) job or batch",
+    404: "`not_found`: unknown (or expired) job or batch, or an address not on the suppression list",
     405: "`method_not_allowed`: `replay` is not a job id (it names POST /v1/jobs/replay)",
     409: "`conflict`: the job's status does not allow it; the message says which it is",
     413: "`body_too_large`: the body is over 15 MB",
@@ -148,7 +153,55 @@ def _query_parameters(model: type[BaseModel], schema: dict) -> list[dict]:
     return parameters
 
 
-def _paths(jobs_query: dict, batch_query: dict) -> dict:
+def _suppression_paths(query: dict) -> dict:
+    address = {
+        "name": "address",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "format": "idn-email", "minLength": 3, "maxLength": MAX_ADDRESS},
+        "description": "the address, percent-encoded; compared without regard to case",
+    }
+    location = {"Location": {"description": "the new entry's URL", "schema": _STRING}}
+    added = _responses(201, "Suppression", "added", (400, 401, 413, 415, 422, 503), headers=location)
+    added["200"] = _json(_ref("Suppression"), "on the list already: the entry as it was")
+    return {
+        "/v1/suppressions": {
+            **_get(
+                "list_suppressions",
+                "The suppression list, a page at a time, in address order",
+                "SuppressionPage",
+                (401, 422, 503),
+                parameters=_query_parameters(SuppressionsQuery, query),
+            ),
+            "post": {
+                "operationId": "add_suppression",
+                "summary": "Add an address to the suppression list by hand",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("SuppressionRequest")}},
+                },
+                "responses": added,
+            },
+        },
+        "/v1/suppressions/{address}": {
+            **_get(
+                "get_suppression", "One address on the suppression list", "Suppression", (401, 404, 422, 503),
+                parameters=[address],
+            ),
+            "delete": {
+                "operationId": "remove_suppression",
+                "summary": "Take an address off the suppression list: mail goes to it again",
+                "parameters": [address],
+                "responses": {
+                    "204": {"description": "removed"},
+                    **{str(status): {"$ref": f"#/components/responses/E{status}"} for status in (401, 404, 422, 503)},
+                },
+            },
+        },
+    }
+
+
+def _paths(jobs_query: dict, batch_query: dict, suppressions_query: dict) -> dict:
     return {
         **{f"/v1/{c.path}": _accept(c) for c in CHANNELS.values()},
         **{f"/v1/{c.path}/batch": _accept_batch(c) for c in CHANNELS.values()},
@@ -206,6 +259,7 @@ def _paths(jobs_query: dict, batch_query: dict) -> dict:
             ],
         ),
         "/v1/stats": _get("get_stats", "Counts per kind and status, recent failures", "Stats", (401, 503)),
+        **_suppression_paths(suppressions_query),
         "/healthz": _get("healthz", "The process is up", "Health", (), security=[]),
         "/readyz": _get(
             "readyz", "Redis answers; jobs waiting and workers alive per priority", "Readiness", (503,), security=[]
@@ -225,6 +279,12 @@ def openapi_document() -> dict:
     _, definitions = TypeAdapter.json_schemas(inputs, by_alias=True, ref_template=_REF)
     schemas = definitions["$defs"]
     jobs_query, batch_query = schemas.pop("JobsQuery"), schemas.pop("BatchQuery")  # parameters, not bodies
+    inputs.append(("SuppressionsQuery", "validation", TypeAdapter(SuppressionsQuery)))
+    inputs.append(("SuppressionRequest", "validation", TypeAdapter(SuppressionRequest)))
+    _, definitions = TypeAdapter.json_schemas(inputs, by_alias=True, ref_template=_REF)
+    schemas = definitions["$defs"]
+    jobs_query, batch_query = schemas.pop("JobsQuery"), schemas.pop("BatchQuery")  # parameters, not bodies
+    suppressions_query = schemas.pop("SuppressionsQuery")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -233,7 +293,7 @@ def openapi_document() -> dict:
             "description": "Send email and call webhooks in the background. Every error is "
             '`{"error": {"code", "message", "details": [{"field", "problem"}]}}`.',
         },
-        "paths": _paths(jobs_query, batch_query),
+        "paths": _paths(jobs_query, batch_query, suppressions_query),
         "components": {
             "schemas": schemas,
             "responses": {

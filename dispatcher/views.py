@@ -19,9 +19,10 @@ from dispatcher.batches import MAX_FAILED_PAGE
 from dispatcher.channels import CHANNELS, KINDS
 from dispatcher.control import MAX_REPLAY
 from dispatcher.history import Attempt, Timestamp
-from dispatcher.models import JSON_NUMBER, RequestModel
+from dispatcher.models import JSON_NUMBER, EmailAddress, RequestModel
 from dispatcher.priorities import Priority
 from dispatcher.status import MAX_LIST_LIMIT, Status
+from dispatcher.suppressions import MAX_ADDRESS, Suppression
 
 if TYPE_CHECKING:
     Kind = str
@@ -216,10 +217,7 @@ class JobsQuery(BaseModel):
     @field_validator("limit", mode="before")
     @classmethod
     def _digits(cls, value: Any) -> Any:
-        """ASCII digits only: pydantic's int() would also take ' 5', '+5' and '5_0'."""
-        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
-            raise ValueError(f"must be an integer from 1 to {MAX_LIST_LIMIT}")
-        return value
+        return _ascii_digits(value)
 
 
 @with_config(_FORBID)
@@ -266,3 +264,46 @@ class ReplayRequest(RequestModel):
     limit: Annotated[int, Field(ge=1, le=MAX_REPLAY), JSON_NUMBER] = Field(
         default=1000, description=f"at most this many jobs (1 to {MAX_REPLAY:,})"
     )
+
+
+
+
+def _ascii_digits(value: Any) -> Any:
+    """ASCII digits only: pydantic's int() would also take ' 5', '+5' and '5_0'."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError(f"must be an integer from 1 to {MAX_LIST_LIMIT}")
+    return value
+
+
+@with_config(_FORBID)
+class SuppressionPage(TypedDict):
+    """GET /v1/suppressions: a page of the suppression list, in address order."""
+
+    suppressions: list[Suppression]
+    #: The `after` of the next page; null on the last.
+    next: str | None
+
+
+class SuppressionsQuery(BaseModel):
+    """GET /v1/suppressions?limit=&after=; an empty or unknown value is refused, naming the parameter."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    limit: int = Field(default=100, ge=1, le=MAX_LIST_LIMIT, description="at most this many addresses")
+    after: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_ADDRESS,
+        description="only addresses after this one: the `next` of the page before",
+    )
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _digits(cls, value: Any) -> Any:
+        return _ascii_digits(value)
+
+
+class SuppressionRequest(RequestModel):
+    """POST /v1/suppressions: an address to add by hand, checked as a recipient's is."""
+
+    address: EmailAddress

@@ -2,7 +2,8 @@
 
 Every other value comes from the document alone.
 
-- `mailbox` (`from`, `reply_to`): the document's own format, `addr` or `Display Name <addr>`;
+- `mailbox` (`from`, `reply_to` and each of `to`, `cc`, `bcc`): the document's own format, `addr`
+  or `Display Name <addr>`;
   JSON Schema has no format for it, so schemathesis would draw any string containing an `@`.
 - `iri` (a webhook's `url`): valid only if its host resolves to addresses the network guard
   allows, which depends on the deployment. The test service allows loopback (conftest's

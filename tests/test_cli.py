@@ -32,6 +32,7 @@ COMMANDS = {
     "cancel",
     "replay",
     "stats",
+    "suppressions",
     "rq-info",
 }
 

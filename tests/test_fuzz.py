@@ -43,6 +43,7 @@ from schemathesis.specs.openapi.checks import (
 from standardwebhooks import Webhook
 from urllib3.util import parse_url
 
+from dispatcher.addresses import split_mailbox
 from dispatcher.app import create_app
 from dispatcher.channels import CHANNELS, JOB_FUNCTION
 from dispatcher.channels.email import EmailRequest
@@ -176,7 +177,7 @@ bad_mailboxes = st.one_of(
     st.builds(lambda addr: f"<{addr}> <{addr}>", good_addresses),
 )
 bad_address_lists = st.one_of(
-    st.lists(good_addresses | bad_addresses, min_size=1, max_size=3),
+    st.lists(good_mailboxes | bad_mailboxes, min_size=1, max_size=3),
     st.just([]),
     st.just([f"user{i}@example.com" for i in range(51)]),
 )
@@ -248,9 +249,9 @@ email_requests = st.one_of(
     mutated(
         {"to": ["alice@example.com"], "subject": "Hello", "text": "Hi"},
         good={
-            "to": st.lists(good_addresses, min_size=1, max_size=3),
-            "cc": st.lists(good_addresses, max_size=2),
-            "bcc": st.lists(good_addresses, max_size=2),
+            "to": st.lists(good_mailboxes, min_size=1, max_size=3),
+            "cc": st.lists(good_mailboxes, max_size=2),
+            "bcc": st.lists(good_mailboxes, max_size=2),
             "from": good_mailboxes,
             "reply_to": good_mailboxes,
             "subject": safe_text.filter(bool) | st.just("x" * 998),
@@ -366,14 +367,15 @@ def assert_email_job_deliverable(job_id: str, data: dict, meta: dict) -> None:
     raw_utf8 = message.as_bytes(policy=message.policy.clone(utf8=True))
     sender, recipients = envelope(data)
     assert sender and not any(c in sender for c in "\r\n<> ") and sender in data["from"]
-    assert recipients == [*data["to"], *data["cc"], *data["bcc"]]
+    # Only the bare addresses, never a display name.
+    assert recipients == [split_mailbox(box)[1] for box in (*data["to"], *data["cc"], *data["bcc"])]
     parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
     names = {name.lower() for name in parsed}
     assert names <= MESSAGE_HEADERS | {name.lower() for name in data.get("headers", {})}, names
     assert "bcc" not in names
     assert parsed["Message-ID"] == data["message_id"]
     elsewhere = json.dumps({k: v for k, v in data.items() if k != "bcc"}, ensure_ascii=False).lower()
-    for address in data["bcc"]:
+    for address in (split_mailbox(box)[1] for box in data["bcc"]):
         if address.lower() not in elsewhere:
             for generated in (raw, raw_utf8):
                 assert address.lower().encode() not in generated.lower(), (address, generated[:2000])

@@ -35,6 +35,8 @@ from tests.conftest import AUTH
 from workers import headers
 
 SENDER = "tests@example.com"
+#: The Cc recipient of the messages that test a Cc display name.
+COPY = "copy@example.com"
 
 
 def b64(text: str, charset: str = "utf-8") -> str:
@@ -108,11 +110,26 @@ class Case:
             body["from"] = f"{_quoted(self.value)} <{SENDER}>"
         elif self.field == "reply_to":
             body["reply_to"] = f"{_quoted(self.value)} <reply@example.com>"
+        elif self.field == "to":
+            body["to"] = [f"{_quoted(self.value)} <{self.recipient}>"]
+        elif self.field == "cc":
+            body["cc"] = [f"{_quoted(self.value)} <{COPY}>"]
         elif self.field == "header":
             body["headers"] = {"X-Tag": self.value}
         elif self.field == "filename":
             body["attachments"] = [{"filename": self.value, "content_type": "application/pdf", "content": "JVBERg=="}]
         return body
+
+    @property
+    def envelope(self) -> list[str]:
+        """The addresses RCPT TO names: never a display name."""
+        return [self.recipient, COPY] if self.field == "cc" else [self.recipient]
+
+    @property
+    def api_field(self) -> str:
+        """The field a 422 names when the API refuses the value."""
+        names = {"to": "to.0", "cc": "cc.0", "header": "headers.X-Tag", "filename": "attachments.0.filename"}
+        return names.get(self.field, self.field)
 
 
 def _quoted(name: str) -> str:
@@ -120,13 +137,15 @@ def _quoted(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-FIELDS = ["subject", "from", "reply_to", "header", "filename"]
+FIELDS = ["subject", "from", "reply_to", "to", "cc", "header", "filename"]
+#: The fields that carry a display name, and the header each one is.
+NAMES = {"from": "From", "reply_to": "Reply-To", "to": "To", "cc": "Cc"}
 #: What the API refuses in a display name (besides line breaks): these go through job data only.
 NAME_SPECIALS = set('<>"')
 
 
 def api_accepts(field: str, value: str) -> bool:
-    if field in ("from", "reply_to") and NAME_SPECIALS & set(value):
+    if field in NAMES and NAME_SPECIALS & set(value):
         return False
     return fits(field, value) and not any(c in value for c in "\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
@@ -135,7 +154,7 @@ def fits(field: str, value: str) -> bool:
     """Within the length limits, which the worker applies to job data too."""
     if field == "filename":
         return len(value) <= 255
-    return field not in ("from", "reply_to") or len(value) <= 350  # a mailbox has at most 400 characters
+    return field not in NAMES or len(value) <= 350  # a mailbox has at most 400 characters
 
 
 def parse(content: bytes) -> EmailMessage:
@@ -154,6 +173,8 @@ def check_message(case: Case, content: bytes, linesep: bytes = b"\r\n") -> None:
     expected = ["From", "To", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type"]
     if case.field == "reply_to":
         expected.append("Reply-To")
+    if case.field == "cc":
+        expected.append("Cc")
     if case.field == "header":
         expected.append("X-Tag")
     if case.field != "filename":
@@ -186,9 +207,9 @@ def check_message(case: Case, content: bytes, linesep: bytes = b"\r\n") -> None:
     elif case.field == "header":
         assert message["X-Tag"] == case.value, where
         assert decode_legacy(legacy["X-Tag"]) == case.value, where
-    elif case.field in ("from", "reply_to"):
-        name = "From" if case.field == "from" else "Reply-To"
-        address = SENDER if case.field == "from" else "reply@example.com"
+    elif case.field in NAMES:
+        name = NAMES[case.field]
+        address = {"from": SENDER, "reply_to": "reply@example.com", "to": case.recipient, "cc": COPY}[case.field]
         ((display_name, addr_spec),) = email.utils.getaddresses([legacy[name]])
         assert (decode_legacy(display_name), addr_spec) == (case.value, address), where
         # The newer API refuses to build an Address with a line break in it, collapses runs of
@@ -200,7 +221,8 @@ def check_message(case: Case, content: bytes, linesep: bytes = b"\r\n") -> None:
             assert (mailbox.display_name, mailbox.addr_spec) == (case.value, address), where
     if case.field != "subject":
         assert message["Subject"] == "Hello", where
-    assert message["To"] == case.recipient, where
+    if case.field != "to":
+        assert message["To"] == case.recipient, where
 
 
 def decode_legacy(value: str) -> str:
@@ -232,6 +254,10 @@ def set_field(case: Case) -> Callable[[dict], None]:
             data["from"] = f"{_quoted(case.value)} <{SENDER}>"
         elif case.field == "reply_to":
             data["reply_to"] = f"{_quoted(case.value)} <reply@example.com>"
+        elif case.field == "to":
+            data["to"] = [f"{_quoted(case.value)} <{case.recipient}>"]
+        elif case.field == "cc":
+            data["cc"] = [f"{_quoted(case.value)} <{COPY}>"]
         elif case.field == "header":
             data["headers"] = {"X-Tag": case.value}
         elif case.field == "filename":
@@ -260,7 +286,7 @@ def test_encoded_words_and_odd_text_reach_the_recipient_literally_over_smtp(mail
 
     for case in cases:
         (mail,) = smtp_server.handler.messages_to(case.recipient)
-        assert mail.rcpt_tos == [case.recipient]
+        assert mail.rcpt_tos == case.envelope
         check_message(case, mail.content)
 
 
@@ -280,14 +306,19 @@ def test_raw_line_breaks_in_job_data_stay_inside_the_value(mailer, smtp_server, 
 
     for case in cases:
         (mail,) = smtp_server.handler.messages_to(case.recipient)
+        assert mail.rcpt_tos == case.envelope
         check_message(case, mail.content)
 
 
 def test_the_api_still_refuses_raw_line_breaks(client):
+    """And `<`, `>` or `"` in a display name; each refusal names the field (`to.0` for a recipient)."""
     for field in FIELDS:
-        for value in RAW:
-            response = client.post("/v1/emails", json=Case(field, value, recipient(field)).request(), headers=AUTH)
+        refused = [*RAW, *(value for value in ENCODED if fits(field, value) and not api_accepts(field, value))]
+        for value in refused:
+            case = Case(field, value, recipient(field))
+            response = client.post("/v1/emails", json=case.request(), headers=AUTH)
             assert response.status_code == 422, (field, value, response.get_json())
+            assert [d["field"] for d in response.get_json()["error"]["details"]] == [case.api_field], (field, value)
 
 
 @pytest.mark.parametrize("field", FIELDS)

@@ -23,6 +23,7 @@ from dispatcher.config import DEFAULT_FAILURE_TTL, DEFAULT_RESULT_TTL
 from dispatcher.history import Attempt, History, isoformat
 from dispatcher.keys import Kind
 from dispatcher.priorities import split
+from workers import context
 from workers.channels import DELIVERERS
 from workers.errors import DeliveryError, RetryableDeliveryError
 from workers.retry import next_delay
@@ -36,25 +37,30 @@ def max_attempts(data: dict) -> int:
     return int(data.get("retry", {}).get("max_attempts", 1))
 
 
-def run(kind: Kind, job_id: str, data: dict, attempt: Attempt) -> float | None:
-    """Make the attempt, filling in `attempt`; return the receiver's Retry-After, if any.
+def run(kind: Kind, job_id: str, data: dict, attempt: Attempt, queue: str | None = None) -> float | None:
+    """Make the attempt of a job of RQ queue `queue`, filling in `attempt`; return the receiver's
+    Retry-After, if any.
 
-    Safe to call from any thread; touches no Redis.
+    Safe to call from any thread; records nothing in Redis (a delivery may read and write its own
+    keys, such as the suppression list, of `queue`'s Dispatcher queue).
     """
     started = time.monotonic()
     retry_after: float | None = None
     try:
-        delivered = DELIVERERS[kind].deliver(job_id, data)
+        with context.delivering(queue):
+            delivered = DELIVERERS[kind].deliver(job_id, data)
         attempt.outcome = "succeeded"
         attempt.status_code = delivered.status_code
         attempt.response_excerpt = delivered.response_excerpt
         attempt.error = delivered.note
+        attempt.suppressed = list(delivered.suppressed) or None
     except DeliveryError as exc:
         retryable = isinstance(exc, RetryableDeliveryError)
         attempt.outcome = "retryable" if retryable else "permanent"
         attempt.status_code = exc.status_code
         attempt.error = str(exc)
         attempt.response_excerpt = exc.response_excerpt
+        attempt.suppressed = list(exc.suppressed) or None
         retry_after = exc.retry_after if isinstance(exc, RetryableDeliveryError) else None
     except JobTimeoutException as exc:
         attempt.outcome = "retryable"

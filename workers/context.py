@@ -1,15 +1,41 @@
-"""What a worker process builds once and every job reuses: HTTP pools, SMTP connections, the signer."""
+"""What a worker process builds once and every job reuses: HTTP pools, SMTP connections, the signer,
+a Redis connection for what a delivery itself reads and writes (the suppression list)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+import redis
+
 from dispatcher.config import Settings
+from dispatcher.keys import Keys
 from dispatcher.netguard import NetworkGuard
+from dispatcher.priorities import split
+from dispatcher.suppressions import SuppressionList
 from workers.http import HttpClient
 from workers.smtp import MailTransport, OutboxTransport, SmtpTransport
 from workers.webhook import WebhookSender
+
+#: Redis timeouts of a delivery's own reads and writes: a Redis that does not answer makes the attempt
+#: fail as retryable soon, well within the attempt's deadline.
+REDIS_TIMEOUT = 5.0
+#: The Dispatcher queue of the job this thread is delivering (workers.attempt.run sets it).
+_queue: ContextVar[str | None] = ContextVar("dispatcher_queue", default=None)
+
+
+@contextmanager
+def delivering(queue: str | None) -> Iterator[None]:
+    """Within it, this thread delivers a job of RQ queue `queue` (any of its priorities' queues):
+    its Redis keys are that Dispatcher queue's, whatever DISPATCHER_QUEUE says."""
+    token = _queue.set(split(queue)[0] if queue else None)
+    try:
+        yield
+    finally:
+        _queue.reset(token)
 
 
 @dataclass
@@ -19,6 +45,7 @@ class DeliveryContext:
     _local: threading.local = field(default_factory=threading.local)
     _transports: list[MailTransport] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _redis: redis.Redis | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> DeliveryContext:
@@ -42,8 +69,24 @@ class DeliveryContext:
                 self._transports.append(transport)
         return transport
 
+    def suppressions(self) -> SuppressionList:
+        """The suppression list of the Dispatcher queue whose job this thread delivers."""
+        with self._lock:
+            if self._redis is None:  # one pool for every thread
+                # (No CLIENT SETINFO: two commands more for each delivery thread's connection.)
+                self._redis = redis.Redis.from_url(
+                    self.settings.redis_url,
+                    socket_timeout=REDIS_TIMEOUT,
+                    socket_connect_timeout=REDIS_TIMEOUT,
+                    driver_info=None,
+                )
+            connection = self._redis
+        return SuppressionList(connection, Keys(_queue.get() or self.settings.queue_name))
+
     def close(self) -> None:
         self.webhooks.client.close()
+        if self._redis is not None:
+            self._redis.close()
         with self._lock:
             transports, self._transports = self._transports, []
         for transport in transports:

@@ -13,6 +13,8 @@ class DeliveryError(Exception):
         super().__init__(message)
         self.status_code = status_code
         self.response_excerpt = response_excerpt
+        #: Recipients the attempt left out because they are on the suppression list (email).
+        self.suppressed: tuple[str, ...] = ()
 
 
 class RetryableDeliveryError(DeliveryError):

@@ -71,7 +71,7 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
         decision = settled(attempt)
     else:
         try:
-            retry_after = run(kind, job.id, data, attempt)
+            retry_after = run(kind, job.id, data, attempt, job.origin)
         except (SystemExit, KeyboardInterrupt):
             # A second stop signal (cold shutdown) while delivering: put the job back rather than let
             # RQ fail it; the worker exits once this returns, as its first signal asked.

@@ -51,13 +51,13 @@ def build_message(data: dict) -> EmailMessage:
     job_id_of(message_id)
     sender = _mailbox(data, "from")
     reply_to = _mailbox(data, "reply_to") if data.get("reply_to") is not None else None
-    to = _addresses(data, "to", required=True)
-    cc = _addresses(data, "cc")
+    to = _mailboxes(data, "to", required=True)
+    cc = _mailboxes(data, "cc")
     fields = [
-        headers.mailboxes("From", [sender]),
-        headers.mailboxes("To", [("", a) for a in to]),
-        *([headers.mailboxes("Cc", [("", a) for a in cc])] if cc else []),
-        *([headers.mailboxes("Reply-To", [reply_to])] if reply_to else []),
+        _address_field("From", [sender]),
+        _address_field("To", to),
+        *([_address_field("Cc", cc)] if cc else []),
+        *([_address_field("Reply-To", [reply_to])] if reply_to else []),
         _text_field("Subject", _string(data, "subject")),
         headers.Field("Date", [f"Date: {formatdate(_date(data), usegmt=True)}"]),
         headers.Field("Message-ID", [f"Message-ID: {message_id}"]),
@@ -83,11 +83,11 @@ def build_message(data: dict) -> EmailMessage:
 
 
 def envelope(data: dict) -> tuple[str, list[str]]:
-    """The SMTP envelope: the sender's bare address and every recipient, Bcc included, as the API
-    normalized them (the SMTP transport writes their domains as A-labels)."""
+    """The SMTP envelope: the sender's bare address and every recipient's, Bcc included, as the API
+    normalized them, never a display name (the SMTP transport writes their domains as A-labels)."""
     sender = _address(split_mailbox(_string(data, "from"))[1], "from", validate_address)
-    recipients = [_addresses(data, field, field == "to", validate_address) for field in ("to", "cc", "bcc")]
-    return sender, [address for addresses in recipients for address in addresses]
+    recipients = [_mailboxes(data, field, field == "to", validate_address) for field in ("to", "cc", "bcc")]
+    return sender, [address for boxes in recipients for _, address in boxes]
 
 
 def utf8_addresses(message: EmailMessage, sender: str, recipients: list[str]) -> list[str]:
@@ -127,16 +127,32 @@ def _address(value: Any, field: str, form: Callable[[str], str] = wire_address) 
         raise _invalid(field, f"is not a valid address: {exc}") from None
 
 
-def _addresses(data: dict, field: str, required: bool = False, form: Callable[[str], str] = wire_address) -> list[str]:
+def _mailboxes(
+    data: dict, field: str, required: bool = False, form: Callable[[str], str] = wire_address
+) -> list[tuple[str, str]]:
+    """A list of `addr` or `Name <addr>` as (display name, address in `form`) pairs."""
     values = _list(data, field)
     if required and not values:
         raise _invalid(field, "must hold at least one address")
-    return [_address(value, f"{field}.{index}", form) for index, value in enumerate(values)]
+    boxes = []
+    for index, value in enumerate(values):
+        if not isinstance(value, str):
+            raise _invalid(f"{field}.{index}", "must be a string")
+        name, addr = split_mailbox(value)
+        boxes.append((name, _address(addr, f"{field}.{index}", form)))
+    return boxes
 
 
 def _mailbox(data: dict, field: str) -> tuple[str, str]:
     name, addr = split_mailbox(_string(data, field))
     return name, _address(addr, field)
+
+
+def _address_field(name: str, boxes: list[tuple[str, str]]) -> headers.Field:
+    try:
+        return headers.mailboxes(name, boxes)
+    except headers.HeaderEncodingError as exc:  # a display name with a lone surrogate, written to Redis
+        raise _invalid(name, str(exc)) from None
 
 
 def _date(data: dict) -> float:

@@ -16,6 +16,7 @@ import smtplib
 import socket
 import ssl
 import tempfile
+from collections.abc import Callable
 from email.generator import BytesGenerator
 from email.message import EmailMessage
 from pathlib import Path
@@ -34,10 +35,18 @@ QUIT_TIMEOUT = 5.0
 #: Login refused or required: a configuration error the operator can fix, so the mail waits.
 _CONFIG_CODES = frozenset({530, 534, 535})
 
+#: Recipients a server refused at RCPT: address (as sent) -> (reply code, reply text).
+Refusals = dict[str, tuple[int, str]]
+#: Told of every refusal at RCPT, whether or not the others were accepted.
+OnRefused = Callable[[Refusals], None]
+
 
 class MailTransport(Protocol):
-    def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> tuple[int, str | None]:
-        """Send one message; return (status code, note) or raise a DeliveryError."""
+    def send(
+        self, message: EmailMessage, sender: str, recipients: list[str], on_refused: OnRefused | None = None
+    ) -> tuple[int, str | None]:
+        """Send one message; return (status code, note) or raise a DeliveryError. `on_refused` hears
+        of the recipients the server refused, before either."""
         ...
 
     def close(self) -> None: ...
@@ -56,7 +65,9 @@ class OutboxTransport:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> tuple[int, str | None]:
+    def send(
+        self, message: EmailMessage, sender: str, recipients: list[str], on_refused: OnRefused | None = None
+    ) -> tuple[int, str | None]:
         # Named only from a validated job id (em_ and 32 hex digits), never from other text in the job.
         name = job_id_of(str(message["Message-ID"])) + ".eml"
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -95,10 +106,12 @@ class SmtpTransport:
         self.timeout = timeout
         self._connection: smtplib.SMTP | None = None
 
-    def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> tuple[int, str | None]:
+    def send(
+        self, message: EmailMessage, sender: str, recipients: list[str], on_refused: OnRefused | None = None
+    ) -> tuple[int, str | None]:
         with Deadline(self.timeout) as limit:
             try:
-                result = self._send(message, sender, recipients, limit)
+                result = self._send(message, sender, recipients, limit, on_refused)
             except Exception as exc:
                 if limit.expired:
                     # Whatever the cut-off connection let smtplib read last (nothing, half a reply), it
@@ -116,7 +129,12 @@ class SmtpTransport:
             return result
 
     def _send(
-        self, message: EmailMessage, sender: str, recipients: list[str], limit: Deadline
+        self,
+        message: EmailMessage,
+        sender: str,
+        recipients: list[str],
+        limit: Deadline,
+        on_refused: OnRefused | None,
     ) -> tuple[int, str | None]:
         reused = self._connection is not None
         try:
@@ -130,6 +148,8 @@ class SmtpTransport:
                 refused = self._transmit(message, sender, recipients, limit)
         except smtplib.SMTPRecipientsRefused as exc:
             self._drop()
+            if on_refused is not None:
+                on_refused({addr: (code, _text(msg)) for addr, (code, msg) in exc.recipients.items()})
             codes = [code for code, _ in exc.recipients.values()]
             detail = "; ".join(f"{addr}: {code} {_text(msg)}" for addr, (code, msg) in exc.recipients.items())
             error_type = RetryableDeliveryError if any(400 <= c < 500 for c in codes) else PermanentDeliveryError
@@ -143,6 +163,8 @@ class SmtpTransport:
                 raise RetryableDeliveryError(message_text, exc.smtp_code) from None
             raise PermanentDeliveryError(message_text, exc.smtp_code) from None
         if refused:
+            if on_refused is not None:
+                on_refused({addr: (code, _text(msg)) for addr, (code, msg) in refused.items()})
             detail = "; ".join(f"{addr}: {code} {_text(msg)}" for addr, (code, msg) in refused.items())
             # The others have the mail; retrying would send it to them twice.
             return 250, f"accepted, but some recipients were refused: {detail}"
@@ -211,6 +233,17 @@ class SmtpTransport:
                 connection.quit()
         with contextlib.suppress(Exception):
             connection.close()
+
+
+def hard_bounces(refused: Refusals) -> Refusals:
+    """The refusals that say the mailbox is no good: a 5xx at RCPT, except a login the server wants
+    (530, 534, 535: our configuration) and an X.7.x enhanced code (security or policy, RFC 3463:
+    relaying denied, the sender or the content blocked), which say nothing about the mailbox."""
+    return {
+        address: (code, text)
+        for address, (code, text) in refused.items()
+        if 500 <= code < 600 and code not in _CONFIG_CODES and not text.lstrip().startswith("5.7.")
+    }
 
 
 def _text(raw: bytes | str) -> str:

@@ -106,7 +106,7 @@ class Running:
         attempt = self.attempt
         assert attempt is not None
         try:
-            retry_after = run(self.kind, self.job.id, self.data, attempt)
+            retry_after = run(self.kind, self.job.id, self.data, attempt, self.queue.name)
             self.decision = decide(self.data, attempt, retry_after, self.series_start)
         except Exception as exc:  # a bug, or data read_job let through: this job fails, the loop goes on
             attempt.outcome = "permanent"

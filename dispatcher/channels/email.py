@@ -31,7 +31,6 @@ from dispatcher.models import (
     MAX_BATCH,
     MAX_EMAIL_HEADER_NAME,
     NO_LINE_BREAKS,
-    EmailAddress,
     Mailbox,
     Metadata,
     RequestModel,
@@ -134,9 +133,11 @@ class EmailRequest(SendRequest):
         }
     )
 
-    to: list[EmailAddress] = Field(min_length=1, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
-    cc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
-    bcc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    # Each recipient `addr` or `Display Name <addr>`, as `from`: the worker encodes the names and
+    # puts only the addresses in the SMTP envelope (workers.mail).
+    to: list[Mailbox] = Field(min_length=1, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    cc: list[Mailbox] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    bcc: list[Mailbox] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
     from_: Mailbox | None = Field(default=None, alias="from")
     reply_to: Mailbox | None = None
     subject: Annotated[SafeStr, StringConstraints(min_length=1, max_length=998)]
@@ -181,10 +182,10 @@ class EmailBatch(SendBatch):
     items: list[EmailRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
-#: An email job's payload (version 2): the request as the API normalized it (`from` a mailbox,
-#: `Name <address>`), and what acceptance fixed: `message_id` (`<job id@sender's domain>`) and
-#: `date` (Unix time), the same on every retry. The worker checks every field again
-#: (workers.mail): Redis is writable by others.
+#: An email job's payload (version 2): the request as the API normalized it (`from`, `reply_to` and
+#: each recipient a mailbox: `address` or `"Name" <address>`), and what acceptance fixed:
+#: `message_id` (`<job id@sender's domain>`) and `date` (Unix time), the same on every retry. The
+#: worker checks every field again (workers.mail): Redis is writable by others.
 EmailPayload = TypedDict(
     "EmailPayload",
     {

@@ -23,6 +23,8 @@ class Delivered:
     response_excerpt: str | None = None
     #: Something the sender should know of a success (some recipients refused, say).
     note: str | None = None
+    #: Recipients left out because they are on the suppression list (email).
+    suppressed: tuple[str, ...] = ()
 
 
 def _no_host(data: dict) -> str | None:
