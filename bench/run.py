@@ -28,7 +28,7 @@ from bench import report, scenarios
 from bench.scenarios import Context, Sizes
 from bench.services import ROOT, BenchError, Nginx, Processes, PythonReceiver, RedisServer, SmtpReceiver
 
-SCENARIOS = ("webhooks", "emails", "slow", "accept", "batch", "latency", "rss")
+SCENARIOS = ("webhooks", "emails", "slow", "accept", "batch", "templates", "latency", "rss")
 SETUPS = ("ours", "rq", "simple", "celery")
 PACKAGES = ("rq", "redis", "celery", "kombu", "urllib3", "requests", "gunicorn", "flask", "pydantic", "aiosmtpd")
 
@@ -245,11 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             "slow": lambda: scenarios.slow(ctx, setups, sizes, args.runs),
             "accept": lambda: scenarios.accept(ctx, sizes, args.runs),
             "batch": lambda: scenarios.batch(ctx, sizes, args.runs),
+            "templates": lambda: scenarios.template_batch(ctx, sizes, args.runs),
             "latency": lambda: scenarios.latency(ctx, sizes, args.runs),
             "rss": lambda: scenarios.rss(ctx, sizes, args.runs),
         }
         for name in args.only:
-            if name in ("accept", "batch", "latency", "rss") and "ours" not in setups:
+            if name in ("accept", "batch", "templates", "latency", "rss") and "ours" not in setups:
                 continue
             if name == "webhooks" and args.receiver == "nginx" and ctx.nginx is None:
                 errors.append("webhooks: skipped, nginx is unavailable (try --receiver python)")

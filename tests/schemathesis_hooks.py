@@ -11,7 +11,10 @@ Every other value comes from the document alone.
   No worker serves the test's queue, so nothing is sent to them.
 - An email's `to`, `cc` and `bcc` hold at most MAX_RECIPIENTS addresses together: JSON Schema
   cannot add up the lengths of three arrays, so the document says it in words and the run leaves
-  out the requests that break it (tests/test_api.py checks that rule).
+  out the requests that break it (tests/test_api.py checks that rule). In a template batch each
+  recipient's `to` and `cc` count with the batch's `bcc`.
+- A template batch's `template` parts are Jinja2: JSON Schema has no grammar for it, so the run
+  leaves out templates with `{` or `}` (tests/test_templates.py tries templates of every kind).
 """
 
 from __future__ import annotations
@@ -58,4 +61,11 @@ def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> b
         return True
     body = case.body if isinstance(case.body, dict) else {}
     items = body.get("items") if case.operation.path.endswith("/batch") else [body]
+    if isinstance(body.get("recipients"), list) and case.operation.path.endswith("/batch"):
+        bcc = body.get("bcc") if isinstance(body.get("bcc"), list) else []
+        items = [r | {"bcc": bcc} for r in body["recipients"] if isinstance(r, dict)]
+        template = body.get("template")
+        parts = template.values() if isinstance(template, dict) else ()
+        if any(isinstance(part, str) and ("{" in part or "}" in part) for part in parts):
+            return False
     return all(_recipients(item) <= MAX_RECIPIENTS for item in (items if isinstance(items, list) else []))

@@ -15,7 +15,9 @@ from pydantic import (
     AfterValidator,
     ConfigDict,
     Field,
+    JsonValue,
     StringConstraints,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -39,11 +41,13 @@ from dispatcher.models import (
     SendBatch,
     SendRequest,
     _check_headers,
+    _items_without_priority,
     case_insensitive,
     header_name_pattern,
     headers_schema,
     resolve_retry,
 )
+from dispatcher.templates import RenderBudget, TemplateProblem, compile_template
 
 NAME = "email"
 
@@ -176,10 +180,123 @@ class EmailRequest(SendRequest):
         return self
 
 
-class EmailBatch(SendBatch):
-    """Emails accepted together: all of them or, if any item is invalid, none."""
+class EmailTemplate(RequestModel):
+    """Jinja2 (sandboxed) templates of a message's parts; `html` escapes every variable it shows."""
 
-    items: list[EmailRequest] = Field(min_length=1, max_length=MAX_BATCH)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [{"required": [name], "properties": {name: {"type": "string"}}} for name in ("text", "html")]
+        }
+    )
+
+    subject: Annotated[SafeStr, StringConstraints(min_length=1, max_length=998)]
+    text: str | None = None
+    html: str | None = None
+
+    @model_validator(mode="after")
+    def _a_body(self) -> EmailTemplate:
+        if self.text is None and self.html is None:
+            raise FieldProblem("template.text", "give text, html or both")
+        return self
+
+
+class Recipient(RequestModel):
+    """One message of a template batch: its recipients and the template's variables for them."""
+
+    to: list[EmailAddress] = Field(min_length=1, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    cc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    variables: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+#: Decoded attachment bytes a template batch may make in all (each message carries its copy).
+MAX_TEMPLATE_ATTACHMENTS = 50 * 1024 * 1024
+#: The fields of an email every message of a template batch shares.
+_SHARED = ("from", "reply_to", "bcc", "attachments", "headers", "metadata", "retry")
+_TEMPLATE_FORM = ("template", "recipients", *_SHARED)
+
+
+class EmailBatch(SendBatch):
+    """Emails accepted together: all of them or, if any item is invalid, none. Either `items`, each a
+    whole email, or a `template` rendered for each of `recipients` with their own `variables`
+    (with the fields all its messages share: from, reply_to, bcc, attachments, headers, metadata,
+    retry); a template error names the recipient and the part."""
+
+    model_config = ConfigDict(json_schema_extra=lambda schema: _batch_forms(schema))  # type: ignore[misc]
+
+    items: list[EmailRequest] = Field(default_factory=list, max_length=MAX_BATCH)
+    # Not nullable: absent, not null, in the items form.
+    template: EmailTemplate = Field(default=None)  # type: ignore[assignment]
+    recipients: list[Recipient] = Field(default_factory=list, max_length=MAX_BATCH)
+    from_: Mailbox | None = Field(default=None, alias="from")
+    reply_to: Mailbox | None = None
+    bcc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    attachments: list[Attachment] = Field(default=[], max_length=100)
+    headers: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra=headers_schema(_EMAIL_HEADER_NAME, NO_LINE_BREAKS)
+    )
+    metadata: Metadata = Field(default_factory=dict)
+    retry: RetryPolicy | None = None
+
+    @model_validator(mode="after")
+    def _render(self, info: ValidationInfo) -> EmailBatch:
+        given = [name for name in _TEMPLATE_FORM if name.replace("from", "from_") in self.model_fields_set]
+        if self.items:
+            if given:
+                raise FieldProblem(given[0], "give either items or a template with recipients, not both")
+            return self
+        if self.template is None or not self.recipients:
+            missing = "template" if self.template is None else "recipients"
+            raise FieldProblem("items" if not given else missing, "give items, or a template and its recipients")
+        try:
+            compiled = compile_template(self.template.model_dump())
+        except TemplateProblem as exc:
+            raise FieldProblem(f"template.{exc.field}", exc.message) from None
+        attached = sum(a.decoded_size() for a in self.attachments)
+        if attached * len(self.recipients) > MAX_TEMPLATE_ATTACHMENTS:
+            raise FieldProblem(
+                "attachments", f"attachments times recipients may total at most {MAX_TEMPLATE_ATTACHMENTS} bytes"
+            )
+        # Validated once here, these pass into each message as they are (pydantic keeps instances).
+        shared = {
+            "from": self.from_, "reply_to": self.reply_to, "bcc": self.bcc, "attachments": self.attachments,
+            "headers": self.headers, "metadata": self.metadata, "retry": self.retry,
+        }
+        items = []
+        with RenderBudget():
+            for i, recipient in enumerate(self.recipients):
+                try:
+                    parts = compiled.render(recipient.variables)
+                except TemplateProblem as exc:
+                    raise FieldProblem(f"recipients.{i}.{exc.field}", exc.message) from None
+                email = {name: value for name, value in shared.items() if value is not None}
+                email |= parts | {"to": recipient.to, "cc": recipient.cc}
+                try:
+                    items.append(EmailRequest.model_validate(email, context=info.context))
+                except ValidationError as exc:
+                    raise _recipient_problem(i, exc) from None
+        self.items = items
+        return self
+
+
+def _recipient_problem(index: int, exc: ValidationError) -> FieldProblem:
+    """A rendered message's first problem, named after its recipient: `recipients.<i>.<field>`."""
+    error = exc.errors(include_url=False, include_input=False)[0]
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldProblem):
+        return FieldProblem(f"recipients.{index}.{cause.field}", cause.problem)
+    field = ".".join(map(str, error["loc"])) or "body"
+    return FieldProblem(f"recipients.{index}.{field}", error["msg"].removeprefix("Value error, "))
+
+
+def _batch_forms(schema: dict) -> None:
+    """The document says what the validator does: items alone, or a template, recipients and the
+    shared fields, never both."""
+    _items_without_priority(schema)
+    form_fields = {name: False for name in _TEMPLATE_FORM}
+    schema["oneOf"] = [
+        {"required": ["items"], "properties": {"items": {"minItems": 1}, **form_fields}},
+        {"required": ["template", "recipients"], "properties": {"recipients": {"minItems": 1}, "items": False}},
+    ]
 
 
 #: An email job's payload (version 2): the request as the API normalized it (`from`, `reply_to` and

@@ -1,0 +1,118 @@
+"""Template batches (issue #11 item 1): one template, each recipient's own variables, rendered in
+Jinja2's sandbox when the API accepts the batch; every template error a 422 naming the recipient and
+the part, before anything is enqueued."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from rq import Queue
+
+from tests.conftest import AUTH, wait_until
+
+TEMPLATE = {
+    "subject": "Your order, {{ name }}",
+    "text": "Hello {{ name }},\n{% for item in items %}- {{ item }}\n{% endfor %}",
+    "html": "<p>Hello {{ name }}</p>",
+}
+
+
+def template_batch(recipients: list[dict], template: dict | None = None, **shared) -> dict:
+    return {"template": template or TEMPLATE, "recipients": recipients, "from": "shop@example.com", **shared}
+
+
+def post(svc, body: dict):
+    return svc.client.post("/v1/emails/batch", json=body, headers=AUTH)
+
+
+def queued(svc) -> int:
+    return sum(Queue(name, connection=svc.client.application.extensions["dispatcher"].connection).count
+               for name in (svc.settings.queue_name, f"{svc.settings.queue_name}-low"))
+
+
+def test_a_thousand_recipients_get_their_own_message_and_the_batch_reaches_100_percent(service, smtp_server):
+    svc = service()
+    recipients = [
+        {"to": [f"tpl-{n}@example.com"], "variables": {"name": f"Ada {n} <b>", "items": [f"book {n}", "pen"]}}
+        for n in range(1000)
+    ]
+    response = post(svc, template_batch(recipients, metadata={"campaign": "winter"}))
+    assert response.status_code == 202, response.get_json()
+    batch_id = response.get_json()["batch_id"]
+    svc.start_worker()
+    svc.start_worker()
+
+    def done() -> bool:
+        view = svc.client.get(f"/v1/batches/{batch_id}", headers=AUTH).get_json()
+        return view["percent_done"] == 100
+
+    wait_until(done, 90, "the template batch did not finish")
+    view = svc.client.get(f"/v1/batches/{batch_id}", headers=AUTH).get_json()
+    assert view["by_status"]["succeeded"] == 1000
+    for n in (0, 517, 999):
+        (message,) = smtp_server.handler.messages_to(f"tpl-{n}@example.com")
+        text = message.content.decode()
+        assert f"Subject: Your order, Ada {n} <b>" in text
+        assert f"Hello Ada {n} <b>,\n- book {n}\n- pen\n" in text.replace("\r\n", "\n")
+        assert f"<p>Hello Ada {n} &lt;b&gt;</p>" in text  # html escapes what it shows
+
+
+@pytest.mark.parametrize(
+    ("template", "variables", "field", "problem"),
+    [
+        ({"text": "{% if %}"}, {}, "template.text", "template syntax error"),
+        ({"subject": "{{ name"}, {}, "template.subject", "template syntax error"),
+        ({"html": "{{ missing }}"}, {"name": "x"}, "recipients.1.html", "undefined variable"),
+        ({"text": "{{ name.__class__.__mro__ }}"}, {"name": "x"}, "recipients.0.text", "not allowed"),
+        ({"text": "{{ cycler.__init__.__globals__ }}"}, {}, "recipients.0.text", "not allowed"),
+        ({"text": "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}"}, {},
+         "recipients.0.text", "loops more than"),
+        ({"text": "{% for a in 'x' * 90000 %}{% for b in 'y' * 90000 %}{% endfor %}{% endfor %}"}, {},
+         "recipients.0.text", "loops more than"),
+        ({"text": "{{ 'x' * 10 ** 9 }}"}, {}, "recipients.0.text", "not allowed"),
+        ({"text": "{{ range(10 ** 9) | list }}"}, {}, "recipients.0.text", "not allowed"),
+        ({"text": "{{ 9 ** 9 ** 9 }}"}, {}, "recipients.0.text", "not allowed"),
+        ({"subject": "{{ name }}"}, {"name": "Hi\r\nBcc: evil@example.com"}, "recipients.0.subject", ""),
+        ({"subject": "{{ name }}"}, {"name": "Hi\u2028there"}, "recipients.0.subject", ""),
+    ],
+    ids=lambda value: None,
+)
+def test_a_template_error_is_a_422_naming_the_recipient_and_part_and_nothing_is_enqueued(
+    service, template, variables, field, problem
+):
+    """The second recipient has no variables: only a template that needs one fails on it."""
+    svc = service()
+    first = {"name": "ok", "missing": "given"} | variables
+    recipients = [{"to": ["a@example.com"], "variables": first}, {"to": ["b@example.com"], "variables": {}}]
+    started = time.monotonic()
+
+    response = post(svc, template_batch(recipients, {"subject": "Hi", "text": "Hello"} | template))
+
+    assert response.status_code == 422, response.get_json()
+    (detail,) = response.get_json()["error"]["details"]
+    assert detail["field"] == field and problem in detail["problem"], detail
+    assert time.monotonic() - started < 20  # the work budget stops a hostile template
+    assert queued(svc) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"items": [{"to": ["a@example.com"], "subject": "s", "text": "t"}], "template": TEMPLATE}, "template"),
+        ({"template": TEMPLATE}, "recipients"),
+        ({"recipients": [{"to": ["a@example.com"]}]}, "template"),
+        ({}, "items"),
+        ({"template": {"subject": "s"}, "recipients": [{"to": ["a@example.com"]}]}, "template.text"),
+        ({"template": TEMPLATE, "recipients": [{"to": ["not an address"]}]}, "recipients.0.to.0"),
+    ],
+)
+def test_a_batch_is_items_or_a_template_with_recipients(service, body, field):
+    svc = service()
+    body = {"from": "shop@example.com", **body} if "template" in body else body
+
+    response = post(svc, body)
+
+    assert response.status_code == 422, response.get_json()
+    assert response.get_json()["error"]["details"][0]["field"] == field, response.get_json()
+    assert queued(svc) == 0
