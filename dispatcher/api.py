@@ -5,16 +5,17 @@ from __future__ import annotations
 import gc
 import hmac
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
+from dispatcher import idempotency
 from dispatcher.channels import CHANNELS, Channel
 from dispatcher.enqueue import enqueue, enqueue_many
-from dispatcher.errors import APIError, FieldProblem
+from dispatcher.errors import AlreadyAccepted, APIError, FieldProblem
 from dispatcher.logs import note_batch, note_job
 from dispatcher.openapi import openapi_document
 from dispatcher.runtime import Runtime
@@ -60,6 +61,7 @@ def authenticate() -> None:
     matches = [hmac.compare_digest(token.strip().encode(), key.encode()) for key in runtime().settings.api_keys]
     if not any(matches):
         raise APIError(401, "unauthorized", "the API key is not valid")
+    g.api_key = token.strip()  # the scope of idempotency keys
 
 
 def _add_channel_routes(channel: Channel) -> None:
@@ -112,23 +114,53 @@ def stats() -> Response:
 
 def _accept(channel: Channel) -> tuple[Response, int, dict[str, str]]:
     rt = runtime()
-    request = _validate(channel, channel.request)
-    job_id = enqueue(rt.connection, rt.settings, channel.name, request, request.priority)  # type: ignore[attr-defined]
+    body = _json_body()
+    claim = _claim(body)
+
+    def enqueue_new() -> list[str]:
+        request = _validate(channel, channel.request, body)
+        priority = request.priority  # type: ignore[attr-defined]
+        return [enqueue(rt.connection, rt.settings, channel.name, request, priority, claim)]
+
+    (job_id,), status = _once(claim, enqueue_new)
     note_job(job_id)
     accepted = _accepted(job_id)
-    return jsonify(accepted), 202, {"Location": accepted["status_url"]}
+    return jsonify(accepted), status, {"Location": accepted["status_url"]}
 
 
 def _accept_batch(channel: Channel) -> tuple[Response, int]:
     """Every item valid and enqueued in one atomic Redis call, or a 422 naming each bad `items.<i>.<field>`."""
     rt = runtime()
     with _gc_paused():
-        batch = _validate(channel, channel.batch)
-        job_ids = enqueue_many(
-            rt.connection, rt.settings, channel.name, batch.items, batch.priority  # type: ignore[attr-defined]
-        )
+        body = _json_body()
+        claim = _claim(body)
+
+        def enqueue_new() -> list[str]:
+            batch = _validate(channel, channel.batch, body)
+            items, priority = batch.items, batch.priority  # type: ignore[attr-defined]
+            return enqueue_many(rt.connection, rt.settings, channel.name, items, priority, claim)
+
+        job_ids, status = _once(claim, enqueue_new)
     note_batch(job_ids)
-    return jsonify(items=[_accepted(job_id) for job_id in job_ids]), 202
+    return jsonify(items=[_accepted(job_id) for job_id in job_ids]), status
+
+
+def _claim(body: dict[str, Any]) -> idempotency.Claim | None:
+    """The request's claim on its Idempotency-Key, if it has one (422 if the header is no key)."""
+    value = request.headers.get(idempotency.HEADER)
+    return idempotency.claim(value, g.api_key, request.method, request.path, body, runtime().keys)
+
+
+def _once(claim: idempotency.Claim | None, enqueue_new: Callable[[], list[str]]) -> tuple[list[str], int]:
+    """`enqueue_new()`'s job ids and 202; or, when a request with the same idempotency key was
+    accepted before, its job ids and 200 (409 if that request was another)."""
+    try:
+        if claim is not None:
+            claim.check(runtime().connection)
+        return enqueue_new(), 202
+    except AlreadyAccepted as earlier:
+        assert claim is not None  # only a claim's check or enqueue raises it
+        return claim.earlier_ids(earlier.record), 200
 
 
 @contextmanager
@@ -149,9 +181,8 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _validate(channel: Channel, model: type[BaseModel]) -> BaseModel:
+def _validate(channel: Channel, model: type[BaseModel], body: dict[str, Any]) -> BaseModel:
     rt = runtime()
-    body = _json_body()
     # Every host the request names is looked up at once, before validation waits on any of them:
     # a batch of distinct hosts takes one lookup's time, and all of them share one bound (dns_timeout).
     lookups = rt.guard.lookups()

@@ -274,6 +274,14 @@ def _priority_option(command: F) -> F:
     )(command)
 
 
+def _idempotency_option(command: F) -> F:
+    return click.option(
+        "--idempotency-key",
+        metavar="KEY",
+        help="send it once: the same key and request within 24 h print the first job id and enqueue nothing",
+    )(command)
+
+
 @cli.command("send-email")
 @click.option("--to", "to", multiple=True, required=True, metavar="ADDRESS", help="a recipient (repeatable)")
 @click.option("--cc", multiple=True, metavar="ADDRESS", help="a copy recipient (repeatable)")
@@ -285,6 +293,7 @@ def _priority_option(command: F) -> F:
 @click.option("--html", help="the HTML body ('-' reads it from stdin)")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="metadata shown with the job (repeatable)")
 @_priority_option
+@_idempotency_option
 @_wait_option
 def send_email(
     to: tuple[str, ...],
@@ -297,6 +306,7 @@ def send_email(
     html: str | None,
     metadata: tuple[str, ...],
     priority: Priority | None,
+    idempotency_key: str | None,
     wait: bool,
 ) -> None:
     """Send an email through the API (POST /v1/emails) and print its job id.
@@ -311,7 +321,13 @@ def send_email(
     client = _api_client()
     with _api_errors():
         job_id = client.send_email(
-            to=list(to), subject=subject, text=_stdin_or(text), html=_stdin_or(html), priority=priority, **fields
+            to=list(to),
+            subject=subject,
+            text=_stdin_or(text),
+            html=_stdin_or(html),
+            priority=priority,
+            idempotency_key=idempotency_key,
+            **fields,
         )
     _accepted(client, job_id, wait)
 
@@ -329,6 +345,7 @@ def send_email(
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'", help="an extra header (repeatable)")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="metadata shown with the job (repeatable)")
 @_priority_option
+@_idempotency_option
 @_wait_option
 def send_webhook(
     url: str,
@@ -337,6 +354,7 @@ def send_webhook(
     headers: tuple[str, ...],
     metadata: tuple[str, ...],
     priority: Priority | None,
+    idempotency_key: str | None,
     wait: bool,
 ) -> None:
     """Send a webhook to URL through the API (POST /v1/webhooks) and print its job id.
@@ -351,7 +369,9 @@ def send_webhook(
         extra["headers"] = dict(_header(value) for value in headers)
     client = _api_client()
     with _api_errors():
-        job_id = client.send_webhook(url=url, event_type=event_type, payload=body, priority=priority, **extra)
+        job_id = client.send_webhook(
+            url=url, event_type=event_type, payload=body, priority=priority, idempotency_key=idempotency_key, **extra
+        )
     _accepted(client, job_id, wait)
 
 

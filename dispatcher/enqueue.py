@@ -18,6 +18,8 @@ from rq.utils import utcformat
 from dispatcher import rqstore
 from dispatcher.channels import CHANNELS, JOB_FUNCTION, Channel
 from dispatcher.config import Settings
+from dispatcher.errors import AlreadyAccepted
+from dispatcher.idempotency import IDEMPOTENCY_TTL, Claim
 from dispatcher.keys import Keys
 from dispatcher.priorities import DEFAULT_PRIORITY, PRIORITIES, Priority, queue_name
 
@@ -49,9 +51,10 @@ def enqueue(
     channel: str,
     request: BaseModel,
     priority: Priority = DEFAULT_PRIORITY,
+    claim: Claim | None = None,
 ) -> str:
     """Enqueue one job and index it, in one round trip; return its id."""
-    return enqueue_many(connection, settings, channel, [request], priority)[0]
+    return enqueue_many(connection, settings, channel, [request], priority, claim)[0]
 
 
 def enqueue_many(
@@ -60,9 +63,11 @@ def enqueue_many(
     channel: str,
     requests: Sequence[BaseModel],
     priority: Priority = DEFAULT_PRIORITY,
+    claim: Claim | None = None,
 ) -> list[str]:
     """Enqueue each request as an RQ job of `priority`'s queue, accepted now, in one Redis call: all
-    of them or none.
+    of them or none. With a `claim` on an idempotency key, only if the key is free (the record is
+    written in the same call); AlreadyAccepted, with the record found, if it is not.
 
     This writes what `Queue.enqueue_many` writes, without it: RQ builds a `Job` object per job and
     serializes all of it, and redis-py packs each field of each hash in Python; together that was
@@ -87,5 +92,8 @@ def enqueue_many(
         jobs += (job_id, rqstore.job_data(JOB_FUNCTION, payload), JSONSerializer.dumps(meta), description, stamp)
         job_ids.append(job_id)
     keys = Keys(settings.queue_name)
-    rqstore.write_jobs(client, queue, keys.index, keys.wake, time.time(), shared, jobs)
+    once = None if claim is None else (claim.record_key, claim.record(job_ids), IDEMPOTENCY_TTL)
+    earlier = rqstore.write_jobs(client, queue, keys.index, keys.wake, time.time(), shared, jobs, once)
+    if earlier is not None:
+        raise AlreadyAccepted(earlier)
     return job_ids

@@ -31,6 +31,11 @@ class Keys:
         """A worker's liveness: set with a short TTL by its reaper thread every few seconds."""
         return f"{self.prefix}:alive:{worker_name}"
 
+    def idempotency(self, client: str, key: str) -> str:
+        """String: what the request that first used Idempotency-Key `key` left (dispatcher.idempotency);
+        `client` is a hash of its API key, which scopes the key."""
+        return f"{self.prefix}:idempotency:{client}:{key}"
+
     def limbo(self, job_id: str) -> str:
         """When a reaper first saw this job popped but not started (a worker clears it as it starts the job)."""
         return f"{self.prefix}:limbo:{job_id}"

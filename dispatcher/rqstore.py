@@ -42,19 +42,28 @@ def job_data(function: str, payload: dict) -> bytes:
 
 
 #: Writes jobs as RQ's `Queue.enqueue_many` does (hash, queue list, the set of queues) and indexes
-#: them. KEYS: the queue list, RQ's set of queues, our job index, the wake list. ARGV: the job key
+#: them. KEYS: the queue list, RQ's set of queues, our job index, the wake list, and for a request
+#: with an idempotency key its record's key. ARGV: the job key
 #: prefix, the index score, the field/value pairs every job shares (a JSON array: one argument to
-#: pack, not 26), WAKE_TOKENS, then
-#: per job its id, data, meta, description and created/enqueued time. One script is atomic, and a
+#: pack, not 26), WAKE_TOKENS, the record and its TTL (empty without a key), then
+#: per job its id, data, meta, description and created/enqueued time. Answers an earlier record under
+#: the key, writing nothing, or nil. With the record written here, in the same atomic script as the
+#: jobs, two requests with one key cannot both enqueue, and none can see the key taken but its jobs
+#: not yet written. (dispatcher.idempotency) One script is atomic, and a
 #: script that fails on its first write (out of memory, say) has written nothing; the job keys are
 #: new random ids, so no later write can fail on a wrong type. (The job keys are not declared: RQ runs
 #: on one Redis, not a cluster.)
 _WRITE_JOBS = Script(
     None,  # type: ignore[arg-type]  # called with an explicit client
     b"""
+if KEYS[5] then
+  local earlier = redis.call('GET', KEYS[5])
+  if earlier then return earlier end
+  redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
+end
 local prefix, score, shared = ARGV[1], ARGV[2], cjson.decode(ARGV[3])
 local ids, scored = {}, {}
-for i = 5, #ARGV, 5 do
+for i = 7, #ARGV, 5 do
   local id = ARGV[i]
   redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
     'created_at', ARGV[i + 4], 'enqueued_at', ARGV[i + 4], unpack(shared))
@@ -91,19 +100,31 @@ def write_jobs(
     score: float,
     shared: str,
     jobs: list[Any],
-) -> None:
+    once: tuple[str, str, int] | None = None,
+) -> bytes | None:
     """Write jobs (id, data, meta, description, created time, five per job, flat) to queue `queue_name`,
-    index them in `index_key` and wake idle workers (`wake_key`), in one script: all or none."""
+    index them in `index_key` and wake idle workers (`wake_key`), in one script: all or none.
+
+    `once`: (key, record, ttl) of an idempotency record: the jobs are written only if `key` is free,
+    and `record` with them. Returns the record found under `key` instead, if any (writing nothing).
+    """
     keys = [Queue.redis_queue_namespace_prefix + queue_name, Queue.redis_queues_keys, index_key, wake_key]
-    args: list[Any] = [Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, *jobs]
+    record, ttl = "", 0
+    if once is not None:
+        if not isinstance(client, redis.Redis):
+            raise TypeError("an idempotency record needs the script's answer: give a client, not a pipeline")
+        key, record, ttl = once
+        keys.append(key)
+    args: list[Any] = [Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, record, ttl, *jobs]
     if isinstance(client, redis.Redis) and len(jobs) > 5:
         # A batch's arguments run to megabytes: let a pipeline check that Redis has the script
         # (SCRIPT EXISTS) instead of sending them twice after a NOSCRIPT answer.
         with client.pipeline(transaction=False) as pipe:
             _WRITE_JOBS(keys, args, client=pipe)
-            pipe.execute()
+            (earlier,) = pipe.execute()
     else:
-        _WRITE_JOBS(keys, args, client=client)
+        earlier = _WRITE_JOBS(keys, args, client=client)
+    return cast(bytes | None, earlier) if once is not None else None
 
 
 def announce_queues(connection: redis.Redis, queues: list[Queue]) -> None:

@@ -168,6 +168,20 @@ def test_jobs_lists_newest_first_filtered_by_kind_and_status(svc_env, receiver):
     assert [line.split()[:3] for line in emails.stdout.splitlines()] == [[mail_id, "email", "succeeded"]]
 
 
+def test_send_with_an_idempotency_key_twice_prints_one_job_id(svc_env):
+    svc, env = svc_env()
+    key = ("--idempotency-key", f"order-{os.getpid()}-{time.time_ns()}")
+    mail = ("send-email", "--to", "cli-once@example.com", "--subject", "Once", "--text", "t", *key)
+
+    first, again = run(env, *mail), run(env, *mail)
+    other = run(env, *mail[:-4], "--text", "other", *key)
+
+    assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+    assert first.stdout == again.stdout and first.stdout.startswith("em_")
+    assert other.returncode == 1 and "409" in other.stderr
+    assert stats(env)["stats"]["email"]["queued"] == 1
+
+
 # --- operations ------------------------------------------------------------------------------
 
 
