@@ -169,7 +169,7 @@ def test_jobs_lists_newest_first_filtered_by_kind_and_status(svc_env, receiver):
 
 
 def test_send_with_an_idempotency_key_twice_prints_one_job_id(svc_env):
-    svc, env = svc_env()
+    _, env = svc_env()
     key = ("--idempotency-key", f"order-{os.getpid()}-{time.time_ns()}")
     mail = ("send-email", "--to", "cli-once@example.com", "--subject", "Once", "--text", "t", *key)
 
