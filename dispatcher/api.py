@@ -119,12 +119,12 @@ def _accept(channel: Channel) -> tuple[Response, int, dict[str, str]]:
 
     def enqueue_new() -> list[str]:
         request = _validate(channel, channel.request, body)
-        priority = request.priority  # type: ignore[attr-defined]
-        return [enqueue(rt.connection, rt.settings, channel.name, request, priority, claim)]
+        priority, send_at = request.priority, request.send_at  # type: ignore[attr-defined]
+        return [enqueue(rt.connection, rt.settings, channel.name, request, priority, claim, send_at)]
 
     (job_id,), status = _once(claim, enqueue_new)
     note_job(job_id)
-    accepted = _accepted(job_id)
+    accepted = _accepted(job_id, body)
     return jsonify(accepted), status, {"Location": accepted["status_url"]}
 
 
@@ -137,12 +137,12 @@ def _accept_batch(channel: Channel) -> tuple[Response, int]:
 
         def enqueue_new() -> list[str]:
             batch = _validate(channel, channel.batch, body)
-            items, priority = batch.items, batch.priority  # type: ignore[attr-defined]
-            return enqueue_many(rt.connection, rt.settings, channel.name, items, priority, claim)
+            items, priority, send_at = batch.items, batch.priority, batch.send_at  # type: ignore[attr-defined]
+            return enqueue_many(rt.connection, rt.settings, channel.name, items, priority, claim, send_at)
 
         job_ids, status = _once(claim, enqueue_new)
     note_batch(job_ids)
-    return jsonify(items=[_accepted(job_id) for job_id in job_ids]), status
+    return jsonify(items=[_accepted(job_id, body) for job_id in job_ids]), status
 
 
 def _claim(body: dict[str, Any]) -> idempotency.Claim | None:
@@ -196,8 +196,11 @@ def _validate(channel: Channel, model: type[BaseModel], body: dict[str, Any]) ->
         raise APIError(422, "validation_error", "the request has invalid fields", _details(exc)) from None
 
 
-def _accepted(job_id: str) -> dict[str, str]:
-    return {"id": job_id, "status": "queued", "status_url": f"/v1/jobs/{job_id}"}
+def _accepted(job_id: str, body: dict[str, Any]) -> dict[str, str]:
+    """The answer for one job of an accepted `body`: from the body, so that a repeat with an
+    idempotency key answers exactly what the first request did."""
+    status = "queued" if body.get("send_at") is None else "scheduled"
+    return {"id": job_id, "status": status, "status_url": f"/v1/jobs/{job_id}"}
 
 
 def _json_body() -> dict[str, Any]:

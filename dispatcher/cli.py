@@ -274,6 +274,14 @@ def _priority_option(command: F) -> F:
     )(command)
 
 
+def _send_at_option(command: F) -> F:
+    return click.option(
+        "--send-at",
+        metavar="TIME",
+        help="when to send it, with its offset, e.g. 2026-12-24T09:00:00+01:00 (up to 30 days ahead)",
+    )(command)
+
+
 def _idempotency_option(command: F) -> F:
     return click.option(
         "--idempotency-key",
@@ -293,6 +301,7 @@ def _idempotency_option(command: F) -> F:
 @click.option("--html", help="the HTML body ('-' reads it from stdin)")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="metadata shown with the job (repeatable)")
 @_priority_option
+@_send_at_option
 @_idempotency_option
 @_wait_option
 def send_email(
@@ -306,6 +315,7 @@ def send_email(
     html: str | None,
     metadata: tuple[str, ...],
     priority: Priority | None,
+    send_at: str | None,
     idempotency_key: str | None,
     wait: bool,
 ) -> None:
@@ -317,7 +327,7 @@ def send_email(
     Example: dispatcher send-email --to ada@example.com --subject Hi --text 'Hello Ada'
     """
     fields: dict[str, Any] = {"cc": list(cc) or None, "bcc": list(bcc) or None, "from_": sender}
-    fields |= {"reply_to": reply_to, "metadata": _pairs("--metadata", metadata)}
+    fields |= {"reply_to": reply_to, "metadata": _pairs("--metadata", metadata), "send_at": send_at}
     client = _api_client()
     with _api_errors():
         job_id = client.send_email(
@@ -345,6 +355,7 @@ def send_email(
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'", help="an extra header (repeatable)")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="metadata shown with the job (repeatable)")
 @_priority_option
+@_send_at_option
 @_idempotency_option
 @_wait_option
 def send_webhook(
@@ -354,6 +365,7 @@ def send_webhook(
     headers: tuple[str, ...],
     metadata: tuple[str, ...],
     priority: Priority | None,
+    send_at: str | None,
     idempotency_key: str | None,
     wait: bool,
 ) -> None:
@@ -364,7 +376,7 @@ def send_webhook(
     Example: dispatcher send-webhook https://example.com/hook --event-type order.created --payload '{"id": 1}'
     """
     body = _json_object("--payload", payload)
-    extra: dict[str, Any] = {"metadata": _pairs("--metadata", metadata)}
+    extra: dict[str, Any] = {"metadata": _pairs("--metadata", metadata), "send_at": send_at}
     if headers:
         extra["headers"] = dict(_header(value) for value in headers)
     client = _api_client()

@@ -134,7 +134,7 @@ class Client:
         **fields: Any,
     ) -> str:
         """Enqueue one email; returns its job id. `fields`: cc, bcc, from_ (sent as `from`),
-        reply_to, attachments, headers, metadata, retry, as the API documents them.
+        reply_to, attachments, headers, metadata, retry, send_at (an RFC 3339 string), as the API documents them.
         `idempotency_key`: the same key and email within 24 h answers the same id, sending once."""
         body = _drop_none({"to": to, "subject": subject, "text": text, "html": html, "priority": priority})
         body.update(_email_fields(fields))
@@ -150,24 +150,32 @@ class Client:
         idempotency_key: str | None = None,
         **fields: Any,
     ) -> str:
-        """Enqueue one webhook; returns its job id. `fields`: headers, metadata, retry.
+        """Enqueue one webhook; returns its job id. `fields`: headers, metadata, retry, send_at.
         `idempotency_key`: as for send_email."""
         body = _drop_none({"url": url, "event_type": event_type, "payload": payload, "priority": priority})
         body.update(_drop_none(fields))
         return str(self._request("POST", "/v1/webhooks", body, idempotency_key=idempotency_key)["id"])
 
     def send_emails(
-        self, items: Iterable[dict[str, Any]], priority: Priority | None = None, idempotency_key: str | None = None
+        self,
+        items: Iterable[dict[str, Any]],
+        priority: Priority | None = None,
+        idempotency_key: str | None = None,
+        send_at: str | None = None,
     ) -> list[str]:
         """Enqueue a batch (all or none; `low` priority unless given); returns the job ids in order.
-        Items are the API's email objects (`from`, not `from_`)."""
-        return self._batch("/v1/emails/batch", items, priority, idempotency_key)
+        Items are the API's email objects (`from`, not `from_`). `send_at`: when, for every item."""
+        return self._batch("/v1/emails/batch", items, priority, idempotency_key, send_at)
 
     def send_webhooks(
-        self, items: Iterable[dict[str, Any]], priority: Priority | None = None, idempotency_key: str | None = None
+        self,
+        items: Iterable[dict[str, Any]],
+        priority: Priority | None = None,
+        idempotency_key: str | None = None,
+        send_at: str | None = None,
     ) -> list[str]:
         """Enqueue a batch of webhooks (all or none; `low` priority unless given); returns the ids."""
-        return self._batch("/v1/webhooks/batch", items, priority, idempotency_key)
+        return self._batch("/v1/webhooks/batch", items, priority, idempotency_key, send_at)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -205,9 +213,14 @@ class Client:
     # --- transport -----------------------------------------------------------------------------
 
     def _batch(
-        self, path: str, items: Iterable[dict[str, Any]], priority: Priority | None, idempotency_key: str | None
+        self,
+        path: str,
+        items: Iterable[dict[str, Any]],
+        priority: Priority | None,
+        idempotency_key: str | None,
+        send_at: str | None,
     ) -> list[str]:
-        body = _drop_none({"items": list(items), "priority": priority})
+        body = _drop_none({"items": list(items), "priority": priority, "send_at": send_at})
         return [item["id"] for item in self._request("POST", path, body, idempotency_key=idempotency_key)["items"]]
 
     def _request(

@@ -12,6 +12,7 @@ import redis
 from pydantic import BaseModel
 from redis.client import Pipeline
 from rq import Queue
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
@@ -52,9 +53,10 @@ def enqueue(
     request: BaseModel,
     priority: Priority = DEFAULT_PRIORITY,
     claim: Claim | None = None,
+    send_at: datetime | None = None,
 ) -> str:
     """Enqueue one job and index it, in one round trip; return its id."""
-    return enqueue_many(connection, settings, channel, [request], priority, claim)[0]
+    return enqueue_many(connection, settings, channel, [request], priority, claim, send_at)[0]
 
 
 def enqueue_many(
@@ -64,10 +66,13 @@ def enqueue_many(
     requests: Sequence[BaseModel],
     priority: Priority = DEFAULT_PRIORITY,
     claim: Claim | None = None,
+    send_at: datetime | None = None,
 ) -> list[str]:
     """Enqueue each request as an RQ job of `priority`'s queue, accepted now, in one Redis call: all
     of them or none. With a `claim` on an idempotency key, only if the key is free (the record is
-    written in the same call); AlreadyAccepted, with the record found, if it is not.
+    written in the same call); AlreadyAccepted, with the record found, if it is not. With `send_at`,
+    the jobs wait as `scheduled` in the queue's ScheduledJobRegistry until then, as RQ's `enqueue_at`
+    leaves them: RQ's scheduler, which every worker runs, moves them to the queue when due.
 
     This writes what `Queue.enqueue_many` writes, without it: RQ builds a `Job` object per job and
     serializes all of it, and redis-py packs each field of each hash in Python; together that was
@@ -82,8 +87,9 @@ def enqueue_many(
     accepted_at = datetime.now(UTC)
     stamp = utcformat(accepted_at)
     queue = queue_name(settings.queue_name, priority)
+    status = JobStatus.QUEUED if send_at is None else JobStatus.SCHEDULED
     shared = rqstore.rq_fields(
-        JOB_FUNCTION, queue, settings.result_ttl, settings.failure_ttl, kind.job_timeout(settings)
+        JOB_FUNCTION, queue, settings.result_ttl, settings.failure_ttl, kind.job_timeout(settings), status
     )
     jobs: list[Any] = []
     job_ids = []
@@ -93,7 +99,8 @@ def enqueue_many(
         job_ids.append(job_id)
     keys = Keys(settings.queue_name)
     once = None if claim is None else (claim.record_key, claim.record(job_ids), IDEMPOTENCY_TTL)
-    earlier = rqstore.write_jobs(client, queue, keys.index, keys.wake, time.time(), shared, jobs, once)
+    due = None if send_at is None else send_at.timestamp()
+    earlier = rqstore.write_jobs(client, queue, keys.index, keys.wake, time.time(), shared, jobs, once, due)
     if earlier is not None:
         raise AlreadyAccepted(earlier)
     return job_ids

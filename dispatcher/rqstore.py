@@ -27,6 +27,7 @@ from redis.typing import EncodableT
 from rq import Queue
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
+from rq.registry import ScheduledJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now, utcformat
@@ -42,10 +43,13 @@ def job_data(function: str, payload: dict) -> bytes:
 
 
 #: Writes jobs as RQ's `Queue.enqueue_many` does (hash, queue list, the set of queues) and indexes
-#: them. KEYS: the queue list, RQ's set of queues, our job index, the wake list, and for a request
-#: with an idempotency key its record's key. ARGV: the job key
+#: them; or, given a due time, as RQ's `Queue.enqueue_at` does (hash without `enqueued_at`, the
+#: queue's ScheduledJobRegistry scored by the due time, the set of queues). KEYS: the queue list,
+#: RQ's set of queues, our job index, the wake list, the queue's scheduled registry, and for a
+#: request with an idempotency key its record's key. ARGV: the job key
 #: prefix, the index score, the field/value pairs every job shares (a JSON array: one argument to
-#: pack, not 26), WAKE_TOKENS, the record and its TTL (empty without a key), then
+#: pack, not 26), WAKE_TOKENS, the record and its TTL (empty without a key), the due time (Unix
+#: seconds; empty: now), then
 #: per job its id, data, meta, description and created/enqueued time. Answers an earlier record under
 #: the key, writing nothing, or nil. With the record written here, in the same atomic script as the
 #: jobs, two requests with one key cannot both enqueue, and none can see the key taken but its jobs
@@ -56,30 +60,43 @@ def job_data(function: str, payload: dict) -> bytes:
 _WRITE_JOBS = Script(
     None,  # type: ignore[arg-type]  # called with an explicit client
     b"""
-if KEYS[5] then
-  local earlier = redis.call('GET', KEYS[5])
+if KEYS[6] then
+  local earlier = redis.call('GET', KEYS[6])
   if earlier then return earlier end
-  redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
+  redis.call('SET', KEYS[6], ARGV[5], 'EX', ARGV[6])
 end
-local prefix, score, shared = ARGV[1], ARGV[2], cjson.decode(ARGV[3])
-local ids, scored = {}, {}
-for i = 7, #ARGV, 5 do
+local prefix, score, shared, due = ARGV[1], ARGV[2], cjson.decode(ARGV[3]), ARGV[7]
+local ids, scored, scheduled = {}, {}, {}
+for i = 8, #ARGV, 5 do
   local id = ARGV[i]
-  redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
-    'created_at', ARGV[i + 4], 'enqueued_at', ARGV[i + 4], unpack(shared))
+  if due == '' then
+    redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
+      'created_at', ARGV[i + 4], 'enqueued_at', ARGV[i + 4], unpack(shared))
+  else
+    redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
+      'created_at', ARGV[i + 4], unpack(shared))
+    scheduled[#scheduled + 1] = due
+    scheduled[#scheduled + 1] = id
+  end
   ids[#ids + 1] = id
   scored[#scored + 1] = score
   scored[#scored + 1] = id
 end
 -- In slices: unpack() has a limit on how many values it returns.
 for i = 1, #ids, 1000 do
-  redis.call('RPUSH', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
+  if due == '' then
+    redis.call('RPUSH', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
+  else
+    redis.call('ZADD', KEYS[5], unpack(scheduled, 2 * i - 1, math.min(2 * i + 1998, #scheduled)))
+  end
   redis.call('ZADD', KEYS[3], unpack(scored, 2 * i - 1, math.min(2 * i + 1998, #scored)))
 end
 redis.call('SADD', KEYS[2], KEYS[1])
 -- Wake idle workers that serve several queues (they block on this list, not on a queue): one
--- token per job, at most WAKE_TOKENS in the list however long no worker takes them.
-local room = tonumber(ARGV[4]) - redis.call('LLEN', KEYS[4])
+-- token per job, at most WAKE_TOKENS in the list however long no worker takes them. A scheduled
+-- job wakes no one: RQ's scheduler moves it to the queue list when due, and the workers' next pop
+-- finds it there.
+local room = due == '' and tonumber(ARGV[4]) - redis.call('LLEN', KEYS[4]) or 0
 if room > 0 then
   local tokens = {}
   for i = 1, math.min(room, #ids) do tokens[i] = 1 end
@@ -101,21 +118,33 @@ def write_jobs(
     shared: str,
     jobs: list[Any],
     once: tuple[str, str, int] | None = None,
+    due: float | None = None,
 ) -> bytes | None:
     """Write jobs (id, data, meta, description, created time, five per job, flat) to queue `queue_name`,
     index them in `index_key` and wake idle workers (`wake_key`), in one script: all or none.
 
     `once`: (key, record, ttl) of an idempotency record: the jobs are written only if `key` is free,
     and `record` with them. Returns the record found under `key` instead, if any (writing nothing).
+    `due`: Unix time the jobs are scheduled for (with `shared` fields of status `scheduled`); None: now.
+    RQ scores its scheduled registry in whole seconds and its scheduler moves a job once the current
+    whole second reaches its score; the exact due time as the score is never moved early, and the
+    status view shows it as `next_attempt_at` to the millisecond.
     """
-    keys = [Queue.redis_queue_namespace_prefix + queue_name, Queue.redis_queues_keys, index_key, wake_key]
+    keys = [
+        Queue.redis_queue_namespace_prefix + queue_name,
+        Queue.redis_queues_keys,
+        index_key,
+        wake_key,
+        ScheduledJobRegistry.key_template.format(queue_name),
+    ]
     record, ttl = "", 0
     if once is not None:
         if not isinstance(client, redis.Redis):
             raise TypeError("an idempotency record needs the script's answer: give a client, not a pipeline")
         key, record, ttl = once
         keys.append(key)
-    args: list[Any] = [Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, record, ttl, *jobs]
+    when = "" if due is None else repr(due)
+    args: list[Any] = [Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, record, ttl, when, *jobs]
     if isinstance(client, redis.Redis) and len(jobs) > 5:
         # A batch's arguments run to megabytes: let a pipeline check that Redis has the script
         # (SCRIPT EXISTS) instead of sending them twice after a NOSCRIPT answer.
@@ -139,8 +168,16 @@ OWN_FIELDS = frozenset({"data", "meta", "description", "created_at", "enqueued_a
 
 
 @functools.cache
-def rq_fields(function: str, queue_name: str, result_ttl: int, failure_ttl: int, timeout: int) -> str:
-    """The hash fields RQ writes for every queued job with these settings, from one job RQ builds itself.
+def rq_fields(
+    function: str,
+    queue_name: str,
+    result_ttl: int,
+    failure_ttl: int,
+    timeout: int,
+    status: JobStatus = JobStatus.QUEUED,
+) -> str:
+    """The hash fields RQ writes for every job of `status` (queued or scheduled) with these settings,
+    from one job RQ builds itself.
 
     As a JSON array of field, value, field, value...: `_WRITE_JOBS` decodes it.
     """
@@ -151,7 +188,7 @@ def rq_fields(function: str, queue_name: str, result_ttl: int, failure_ttl: int,
         result_ttl=result_ttl,
         failure_ttl=failure_ttl,
         timeout=timeout,
-        status=JobStatus.QUEUED,
+        status=status,
         origin=queue_name,
         serializer=JSONSerializer,
     )

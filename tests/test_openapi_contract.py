@@ -91,7 +91,9 @@ def _delete_jobs(redis_conn, settings: Settings) -> None:
     job_ids = [job_id.decode() for job_id in redis_conn.zrange(keys.index, 0, -1)]
     for start in range(0, len(job_ids), 1000):
         redis_conn.delete(*(Job.key_for(job_id) for job_id in job_ids[start : start + 1000]))
-    redis_conn.delete(keys.index, keys.wake, *(queue.key for queue in make_queues(redis_conn, settings)))
+    queues = make_queues(redis_conn, settings)
+    redis_conn.delete(keys.index, keys.wake, *(queue.key for queue in queues))
+    redis_conn.delete(*(queue.scheduled_job_registry.key for queue in queues))
 
 
 # --- schemathesis against the running service ------------------------------------------------
@@ -157,8 +159,10 @@ def test_schemathesis_finds_no_failure_and_every_202_made_exactly_its_jobs(web: 
     assert 200 in answered["GET /v1/stats"] and 200 in answered["GET /readyz"]
     # A 202 made exactly the jobs it named and no other request made any; each one decodes.
     indexed = {job_id.decode() for job_id in redis_conn.zrange(Keys(web.settings.queue_name).index, 0, -1)}
-    queued = {job_id for queue in make_queues(redis_conn, web.settings) for job_id in queue.get_job_ids()}
-    assert accepted and indexed == queued == accepted
+    queues = make_queues(redis_conn, web.settings)
+    queued = {job_id for queue in queues for job_id in queue.get_job_ids()}
+    scheduled = {job_id for queue in queues for job_id in queue.scheduled_job_registry.get_job_ids()}  # send_at
+    assert accepted and indexed == queued | scheduled == accepted and not queued & scheduled
     for job_id in accepted:
         assert_job_deliverable(redis_conn, job_id)
 

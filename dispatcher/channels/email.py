@@ -213,14 +213,15 @@ EMAIL_JOB_TIMEOUT = 300
 
 
 def job(request: EmailRequest, job_id: str, accepted_at: datetime, settings: Settings) -> JobParts:
-    """Message-ID and Date are fixed at acceptance, so every retry sends the same message."""
+    """Message-ID and Date are fixed at acceptance, so every retry sends the same message; the Date
+    of a scheduled email is its send_at (mail readers sort by it)."""
     sender = request.from_
     assert sender is not None  # the model fills the default sender or rejects the request
-    payload = request.model_dump(by_alias=True, exclude={"metadata", "retry"}, exclude_none=True) | {
+    payload = request.model_dump(by_alias=True, exclude={"metadata", "retry", "send_at"}, exclude_none=True) | {
         "v": PAYLOAD_VERSION,
         "channel": NAME,
         "message_id": f"<{job_id}@{_ascii_domain(sender)}>",
-        "date": accepted_at.timestamp(),
+        "date": (request.send_at or accepted_at).timestamp(),
         "retry": resolve_retry(request.retry, settings.email_retry),
     }
     recipients = len(request.to) + len(request.cc) + len(request.bcc)
