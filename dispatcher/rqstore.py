@@ -2,8 +2,8 @@
 
 Dispatcher writes RQ's structures itself where RQ's public API costs too much (a job hash per
 request, a batch of pops, the bookkeeping of many jobs in one pipeline) or has no call for what it
-needs (requeueing an abandoned job atomically), reads RQ's fields and results for the status view,
-and calls a few of RQ's private functions. Key names come from RQ's classes and prefix
+needs (requeueing an abandoned job atomically, scheduling to the millisecond), reads RQ's fields
+and results for the status view, and calls a few of RQ's private functions. Key names come from RQ's classes and prefix
 (RQ_KEY_PREFIX), never from strings written by hand. A new RQ release is checked here and in the
 contract tests: tests/test_enqueue.py, tests/test_rq_tools.py, tests/test_rq_executions.py,
 tests/test_rq_prefix.py, tests/test_worker_contract.py (pyproject.toml pins rq narrowly for it).
@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import time
 import zlib
 from datetime import datetime
 from enum import Enum
@@ -29,8 +30,9 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 from rq.results import Result
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
-from rq.utils import current_timestamp, now, utcformat
+from rq.utils import as_text, current_timestamp, now, utcformat
 
 # --- Writing jobs (the API) ------------------------------------------------------------------
 
@@ -416,9 +418,83 @@ def stop_requested_at(worker: Any) -> datetime | None:
     return cast(datetime | None, worker._shutdown_requested_date)
 
 
-def start_scheduler(worker: Any, burst: bool, logging_level: str | None, date_format: str, log_format: str) -> None:
-    """RQ's worker starts its scheduler (a thread, or in burst mode one pass) in its private `_start_scheduler`."""
-    worker._start_scheduler(burst, logging_level, date_format, log_format)
+class Scheduler(RQScheduler):
+    """RQ's scheduler, with two differences that make a job start within a second of its due time.
+
+    RQ's compares whole seconds (`current_timestamp()`), so a job due at 09:00:00.001 waited until
+    09:00:01 and the pass after; this one moves every job whose due time has passed, to the
+    millisecond (a job due on a whole second, as RQ schedules retries, moves as before). And it
+    adds wake tokens for what it queued: idle workers of several queues wait on the wake list, not
+    on the queues, and would find the jobs only at the end of their wait.
+    """
+
+    def __init__(self, *args: Any, wake_key: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wake_key = wake_key
+
+    def enqueue_scheduled_jobs(self) -> None:
+        """What RQ's does (its private `Queue._enqueue_job` and `_enqueue_rate_limited_job` per job),
+        with the due time in milliseconds."""
+        self._status = self.Status.WORKING
+        if not self._scheduled_job_registries and self._acquired_locks:
+            self.prepare_registries()
+        queued = 0
+        for registry in self._scheduled_job_registries:
+            due = self.connection.zrangebyscore(registry.key, 0, time.time(), start=0, num=1000)
+            ids = [as_text(job_id) for job_id in due]
+            if not ids:
+                continue
+            queue = Queue(registry.name, connection=self.connection, serializer=self.serializer)
+            jobs = Job.fetch_many(ids, connection=self.connection, serializer=self.serializer)
+            with self.connection.pipeline() as pipe:
+                for job_id, job in zip(ids, jobs, strict=True):
+                    if job is None:
+                        registry.remove(job_id, pipeline=pipe)
+                    elif not job.has_rate_limit:
+                        queue._enqueue_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
+                        registry.remove(job.id, pipeline=pipe)
+                        queued += 1
+                pipe.execute()
+            for job in jobs:
+                if job is not None and job.has_rate_limit:
+                    with self.connection.pipeline() as pipe:
+                        registry.remove(job.id, pipeline=pipe)
+                        queue._enqueue_rate_limited_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
+                        pipe.execute()
+                    queued += 1
+        if queued:
+            with self.connection.pipeline() as pipe:  # at most WAKE_TOKENS, as the enqueue script keeps it
+                pipe.rpush(self.wake_key, *[1] * min(queued, WAKE_TOKENS))
+                pipe.ltrim(self.wake_key, -WAKE_TOKENS, -1)
+                pipe.execute()
+        self._status = self.Status.STARTED
+
+
+def start_scheduler(
+    worker: Any, burst: bool, logging_level: str | None, date_format: str, log_format: str, wake_key: str
+) -> None:
+    """What RQ's worker does in its private `_start_scheduler` (a process, or in burst mode one pass),
+    with Dispatcher's Scheduler."""
+    worker.scheduler = Scheduler(
+        worker.queues,
+        connection=worker.connection,
+        logging_level=logging_level if logging_level is not None else worker.log.level,
+        date_format=date_format,
+        log_format=log_format,
+        serializer=worker.serializer,
+        wake_key=wake_key,
+    )
+    worker.scheduler.acquire_locks()
+    if worker.scheduler.acquired_locks:
+        if burst:
+            try:
+                worker.scheduler.register_birth()
+                worker.scheduler.enqueue_scheduled_jobs()
+            finally:
+                worker.scheduler.release_locks()
+                worker.scheduler.register_death()
+        else:
+            worker.scheduler.start()
 
 
 def install_signal_handlers(worker: Any) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from rq import Queue
 from rq.job import Job, JobStatus
-from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
@@ -26,7 +25,7 @@ from dispatcher.channels.email import EmailRequest
 from dispatcher.channels.webhook import WebhookRequest
 from dispatcher.enqueue import enqueue_many, make_queue
 from dispatcher.keys import Keys
-from dispatcher.rqstore import OWN_FIELDS
+from dispatcher.rqstore import OWN_FIELDS, Scheduler
 from tests.conftest import free_port
 
 REQUESTS = {
@@ -117,27 +116,33 @@ def test_a_scheduled_job_is_the_one_rqs_enqueue_at_writes(redis_conn, queue_sett
     assert json.loads(zlib.decompress(ours[b"data"])) == json.loads(zlib.decompress(theirs[b"data"]))
 
 
-def test_rqs_scheduler_queues_a_scheduled_job_once_due_and_not_before(redis_conn, queue_settings):
+def test_the_scheduler_queues_a_scheduled_job_once_due_to_the_millisecond_and_wakes_workers(
+    redis_conn, queue_settings
+):
+    """The workers' scheduler (rqstore.Scheduler, RQ's with millisecond due times) on jobs the API
+    scheduled: RQ's own would wait for the next whole second."""
     due = datetime.now(UTC) - timedelta(seconds=1)
-    later = datetime.now(UTC) + timedelta(seconds=0.5)  # within RQ's current second, or the next
+    later = datetime.now(UTC) + timedelta(seconds=0.3)
     (due_id,) = enqueue_many(redis_conn, queue_settings, "webhook", [REQUESTS["webhook"]()], send_at=due)
     (later_id,) = enqueue_many(redis_conn, queue_settings, "webhook", [REQUESTS["webhook"]()], send_at=later)
     queue = make_queue(redis_conn, queue_settings)
-    scheduler = RQScheduler([queue], connection=redis_conn, serializer=JSONSerializer)
+    wake = Keys(queue_settings.queue_name).wake
+    scheduler = Scheduler([queue], connection=redis_conn, serializer=JSONSerializer, wake_key=wake)
     scheduler.acquire_locks()
     try:
         scheduler.enqueue_scheduled_jobs()
-        moved = queue.get_job_ids()
+        moved, tokens = queue.get_job_ids(), redis_conn.llen(wake)
         while datetime.now(UTC) < later:
-            time.sleep(0.05)
+            time.sleep(0.01)
         scheduler.enqueue_scheduled_jobs()
         moved_later = queue.get_job_ids()
     finally:
         scheduler.release_locks()
 
-    assert moved == [due_id]
-    assert moved_later in ([due_id], [due_id, later_id])  # due now, or at RQ's next whole second
+    assert (moved, tokens) == ([due_id], 1)
+    assert moved_later == [due_id, later_id]
     assert Job.fetch(due_id, connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
+    assert queue.scheduled_job_registry.get_job_ids() == []
 
 
 def test_many_jobs_keep_their_order_and_are_indexed(redis_conn, queue_settings):
