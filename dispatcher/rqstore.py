@@ -3,9 +3,9 @@
 Dispatcher writes RQ's structures itself where RQ's public API costs too much (a job hash per
 request, a batch of pops, the bookkeeping of many jobs in one pipeline) or has no call for what it
 needs (requeueing an abandoned job atomically, scheduling to the millisecond), reads RQ's fields
-and results for the status view, and calls a few of RQ's private functions. Key names come from RQ's classes and prefix
-(RQ_KEY_PREFIX), never from strings written by hand. A new RQ release is checked here and in the
-contract tests: tests/test_enqueue.py, tests/test_rq_tools.py, tests/test_rq_executions.py,
+and results for the status view, and calls a few of RQ's private functions. Key names come from
+RQ's classes and prefix (RQ_KEY_PREFIX), never from strings written by hand. A new RQ release is
+checked here and in the contract tests: tests/test_enqueue.py, tests/test_rq_tools.py, tests/test_rq_executions.py,
 tests/test_rq_prefix.py, tests/test_worker_contract.py (pyproject.toml pins rq narrowly for it).
 """
 
