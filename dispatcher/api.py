@@ -5,20 +5,21 @@ from __future__ import annotations
 import gc
 import hmac
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from pydantic import BaseModel, ValidationError
 from werkzeug.routing import BaseConverter
 
-from dispatcher.batches import batch_view, new_batch_id
+from dispatcher import idempotency
+from dispatcher.batches import batch_id_of, batch_view
 from dispatcher.channels import CHANNELS, Channel
 from dispatcher.control import JobControl
 from dispatcher.enqueue import enqueue, enqueue_many
-from dispatcher.errors import APIError, FieldProblem, JobStateConflict, NoSuchJob
+from dispatcher.errors import AlreadyAccepted, APIError, FieldProblem, JobStateConflict, NoSuchJob
 from dispatcher.logs import note_batch, note_job
 from dispatcher.openapi import openapi_document
 from dispatcher.runtime import Runtime
@@ -80,6 +81,7 @@ def authenticate() -> None:
     matches = [hmac.compare_digest(token.strip().encode(), key.encode()) for key in runtime().settings.api_keys]
     if not any(matches):
         raise APIError(401, "unauthorized", "the API key is not valid")
+    g.api_key = token.strip()  # the scope of idempotency keys
 
 
 def _add_channel_routes(channel: Channel) -> None:
@@ -122,7 +124,7 @@ def retry_job(job_id: str) -> tuple[Response, int, dict[str, str]]:
     with _job_errors():
         _control().retry(job_id)
     note_job(job_id)  # (once it is known to be a job: a path may hold anything, a line break included)
-    accepted = _accepted(job_id)
+    accepted = _accepted(job_id, {})
     return jsonify(accepted), 202, {"Location": accepted["status_url"]}
 
 
@@ -192,25 +194,57 @@ def stats() -> Response:
 
 def _accept(channel: Channel) -> tuple[Response, int, dict[str, str]]:
     rt = runtime()
-    request = _validate(channel, channel.request)
-    job_id = enqueue(rt.connection, rt.settings, channel.name, request, request.priority)  # type: ignore[attr-defined]
+    body = _json_body()
+    claim = _claim(body)
+
+    def enqueue_new() -> list[str]:
+        request = _validate(channel, channel.request, body)
+        priority, send_at = request.priority, request.send_at  # type: ignore[attr-defined]
+        return [enqueue(rt.connection, rt.settings, channel.name, request, priority, claim, send_at)]
+
+    (job_id,), status = _once(claim, enqueue_new)
     note_job(job_id)
-    accepted = _accepted(job_id)
-    return jsonify(accepted), 202, {"Location": accepted["status_url"]}
+    accepted = _accepted(job_id, body)
+    return jsonify(accepted), status, {"Location": accepted["status_url"]}
 
 
 def _accept_batch(channel: Channel) -> tuple[Response, int]:
     """Every item valid and enqueued in one atomic Redis call, or a 422 naming each bad `items.<i>.<field>`."""
     rt = runtime()
     with _gc_paused():
-        batch = _validate(channel, channel.batch)
-        batch_id = new_batch_id()
-        job_ids = enqueue_many(
-            rt.connection, rt.settings, channel.name, batch.items, batch.priority, batch_id  # type: ignore[attr-defined]
-        )
+        body = _json_body()
+        claim = _claim(body)
+
+        def enqueue_new() -> list[str]:
+            batch = _validate(channel, channel.batch, body)
+            items, priority, send_at = batch.items, batch.priority, batch.send_at  # type: ignore[attr-defined]
+            return enqueue_many(
+                rt.connection, rt.settings, channel.name, items, priority, claim, send_at, batch=True
+            )
+
+        job_ids, status = _once(claim, enqueue_new)
     note_batch(job_ids)
+    batch_id = batch_id_of(job_ids)
     answer = {"batch_id": batch_id, "count": len(job_ids), "status_url": f"/v1/batches/{batch_id}"}
-    return jsonify(answer | {"items": [_accepted(job_id) for job_id in job_ids]}), 202
+    return jsonify(answer | {"items": [_accepted(job_id, body) for job_id in job_ids]}), status
+
+
+def _claim(body: dict[str, Any]) -> idempotency.Claim | None:
+    """The request's claim on its Idempotency-Key, if it has one (422 if the header is no key)."""
+    value = request.headers.get(idempotency.HEADER)
+    return idempotency.claim(value, g.api_key, request.method, request.path, body, runtime().keys)
+
+
+def _once(claim: idempotency.Claim | None, enqueue_new: Callable[[], list[str]]) -> tuple[list[str], int]:
+    """`enqueue_new()`'s job ids and 202; or, when a request with the same idempotency key was
+    accepted before, its job ids and 200 (409 if that request was another)."""
+    try:
+        if claim is not None:
+            claim.check(runtime().connection)
+        return enqueue_new(), 202
+    except AlreadyAccepted as earlier:
+        assert claim is not None  # only a claim's check or enqueue raises it
+        return claim.earlier_ids(earlier.record), 200
 
 
 @contextmanager
@@ -231,9 +265,8 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _validate(channel: Channel, model: type[BaseModel]) -> BaseModel:
+def _validate(channel: Channel, model: type[BaseModel], body: dict[str, Any]) -> BaseModel:
     rt = runtime()
-    body = _json_body()
     # Every host the request names is looked up at once, before validation waits on any of them:
     # a batch of distinct hosts takes one lookup's time, and all of them share one bound (dns_timeout).
     lookups = rt.guard.lookups()
@@ -247,8 +280,11 @@ def _validate(channel: Channel, model: type[BaseModel]) -> BaseModel:
         raise APIError(422, "validation_error", "the request has invalid fields", _details(exc)) from None
 
 
-def _accepted(job_id: str) -> dict[str, str]:
-    return {"id": job_id, "status": "queued", "status_url": f"/v1/jobs/{job_id}"}
+def _accepted(job_id: str, body: dict[str, Any]) -> dict[str, str]:
+    """The answer for one job of an accepted `body`: from the body, so that a repeat with an
+    idempotency key answers exactly what the first request did."""
+    status = "queued" if body.get("send_at") is None else "scheduled"
+    return {"id": job_id, "status": status, "status_url": f"/v1/jobs/{job_id}"}
 
 
 def _json_body() -> dict[str, Any]:

@@ -9,7 +9,6 @@ it agrees with GET /v1/jobs/<id>, rq-dashboard and RQ's requeue and cancel whate
 from __future__ import annotations
 
 import json
-import secrets
 from datetime import UTC, datetime
 
 import redis
@@ -32,8 +31,10 @@ DONE = (Status.SUCCEEDED.value, Status.FAILED.value, Status.CANCELED.value, GONE
 MAX_FAILED_PAGE = 1000
 
 
-def new_batch_id() -> str:
-    return ID_PREFIX + secrets.token_hex(16)
+def batch_id_of(job_ids: list[str]) -> str:
+    """A batch's id, from its first job's (random, so unique): an idempotent repeat, which has only
+    the job ids, answers the same batch id."""
+    return ID_PREFIX + job_ids[0].partition("_")[2]
 
 
 def batch_record(

@@ -274,6 +274,22 @@ def _priority_option(command: F) -> F:
     )(command)
 
 
+def _send_at_option(command: F) -> F:
+    return click.option(
+        "--send-at",
+        metavar="TIME",
+        help="when to send it, with its offset, e.g. 2026-12-24T09:00:00+01:00 (up to 30 days ahead)",
+    )(command)
+
+
+def _idempotency_option(command: F) -> F:
+    return click.option(
+        "--idempotency-key",
+        metavar="KEY",
+        help="send it once: the same key and request within 24 h print the first job id and enqueue nothing",
+    )(command)
+
+
 @cli.command("send-email")
 @click.option(
     "--to", "to", multiple=True, required=True, metavar="ADDRESS",
@@ -288,6 +304,8 @@ def _priority_option(command: F) -> F:
 @click.option("--html", help="the HTML body ('-' reads it from stdin)")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="metadata shown with the job (repeatable)")
 @_priority_option
+@_send_at_option
+@_idempotency_option
 @_wait_option
 def send_email(
     to: tuple[str, ...],
@@ -300,6 +318,8 @@ def send_email(
     html: str | None,
     metadata: tuple[str, ...],
     priority: Priority | None,
+    send_at: str | None,
+    idempotency_key: str | None,
     wait: bool,
 ) -> None:
     """Send an email through the API (POST /v1/emails) and print its job id.
@@ -310,11 +330,17 @@ def send_email(
     Example: dispatcher send-email --to ada@example.com --subject Hi --text 'Hello Ada'
     """
     fields: dict[str, Any] = {"cc": list(cc) or None, "bcc": list(bcc) or None, "from_": sender}
-    fields |= {"reply_to": reply_to, "metadata": _pairs("--metadata", metadata)}
+    fields |= {"reply_to": reply_to, "metadata": _pairs("--metadata", metadata), "send_at": send_at}
     client = _api_client()
     with _api_errors():
         job_id = client.send_email(
-            to=list(to), subject=subject, text=_stdin_or(text), html=_stdin_or(html), priority=priority, **fields
+            to=list(to),
+            subject=subject,
+            text=_stdin_or(text),
+            html=_stdin_or(html),
+            priority=priority,
+            idempotency_key=idempotency_key,
+            **fields,
         )
     _accepted(client, job_id, wait)
 
@@ -332,6 +358,8 @@ def send_email(
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'", help="an extra header (repeatable)")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="metadata shown with the job (repeatable)")
 @_priority_option
+@_send_at_option
+@_idempotency_option
 @_wait_option
 def send_webhook(
     url: str,
@@ -340,6 +368,8 @@ def send_webhook(
     headers: tuple[str, ...],
     metadata: tuple[str, ...],
     priority: Priority | None,
+    send_at: str | None,
+    idempotency_key: str | None,
     wait: bool,
 ) -> None:
     """Send a webhook to URL through the API (POST /v1/webhooks) and print its job id.
@@ -349,12 +379,14 @@ def send_webhook(
     Example: dispatcher send-webhook https://example.com/hook --event-type order.created --payload '{"id": 1}'
     """
     body = _json_object("--payload", payload)
-    extra: dict[str, Any] = {"metadata": _pairs("--metadata", metadata)}
+    extra: dict[str, Any] = {"metadata": _pairs("--metadata", metadata), "send_at": send_at}
     if headers:
         extra["headers"] = dict(_header(value) for value in headers)
     client = _api_client()
     with _api_errors():
-        job_id = client.send_webhook(url=url, event_type=event_type, payload=body, priority=priority, **extra)
+        job_id = client.send_webhook(
+            url=url, event_type=event_type, payload=body, priority=priority, idempotency_key=idempotency_key, **extra
+        )
     _accepted(client, job_id, wait)
 
 

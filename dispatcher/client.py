@@ -8,7 +8,8 @@
 Every error answer is raised as an exception carrying the API's `code`, `message` and field
 `details`. A `503` (Redis unreachable; the API wrote nothing) and a failure to connect are retried a
 few times with backoff; a request that may have reached the server is never sent twice, so a POST is
-not retried after a read timeout (it could have enqueued a job).
+not retried after a read timeout (it could have enqueued a job), unless it carries an idempotency key
+(`idempotency_key=`): the API then answers a repeat with the first answer and enqueues nothing.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class Unavailable(DispatcherError):
 
 
 class Conflict(DispatcherError):
-    """409: the job's status does not allow a cancel or a retry; the message says its status."""
+    """409: the job's status does not allow a cancel or a retry (the message says its status), or the
+    idempotency key was used for another request within 24 h."""
 
 
 _ERRORS: dict[int, type[DispatcherError]] = {
@@ -131,13 +133,15 @@ class Client:
         text: str | None = None,
         html: str | None = None,
         priority: Priority | None = None,
+        idempotency_key: str | None = None,
         **fields: Any,
     ) -> str:
         """Enqueue one email; returns its job id. `fields`: cc, bcc, from_ (sent as `from`),
-        reply_to, attachments, headers, metadata, retry, as the API documents them."""
+        reply_to, attachments, headers, metadata, retry, send_at (an RFC 3339 string), as the API documents them.
+        `idempotency_key`: the same key and email within 24 h answers the same id, sending once."""
         body = _drop_none({"to": to, "subject": subject, "text": text, "html": html, "priority": priority})
         body.update(_email_fields(fields))
-        return str(self._request("POST", "/v1/emails", body)["id"])
+        return str(self._request("POST", "/v1/emails", body, idempotency_key=idempotency_key)["id"])
 
     def send_webhook(
         self,
@@ -146,21 +150,35 @@ class Client:
         event_type: str,
         payload: dict[str, Any],
         priority: Priority | None = None,
+        idempotency_key: str | None = None,
         **fields: Any,
     ) -> str:
-        """Enqueue one webhook; returns its job id. `fields`: headers, metadata, retry."""
+        """Enqueue one webhook; returns its job id. `fields`: headers, metadata, retry, send_at.
+        `idempotency_key`: as for send_email."""
         body = _drop_none({"url": url, "event_type": event_type, "payload": payload, "priority": priority})
         body.update(_drop_none(fields))
-        return str(self._request("POST", "/v1/webhooks", body)["id"])
+        return str(self._request("POST", "/v1/webhooks", body, idempotency_key=idempotency_key)["id"])
 
-    def send_emails(self, items: Iterable[dict[str, Any]], priority: Priority | None = None) -> list[str]:
+    def send_emails(
+        self,
+        items: Iterable[dict[str, Any]],
+        priority: Priority | None = None,
+        idempotency_key: str | None = None,
+        send_at: str | None = None,
+    ) -> list[str]:
         """Enqueue a batch (all or none; `low` priority unless given); returns the job ids in order.
-        Items are the API's email objects (`from`, not `from_`)."""
-        return self._batch("/v1/emails/batch", items, priority)
+        Items are the API's email objects (`from`, not `from_`). `send_at`: when, for every item."""
+        return self._batch("/v1/emails/batch", items, priority, idempotency_key, send_at)
 
-    def send_webhooks(self, items: Iterable[dict[str, Any]], priority: Priority | None = None) -> list[str]:
+    def send_webhooks(
+        self,
+        items: Iterable[dict[str, Any]],
+        priority: Priority | None = None,
+        idempotency_key: str | None = None,
+        send_at: str | None = None,
+    ) -> list[str]:
         """Enqueue a batch of webhooks (all or none; `low` priority unless given); returns the ids."""
-        return self._batch("/v1/webhooks/batch", items, priority)
+        return self._batch("/v1/webhooks/batch", items, priority, idempotency_key, send_at)
 
     # --- controlling ---------------------------------------------------------------------------
 
@@ -240,23 +258,36 @@ class Client:
 
     # --- transport -----------------------------------------------------------------------------
 
-    def _batch(self, path: str, items: Iterable[dict[str, Any]], priority: Priority | None) -> list[str]:
-        body = _drop_none({"items": list(items), "priority": priority})
-        return [item["id"] for item in self._request("POST", path, body)["items"]]
+    def _batch(
+        self,
+        path: str,
+        items: Iterable[dict[str, Any]],
+        priority: Priority | None,
+        idempotency_key: str | None,
+        send_at: str | None,
+    ) -> list[str]:
+        body = _drop_none({"items": list(items), "priority": priority, "send_at": send_at})
+        return [item["id"] for item in self._request("POST", path, body, idempotency_key=idempotency_key)["items"]]
 
     def _request(
-        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
                 response = self.session.request(
-                    method, self.base_url + path, json=body, params=params, timeout=self.timeout
+                    method, self.base_url + path, json=body, params=params, headers=headers, timeout=self.timeout
                 )
             except requests.RequestException as exc:
                 # A GET or DELETE may always be sent again; a POST only if it never left (else it may have
-                # enqueued).
-                if last or not (method in ("GET", "DELETE") or _never_sent(exc)):
+                # enqueued), or if it has an idempotency key (a repeat enqueues nothing).
+                if last or not (method in ("GET", "DELETE") or headers or _never_sent(exc)):
                     raise Unavailable(0, "unreachable", f"{method} {path}: {exc}") from exc
             else:
                 if response.status_code != 503 or last:

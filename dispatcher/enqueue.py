@@ -12,13 +12,16 @@ import redis
 from pydantic import BaseModel
 from redis.client import Pipeline
 from rq import Queue
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
 from dispatcher import rqstore
-from dispatcher.batches import batch_record
+from dispatcher.batches import batch_id_of, batch_record
 from dispatcher.channels import CHANNELS, JOB_FUNCTION, Channel
 from dispatcher.config import Settings
+from dispatcher.errors import AlreadyAccepted
+from dispatcher.idempotency import IDEMPOTENCY_TTL, Claim
 from dispatcher.keys import Keys
 from dispatcher.priorities import DEFAULT_PRIORITY, PRIORITIES, Priority, queue_name
 
@@ -50,9 +53,11 @@ def enqueue(
     channel: str,
     request: BaseModel,
     priority: Priority = DEFAULT_PRIORITY,
+    claim: Claim | None = None,
+    send_at: datetime | None = None,
 ) -> str:
     """Enqueue one job and index it, in one round trip; return its id."""
-    return enqueue_many(connection, settings, channel, [request], priority)[0]
+    return enqueue_many(connection, settings, channel, [request], priority, claim, send_at)[0]
 
 
 def enqueue_many(
@@ -61,10 +66,16 @@ def enqueue_many(
     channel: str,
     requests: Sequence[BaseModel],
     priority: Priority = DEFAULT_PRIORITY,
-    batch_id: str | None = None,
+    claim: Claim | None = None,
+    send_at: datetime | None = None,
+    batch: bool = False,
 ) -> list[str]:
     """Enqueue each request as an RQ job of `priority`'s queue, accepted now, in one Redis call: all
-    of them or none, with the record of batch `batch_id` if given (dispatcher.batches).
+    of them or none, with the record of their batch if `batch` (dispatcher.batches). With a `claim`
+    on an idempotency key, only if the key is free (the record is written in the same call);
+    AlreadyAccepted, with the record found, if it is not. With `send_at`, the jobs wait as
+    `scheduled` in the queue's ScheduledJobRegistry until then, as RQ's `enqueue_at` leaves them:
+    RQ's scheduler, which every worker runs, moves them to the queue when due.
 
     This writes what `Queue.enqueue_many` writes, without it: RQ builds a `Job` object per job and
     serializes all of it, and redis-py packs each field of each hash in Python; together that was
@@ -79,8 +90,9 @@ def enqueue_many(
     accepted_at = datetime.now(UTC)
     stamp = utcformat(accepted_at)
     queue = queue_name(settings.queue_name, priority)
+    status = JobStatus.QUEUED if send_at is None else JobStatus.SCHEDULED
     shared = rqstore.rq_fields(
-        JOB_FUNCTION, queue, settings.result_ttl, settings.failure_ttl, kind.job_timeout(settings)
+        JOB_FUNCTION, queue, settings.result_ttl, settings.failure_ttl, kind.job_timeout(settings), status
     )
     jobs: list[Any] = []
     job_ids = []
@@ -89,9 +101,15 @@ def enqueue_many(
         jobs += (job_id, rqstore.job_data(JOB_FUNCTION, payload), JSONSerializer.dumps(meta), description, stamp)
         job_ids.append(job_id)
     keys = Keys(settings.queue_name)
-    batch = None
-    if batch_id is not None:
+    once = None if claim is None else (claim.record_key, claim.record(job_ids), IDEMPOTENCY_TTL)
+    due = None if send_at is None else send_at.timestamp()
+    record = None
+    if batch:
         ttl = max(settings.result_ttl, settings.failure_ttl)
-        batch = batch_record(keys, batch_id, channel, priority, len(job_ids), accepted_at, ttl)
-    rqstore.write_jobs(client, queue, keys.index, keys.wake, time.time(), shared, jobs, batch)
+        record = batch_record(keys, batch_id_of(job_ids), channel, priority, len(job_ids), accepted_at, ttl)
+    earlier = rqstore.write_jobs(
+        client, queue, keys.index, keys.wake, time.time(), shared, jobs, once, due, record
+    )
+    if earlier is not None:
+        raise AlreadyAccepted(earlier)
     return job_ids

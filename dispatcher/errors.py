@@ -49,6 +49,15 @@ class JobStateConflict(DispatcherError):
     """The job's state does not allow the operation (cancel, retry); the message says why."""
 
 
+class AlreadyAccepted(DispatcherError):
+    """A request with the same idempotency key was accepted before; `record` is what it left
+    (dispatcher.idempotency judges it)."""
+
+    def __init__(self, record: bytes) -> None:
+        super().__init__("a request with this idempotency key was accepted before")
+        self.record = record
+
+
 class APIError(DispatcherError):
     """An error answered to an API client as JSON."""
 

@@ -43,6 +43,11 @@ class Keys:
         """List of one batch's job ids, in the order of its items."""
         return f"{self.prefix}:batch:{batch_id}:jobs"
 
+    def idempotency(self, client: str, key: str) -> str:
+        """String: what the request that first used Idempotency-Key `key` left (dispatcher.idempotency);
+        `client` is a hash of its API key, which scopes the key."""
+        return f"{self.prefix}:idempotency:{client}:{key}"
+
     def limbo(self, job_id: str) -> str:
         """When a reaper first saw this job popped but not started (a worker clears it as it starts the job)."""
         return f"{self.prefix}:limbo:{job_id}"

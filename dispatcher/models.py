@@ -11,10 +11,12 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -159,6 +161,41 @@ def _check_headers(
             raise FieldProblem(field, f"is longer than {MAX_HEADER_VALUE} characters")
 
 
+#: How far in the past a `send_at` may be (the client's clock may be behind), and how far ahead.
+SEND_AT_SKEW = timedelta(seconds=60)
+MAX_SEND_AHEAD = timedelta(days=30)
+#: RFC 3339's date-time (the document's `date-time` format): seconds and an offset required.
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
+
+
+def _rfc3339(value: Any) -> Any:
+    """Only a date-time string with an offset: pydantic alone would take Unix seconds, or a time
+    without an offset as UTC."""
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("must be a date and time with its UTC offset, e.g. 2026-12-24T09:00:00+01:00")
+    return value
+
+
+def _soon(value: datetime) -> datetime:
+    now = datetime.now(UTC)
+    if value < now - SEND_AT_SKEW:
+        raise ValueError(f"is in the past (more than {SEND_AT_SKEW.seconds} s ago)")
+    if value > now + MAX_SEND_AHEAD:
+        raise ValueError(f"is more than {MAX_SEND_AHEAD.days} days ahead")
+    return value
+
+
+SendAt = Annotated[
+    AwareDatetime,
+    BeforeValidator(_rfc3339),
+    AfterValidator(_soon),
+    Field(
+        description=f"when to send it, with its UTC offset: from {SEND_AT_SKEW.seconds} s ago to "
+        f"{MAX_SEND_AHEAD.days} days ahead; the job waits as `scheduled` until then"
+    ),
+]
+
+
 class RequestModel(BaseModel):
     # Above the 15 MB body limit: a 10 MB attachment is ~14 million base64 characters, and
     # the body limit and the decoded-attachment total are the caps that matter.
@@ -170,26 +207,33 @@ class SendRequest(RequestModel):
 
     #: The RQ queue the job goes to (dispatcher.priorities); workers serve `high` first.
     priority: Priority = Field(default=DEFAULT_PRIORITY, description="high, default or low: which queue the job joins")
+    send_at: SendAt | None = None
+
+
+#: What a batch says once for all its items, and its items may not say themselves.
+_BATCH_WIDE = ("priority", "send_at")
 
 
 def _items_without_priority(schema: dict[str, Any]) -> None:
-    """The document's batch: its items may not carry a priority of their own (_one_priority)."""
+    """The document's batch: its items may not carry a priority or send_at of their own (_one_priority)."""
     items = schema["properties"]["items"]
-    items["items"] = {"allOf": [items["items"]], "not": {"required": ["priority"]}}
+    items["items"] = {"allOf": [items["items"]], "not": {"anyOf": [{"required": [name]} for name in _BATCH_WIDE]}}
 
 
 class SendBatch(RequestModel):
-    """What every channel's batch has besides its items: one priority for all of them."""
+    """What every channel's batch has besides its items: one priority and send_at for all of them."""
 
     model_config = ConfigDict(json_schema_extra=_items_without_priority)
 
     priority: Priority = Field(default=BATCH_PRIORITY, description="high, default or low; a batch is low by default")
+    send_at: SendAt | None = None
 
     @model_validator(mode="after")
     def _one_priority(self) -> SendBatch:
         for i, item in enumerate(getattr(self, "items", ())):
-            if "priority" in item.model_fields_set:
-                raise FieldProblem(f"items.{i}.priority", "give the priority once, for the whole batch")
+            for name in _BATCH_WIDE:
+                if name in item.model_fields_set:
+                    raise FieldProblem(f"items.{i}.{name}", f"give the {name} once, for the whole batch")
         return self
 
 

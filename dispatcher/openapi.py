@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 
+from dispatcher import idempotency
 from dispatcher.channels import CHANNELS, Channel
 from dispatcher.models import MAX_BATCH
 from dispatcher.suppressions import MAX_ADDRESS, Suppression
@@ -50,11 +51,12 @@ _ERRORS = {
     401: "`unauthorized`: no or wrong bearer key",
     404: "`not_found`: unknown (or expired) job or batch, or an address not on the suppression list",
     405: "`method_not_allowed`: `replay` is not a job id (it names POST /v1/jobs/replay)",
-    409: "`conflict`: the job's status does not allow it; the message says which it is",
+    409: "`conflict`: the job's status does not allow it (the message says which it is); or "
+    f"`idempotency_conflict`: the `{idempotency.HEADER}` was used for another request within 24 h",
     413: "`body_too_large`: the body is over 15 MB",
     414: "`uri_too_long`: the request line (path and query) is over 4,094 bytes",
     415: "`unsupported_media_type`: the body is not `application/json`",
-    422: "`validation_error`: one entry in `details` for every bad field or query parameter",
+    422: "`validation_error`: one entry in `details` for every bad field, query parameter or header",
     503: "`unavailable`: Redis is unreachable",
 }
 _STRING = {"type": "string"}
@@ -85,39 +87,51 @@ def _responses(ok: int, answer: str, description: str, errors: tuple[int, ...], 
     return answers
 
 
-def _accept(channel: Channel) -> dict:
+#: The header parameter of every POST operation (dispatcher.idempotency).
+_IDEMPOTENCY_KEY = {
+    "name": idempotency.HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": idempotency.KEY_PATTERN},
+    "description": "makes the request safe to send again: within 24 h, the same key (for the same API key) "
+    "with the same method, path and JSON body answers the first answer with 200 and enqueues nothing; "
+    "with another request it is a 409",
+}
+#: What a repeated request with an Idempotency-Key answers.
+_REPEATED = "a request with this Idempotency-Key and body was accepted before: its answer; nothing new was enqueued"
+
+
+def _post(
+    operation_id: str, summary: str, request: type[BaseModel], answer: str, description: str, **extra: Any
+) -> dict:
+    """A POST operation of a channel: 202 with new jobs, or 200 with the jobs of an earlier request
+    with the same idempotency key."""
+    responses = _responses(202, answer, description, (400, 401, 409, 413, 415, 422, 503), **extra)
     return {
         "post": {
-            "operationId": f"create_{channel.name}",
-            "summary": channel.summary,
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref(channel.request.__name__)}},
-            },
-            "responses": _responses(
-                202, "Accepted", "accepted and queued", (400, 401, 413, 415, 422, 503), headers=_LOCATION
-            ),
+            "operationId": operation_id,
+            "summary": summary,
+            "parameters": [_IDEMPOTENCY_KEY],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request.__name__)}}},
+            "responses": {"200": _json(_ref(answer), _REPEATED, **extra), **responses},
         }
     }
+
+
+def _accept(channel: Channel) -> dict:
+    return _post(
+        f"create_{channel.name}", channel.summary, channel.request, "Accepted", "accepted and queued", headers=_LOCATION
+    )
 
 
 def _accept_batch(channel: Channel) -> dict:
-    return {
-        "post": {
-            "operationId": f"create_{channel.name}_batch",
-            "summary": f"{channel.summary}, for each of up to {MAX_BATCH:,} items: all or none",
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref(channel.batch.__name__)}},
-            },
-            "responses": _responses(
-                202,
-                "AcceptedBatch",
-                "every item accepted and queued (a 422 accepts none)",
-                (400, 401, 413, 415, 422, 503),
-            ),
-        }
-    }
+    return _post(
+        f"create_{channel.name}_batch",
+        f"{channel.summary}, for each of up to {MAX_BATCH:,} items: all or none",
+        channel.batch,
+        "AcceptedBatch",
+        "every item accepted and queued (a 422 accepts none)",
+    )
 
 
 def _get(operation_id: str, summary: str, answer: str, errors: tuple[int, ...], **extra: Any) -> dict:

@@ -2,10 +2,10 @@
 
 Dispatcher writes RQ's structures itself where RQ's public API costs too much (a job hash per
 request, a batch of pops, the bookkeeping of many jobs in one pipeline) or has no call for what it
-needs (requeueing an abandoned job atomically), reads RQ's fields and results for the status view,
-and calls a few of RQ's private functions. Key names come from RQ's classes and prefix
-(RQ_KEY_PREFIX), never from strings written by hand. A new RQ release is checked here and in the
-contract tests: tests/test_enqueue.py, tests/test_rq_tools.py, tests/test_rq_executions.py,
+needs (requeueing an abandoned job atomically, scheduling to the millisecond), reads RQ's fields
+and results for the status view, and calls a few of RQ's private functions. Key names come from
+RQ's classes and prefix (RQ_KEY_PREFIX), never from strings written by hand. A new RQ release is
+checked here and in the contract tests: tests/test_enqueue.py, tests/test_rq_tools.py, tests/test_rq_executions.py,
 tests/test_rq_prefix.py, tests/test_worker_contract.py (pyproject.toml pins rq narrowly for it).
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import time
 import zlib
 from datetime import datetime
 from enum import Enum
@@ -27,10 +28,11 @@ from redis.typing import EncodableT
 from rq import Queue
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
-from rq.registry import CanceledJobRegistry
+from rq.registry import CanceledJobRegistry, ScheduledJobRegistry
 from rq.results import Result
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
-from rq.utils import current_timestamp, now, utcformat
+from rq.utils import as_text, current_timestamp, now, utcformat
 
 # --- Writing jobs (the API) ------------------------------------------------------------------
 
@@ -43,44 +45,69 @@ def job_data(function: str, payload: dict) -> bytes:
 
 
 #: Writes jobs as RQ's `Queue.enqueue_many` does (hash, queue list, the set of queues) and indexes
-#: them. KEYS: the queue list, RQ's set of queues, our job index, the wake list, and for a batch its
-#: hash and its list of job ids. ARGV: the job key prefix, the index score, the field/value pairs
-#: every job shares (a JSON array: one argument to pack, not 26), WAKE_TOKENS, the batch's fields (a
-#: JSON array, or empty for no batch), the batch keys' TTL, then
-#: per job its id, data, meta, description and created/enqueued time. One script is atomic, and a
+#: them; or, given a due time, as RQ's `Queue.enqueue_at` does (hash without `enqueued_at`, the
+#: queue's ScheduledJobRegistry scored by the due time, the set of queues). KEYS: the queue list,
+#: RQ's set of queues, our job index, the wake list, the queue's scheduled registry, the key of the
+#: request's idempotency record (empty without one), and for a batch its hash and its list of job
+#: ids (empty without one). ARGV: the job key prefix, the index score, the field/value pairs every
+#: job shares (a JSON array: one argument to pack, not 26), WAKE_TOKENS, the idempotency record and
+#: its TTL, the due time (Unix seconds; empty: now), the batch's fields (a JSON array) and their
+#: TTL, then
+#: per job its id, data, meta, description and created/enqueued time. Answers an earlier record under
+#: the key, writing nothing, or nil. With the record written here, in the same atomic script as the
+#: jobs, two requests with one key cannot both enqueue, and none can see the key taken but its jobs
+#: not yet written. (dispatcher.idempotency) One script is atomic, and a
 #: script that fails on its first write (out of memory, say) has written nothing; the job keys are
 #: new random ids, so no later write can fail on a wrong type. (The job keys are not declared: RQ runs
 #: on one Redis, not a cluster.)
 _WRITE_JOBS = Script(
     None,  # type: ignore[arg-type]  # called with an explicit client
     b"""
-local prefix, score, shared = ARGV[1], ARGV[2], cjson.decode(ARGV[3])
-local ids, scored = {}, {}
-for i = 7, #ARGV, 5 do
+if KEYS[6] ~= '' then
+  local earlier = redis.call('GET', KEYS[6])
+  if earlier then return earlier end
+  redis.call('SET', KEYS[6], ARGV[5], 'EX', ARGV[6])
+end
+local prefix, score, shared, due = ARGV[1], ARGV[2], cjson.decode(ARGV[3]), ARGV[7]
+local ids, scored, scheduled = {}, {}, {}
+for i = 10, #ARGV, 5 do
   local id = ARGV[i]
-  redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
-    'created_at', ARGV[i + 4], 'enqueued_at', ARGV[i + 4], unpack(shared))
+  if due == '' then
+    redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
+      'created_at', ARGV[i + 4], 'enqueued_at', ARGV[i + 4], unpack(shared))
+  else
+    redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
+      'created_at', ARGV[i + 4], unpack(shared))
+    scheduled[#scheduled + 1] = due
+    scheduled[#scheduled + 1] = id
+  end
   ids[#ids + 1] = id
   scored[#scored + 1] = score
   scored[#scored + 1] = id
 end
 -- In slices: unpack() has a limit on how many values it returns.
 for i = 1, #ids, 1000 do
-  redis.call('RPUSH', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
+  if due == '' then
+    redis.call('RPUSH', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
+  else
+    redis.call('ZADD', KEYS[5], unpack(scheduled, 2 * i - 1, math.min(2 * i + 1998, #scheduled)))
+  end
   redis.call('ZADD', KEYS[3], unpack(scored, 2 * i - 1, math.min(2 * i + 1998, #scored)))
 end
 redis.call('SADD', KEYS[2], KEYS[1])
-if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[5], unpack(cjson.decode(ARGV[5])))
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[7], unpack(cjson.decode(ARGV[8])))
   for i = 1, #ids, 1000 do
-    redis.call('RPUSH', KEYS[6], unpack(ids, i, math.min(i + 999, #ids)))
+    redis.call('RPUSH', KEYS[8], unpack(ids, i, math.min(i + 999, #ids)))
   end
-  redis.call('EXPIRE', KEYS[5], ARGV[6])
-  redis.call('EXPIRE', KEYS[6], ARGV[6])
+  redis.call('EXPIRE', KEYS[7], ARGV[9])
+  redis.call('EXPIRE', KEYS[8], ARGV[9])
 end
 -- Wake idle workers that serve several queues (they block on this list, not on a queue): one
--- token per job, at most WAKE_TOKENS in the list however long no worker takes them.
-local room = tonumber(ARGV[4]) - redis.call('LLEN', KEYS[4])
+-- token per job, at most WAKE_TOKENS in the list however long no worker takes them. A scheduled
+-- job wakes no one: RQ's scheduler moves it to the queue list when due, and the workers' next pop
+-- finds it there.
+local room = due == '' and tonumber(ARGV[4]) - redis.call('LLEN', KEYS[4]) or 0
 if room > 0 then
   local tokens = {}
   for i = 1, math.min(room, #ids) do tokens[i] = 1 end
@@ -101,25 +128,51 @@ def write_jobs(
     score: float,
     shared: str,
     jobs: list[Any],
+    once: tuple[str, str, int] | None = None,
+    due: float | None = None,
     batch: tuple[str, str, str, int] | None = None,
-) -> None:
+) -> bytes | None:
     """Write jobs (id, data, meta, description, created time, five per job, flat) to queue `queue_name`,
-    index them in `index_key` and wake idle workers (`wake_key`), in one script: all or none. `batch`:
-    its hash key, its job list key, its fields (a JSON array) and their TTL, written in the same script."""
-    keys = [Queue.redis_queue_namespace_prefix + queue_name, Queue.redis_queues_keys, index_key, wake_key]
-    batch_args: list[Any] = ["", 0]
+    index them in `index_key` and wake idle workers (`wake_key`), in one script: all or none.
+
+    `once`: (key, record, ttl) of an idempotency record: the jobs are written only if `key` is free,
+    and `record` with them. Returns the record found under `key` instead, if any (writing nothing).
+    `due`: Unix time the jobs are scheduled for (with `shared` fields of status `scheduled`); None: now.
+    RQ scores its scheduled registry in whole seconds and its scheduler moves a job once the current
+    whole second reaches its score; the exact due time as the score is never moved early, and the
+    status view shows it as `next_attempt_at` to the millisecond.
+    `batch`: its hash key, its job list key, its fields (a JSON array) and their TTL, written with the jobs.
+    """
+    record, ttl, once_key = "", 0, ""
+    if once is not None:
+        if not isinstance(client, redis.Redis):
+            raise TypeError("an idempotency record needs the script's answer: give a client, not a pipeline")
+        once_key, record, ttl = once
+    batch_keys, batch_args = ["", ""], ["", 0]
     if batch is not None:
-        keys += batch[:2]
-        batch_args = [batch[2], batch[3]]
-    args: list[Any] = [Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, *batch_args, *jobs]
+        batch_keys, batch_args = list(batch[:2]), [batch[2], batch[3]]
+    keys = [
+        Queue.redis_queue_namespace_prefix + queue_name,
+        Queue.redis_queues_keys,
+        index_key,
+        wake_key,
+        ScheduledJobRegistry.key_template.format(queue_name),
+        once_key,
+        *batch_keys,
+    ]
+    when = "" if due is None else repr(due)
+    args: list[Any] = [
+        Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, record, ttl, when, *batch_args, *jobs
+    ]
     if isinstance(client, redis.Redis) and len(jobs) > 5:
         # A batch's arguments run to megabytes: let a pipeline check that Redis has the script
         # (SCRIPT EXISTS) instead of sending them twice after a NOSCRIPT answer.
         with client.pipeline(transaction=False) as pipe:
             _WRITE_JOBS(keys, args, client=pipe)
-            pipe.execute()
+            (earlier,) = pipe.execute()
     else:
-        _WRITE_JOBS(keys, args, client=client)
+        earlier = _WRITE_JOBS(keys, args, client=client)
+    return cast(bytes | None, earlier) if once is not None else None
 
 
 def job_states(connection: redis.Redis, job_ids: list[str]) -> list[tuple[bytes | None, bytes | None]]:
@@ -142,8 +195,16 @@ OWN_FIELDS = frozenset({"data", "meta", "description", "created_at", "enqueued_a
 
 
 @functools.cache
-def rq_fields(function: str, queue_name: str, result_ttl: int, failure_ttl: int, timeout: int) -> str:
-    """The hash fields RQ writes for every queued job with these settings, from one job RQ builds itself.
+def rq_fields(
+    function: str,
+    queue_name: str,
+    result_ttl: int,
+    failure_ttl: int,
+    timeout: int,
+    status: JobStatus = JobStatus.QUEUED,
+) -> str:
+    """The hash fields RQ writes for every job of `status` (queued or scheduled) with these settings,
+    from one job RQ builds itself.
 
     As a JSON array of field, value, field, value...: `_WRITE_JOBS` decodes it.
     """
@@ -154,7 +215,7 @@ def rq_fields(function: str, queue_name: str, result_ttl: int, failure_ttl: int,
         result_ttl=result_ttl,
         failure_ttl=failure_ttl,
         timeout=timeout,
-        status=JobStatus.QUEUED,
+        status=status,
         origin=queue_name,
         serializer=JSONSerializer,
     )
@@ -382,9 +443,83 @@ def stop_requested_at(worker: Any) -> datetime | None:
     return cast(datetime | None, worker._shutdown_requested_date)
 
 
-def start_scheduler(worker: Any, burst: bool, logging_level: str | None, date_format: str, log_format: str) -> None:
-    """RQ's worker starts its scheduler (a thread, or in burst mode one pass) in its private `_start_scheduler`."""
-    worker._start_scheduler(burst, logging_level, date_format, log_format)
+class Scheduler(RQScheduler):
+    """RQ's scheduler, with two differences that make a job start within a second of its due time.
+
+    RQ's compares whole seconds (`current_timestamp()`), so a job due at 09:00:00.001 waited until
+    09:00:01 and the pass after; this one moves every job whose due time has passed, to the
+    millisecond (a job due on a whole second, as RQ schedules retries, moves as before). And it
+    adds wake tokens for what it queued: idle workers of several queues wait on the wake list, not
+    on the queues, and would find the jobs only at the end of their wait.
+    """
+
+    def __init__(self, *args: Any, wake_key: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wake_key = wake_key
+
+    def enqueue_scheduled_jobs(self) -> None:
+        """What RQ's does (its private `Queue._enqueue_job` and `_enqueue_rate_limited_job` per job),
+        with the due time in milliseconds."""
+        self._status = self.Status.WORKING
+        if not self._scheduled_job_registries and self._acquired_locks:
+            self.prepare_registries()
+        queued = 0
+        for registry in self._scheduled_job_registries:
+            due = self.connection.zrangebyscore(registry.key, 0, time.time(), start=0, num=1000)
+            ids = [as_text(job_id) for job_id in due]
+            if not ids:
+                continue
+            queue = Queue(registry.name, connection=self.connection, serializer=self.serializer)
+            jobs = Job.fetch_many(ids, connection=self.connection, serializer=self.serializer)
+            with self.connection.pipeline() as pipe:
+                for job_id, job in zip(ids, jobs, strict=True):
+                    if job is None:
+                        registry.remove(job_id, pipeline=pipe)
+                    elif not job.has_rate_limit:
+                        queue._enqueue_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
+                        registry.remove(job.id, pipeline=pipe)
+                        queued += 1
+                pipe.execute()
+            for job in jobs:
+                if job is not None and job.has_rate_limit:
+                    with self.connection.pipeline() as pipe:
+                        registry.remove(job.id, pipeline=pipe)
+                        queue._enqueue_rate_limited_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
+                        pipe.execute()
+                    queued += 1
+        if queued:
+            with self.connection.pipeline() as pipe:  # at most WAKE_TOKENS, as the enqueue script keeps it
+                pipe.rpush(self.wake_key, *[1] * min(queued, WAKE_TOKENS))
+                pipe.ltrim(self.wake_key, -WAKE_TOKENS, -1)
+                pipe.execute()
+        self._status = self.Status.STARTED
+
+
+def start_scheduler(
+    worker: Any, burst: bool, logging_level: str | None, date_format: str, log_format: str, wake_key: str
+) -> None:
+    """What RQ's worker does in its private `_start_scheduler` (a process, or in burst mode one pass),
+    with Dispatcher's Scheduler."""
+    worker.scheduler = Scheduler(
+        worker.queues,
+        connection=worker.connection,
+        logging_level=logging_level if logging_level is not None else worker.log.level,
+        date_format=date_format,
+        log_format=log_format,
+        serializer=worker.serializer,
+        wake_key=wake_key,
+    )
+    worker.scheduler.acquire_locks()
+    if worker.scheduler.acquired_locks:
+        if burst:
+            try:
+                worker.scheduler.register_birth()
+                worker.scheduler.enqueue_scheduled_jobs()
+            finally:
+                worker.scheduler.release_locks()
+                worker.scheduler.register_death()
+        else:
+            worker.scheduler.start()
 
 
 def install_signal_handlers(worker: Any) -> None:

@@ -60,7 +60,8 @@ class ErrorBody(TypedDict):
 @with_config(_FORBID)
 class Accepted(TypedDict):
     id: str
-    status: Literal["queued"]
+    #: `scheduled` when the request has a `send_at`.
+    status: Literal["queued", "scheduled"]
     status_url: str
 
 

@@ -9,6 +9,8 @@ Every other value comes from the document alone.
   allows, which depends on the deployment. The test service allows loopback (conftest's
   service_env) and has no DNS to the internet: its valid destinations are loopback addresses.
   No worker serves the test's queue, so nothing is sent to them.
+- `date-time` (`send_at`): valid only from a minute ago to 30 days ahead of the moment the request
+  arrives, which JSON Schema cannot say; the run draws times in the next 29 days.
 - An email's `to`, `cc` and `bcc` hold at most MAX_RECIPIENTS addresses together: JSON Schema
   cannot add up the lengths of three arrays, so the document says it in words and the run leaves
   out the requests that break it (tests/test_api.py checks that rule). In a template batch each
@@ -20,6 +22,7 @@ Every other value comes from the document alone.
 from __future__ import annotations
 
 import string
+from datetime import UTC, datetime, timedelta, timezone
 
 import schemathesis
 from hypothesis import strategies as st
@@ -44,8 +47,16 @@ loopback_urls = st.builds(
     _path,
 )
 
+#: Times to send at: now, or up to 29 days ahead, with an offset (a time zone east or west of UTC).
+send_times = st.builds(
+    lambda ahead, offset: (datetime.now(UTC) + timedelta(seconds=ahead)).astimezone(offset).isoformat(),
+    st.integers(0, 29 * 24 * 3600),
+    st.sampled_from([UTC, timezone(timedelta(hours=-8)), timezone(timedelta(hours=5, minutes=30))]),
+)
+
 schemathesis.openapi.format("mailbox", mailboxes)
 schemathesis.openapi.format("iri", loopback_urls)
+schemathesis.openapi.format("date-time", send_times)
 
 
 def _recipients(message: object) -> int:

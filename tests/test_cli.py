@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from dispatcher import cli
-from tests.conftest import ROOT, free_port, process_env, wait_until
+from tests.conftest import AUTH, ROOT, free_port, process_env, wait_until
 
 BIN = Path(sys.executable).parent
 DISPATCHER = str(BIN / "dispatcher")
@@ -208,6 +209,31 @@ def test_jobs_lists_newest_first_filtered_by_kind_and_status(svc_env, receiver):
     assert [line.split()[0] for line in listed.stdout.splitlines()] == [mail_id, bad, ok]
     assert [job["id"] for job in failed] == [bad]
     assert [line.split()[:3] for line in emails.stdout.splitlines()] == [[mail_id, "email", "succeeded"]]
+
+
+def test_send_with_an_idempotency_key_twice_prints_one_job_id(svc_env):
+    _, env = svc_env()
+    key = ("--idempotency-key", f"order-{os.getpid()}-{time.time_ns()}")
+    mail = ("send-email", "--to", "cli-once@example.com", "--subject", "Once", "--text", "t", *key)
+
+    first, again = run(env, *mail), run(env, *mail)
+    other = run(env, *mail[:-4], "--text", "other", *key)
+
+    assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+    assert first.stdout == again.stdout and first.stdout.startswith("em_")
+    assert other.returncode == 1 and "409" in other.stderr
+    assert stats(env)["stats"]["email"]["queued"] == 1
+
+
+def test_send_at_schedules_the_webhook(svc_env, receiver):
+    svc, env = svc_env()
+    when = (datetime.now(UTC) + timedelta(hours=1)).isoformat(timespec="seconds")
+
+    job_id = webhook(env, receiver.url("ok"), "--send-at", when)
+
+    view = svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()
+    assert view["status"] == "scheduled"
+    assert datetime.fromisoformat(view["next_attempt_at"].replace("Z", "+00:00")) == datetime.fromisoformat(when)
 
 
 # --- operations ------------------------------------------------------------------------------

@@ -180,3 +180,28 @@ def test_a_post_that_could_not_connect_is_sent_again():
         client.send_webhook(url="https://example.com/h", event_type="a.b", payload={})
     assert unreachable.value.status == 0 and unreachable.value.code == "unreachable"
     assert time.monotonic() - started >= 0.2 + 0.4  # waited before each of its two retries
+
+
+def test_an_idempotency_key_answers_the_first_id_and_a_conflict_raises(client_of):
+    _, client = client_of
+    key = uuid.uuid4().hex
+    good = {"to": ["a@example.com"], "subject": "s", "text": "t"}
+
+    first = client.send_email(to=["a@example.com"], subject="s", text="t", idempotency_key=key)
+    again = client.send_email(to=["a@example.com"], subject="s", text="t", idempotency_key=key)
+    batch = client.send_emails([good, good], idempotency_key=key + "-batch")
+
+    assert again == first
+    assert client.send_emails([good, good], idempotency_key=key + "-batch") == batch
+    with pytest.raises(Conflict) as conflict:
+        client.send_email(to=["a@example.com"], subject="another", text="t", idempotency_key=key)
+    assert conflict.value.status == 409 and conflict.value.code == "idempotency_conflict"
+
+
+def test_a_post_with_an_idempotency_key_is_sent_again_after_a_read_timeout():
+    silent = SilentServer()
+    client = Client(silent.url, API_KEY, timeout=0.3, retries=2, backoff=0.01)
+
+    with pytest.raises(Unavailable):
+        client.send_webhook(url="https://example.com/h", event_type="a.b", payload={}, idempotency_key="k-1")
+    assert silent.requests == 3  # a repeat enqueues nothing, so it is safe to send again

@@ -11,7 +11,7 @@ import time
 import urllib.request
 import uuid
 import zlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from dispatcher.channels.email import EmailRequest
 from dispatcher.channels.webhook import WebhookRequest
 from dispatcher.enqueue import enqueue_many, make_queue
 from dispatcher.keys import Keys
-from dispatcher.rqstore import OWN_FIELDS
+from dispatcher.rqstore import OWN_FIELDS, Scheduler
 from tests.conftest import free_port
 
 REQUESTS = {
@@ -86,6 +86,63 @@ def test_job_hash_is_the_one_rq_writes(redis_conn, queue_settings, kind):
     assert json.loads(zlib.decompress(ours[b"data"])) == json.loads(zlib.decompress(theirs[b"data"]))
     assert json.loads(ours[b"meta"]) == json.loads(theirs[b"meta"])
     assert {name.decode() for name in ours} >= OWN_FIELDS
+
+
+@pytest.mark.parametrize("kind", ["webhook", "email"])
+def test_a_scheduled_job_is_the_one_rqs_enqueue_at_writes(redis_conn, queue_settings, kind):
+    send_at = datetime.now(UTC).replace(microsecond=250_000) + timedelta(hours=1)
+    (job_id,) = enqueue_many(redis_conn, queue_settings, kind, [REQUESTS[kind]()], send_at=send_at)
+    ours = redis_conn.hgetall(Job.key_for(job_id))
+    queue = make_queue(redis_conn, queue_settings)
+    registry = queue.scheduled_job_registry
+    job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
+
+    assert job.get_status() == JobStatus.SCHEDULED
+    assert queue.get_job_ids() == [] and registry.get_job_ids() == [job_id]
+    assert redis_conn.zscore(registry.key, job_id) == send_at.timestamp()  # to the millisecond, not RQ's whole second
+    assert queue.key.encode() in redis_conn.smembers(Queue.redis_queues_keys)
+
+    redis_conn.delete(job.key)
+    registry.remove(job_id)
+    queue.enqueue_at(
+        send_at, job.func_name, *job.args, job_id=job_id, meta=job.meta, description=job.description,
+        job_timeout=job.timeout, result_ttl=job.result_ttl, failure_ttl=job.failure_ttl,
+    )
+    theirs = redis_conn.hgetall(job.key)
+
+    assert ours.keys() == theirs.keys()
+    for field in ours.keys() - {b"created_at", b"data", b"meta"}:
+        assert ours[field] == theirs[field], field
+    assert json.loads(zlib.decompress(ours[b"data"])) == json.loads(zlib.decompress(theirs[b"data"]))
+
+
+def test_the_scheduler_queues_a_scheduled_job_once_due_to_the_millisecond_and_wakes_workers(
+    redis_conn, queue_settings
+):
+    """The workers' scheduler (rqstore.Scheduler, RQ's with millisecond due times) on jobs the API
+    scheduled: RQ's own would wait for the next whole second."""
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    later = datetime.now(UTC) + timedelta(seconds=0.3)
+    (due_id,) = enqueue_many(redis_conn, queue_settings, "webhook", [REQUESTS["webhook"]()], send_at=due)
+    (later_id,) = enqueue_many(redis_conn, queue_settings, "webhook", [REQUESTS["webhook"]()], send_at=later)
+    queue = make_queue(redis_conn, queue_settings)
+    wake = Keys(queue_settings.queue_name).wake
+    scheduler = Scheduler([queue], connection=redis_conn, serializer=JSONSerializer, wake_key=wake)
+    scheduler.acquire_locks()
+    try:
+        scheduler.enqueue_scheduled_jobs()
+        moved, tokens = queue.get_job_ids(), redis_conn.llen(wake)
+        while datetime.now(UTC) < later:
+            time.sleep(0.01)
+        scheduler.enqueue_scheduled_jobs()
+        moved_later = queue.get_job_ids()
+    finally:
+        scheduler.release_locks()
+
+    assert (moved, tokens) == ([due_id], 1)
+    assert moved_later == [due_id, later_id]
+    assert Job.fetch(due_id, connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
+    assert queue.scheduled_job_registry.get_job_ids() == []
 
 
 def test_many_jobs_keep_their_order_and_are_indexed(redis_conn, queue_settings):

@@ -88,6 +88,7 @@ def _delete_jobs(redis_conn, settings: Settings) -> None:
     canceled = [CanceledJobRegistry(queue.name, redis_conn).key for queue in queues]
     ours = (keys.index, keys.wake, keys.suppressed, keys.suppressed_index)
     redis_conn.delete(*ours, *(queue.key for queue in queues), *canceled)
+    redis_conn.delete(*(queue.scheduled_job_registry.key for queue in queues))
 
 
 # --- schemathesis against the running service ------------------------------------------------
@@ -171,7 +172,9 @@ def test_schemathesis_finds_no_failure_and_every_202_made_exactly_its_jobs(web: 
     queues = make_queues(redis_conn, web.settings)
     queued = {job_id for queue in queues for job_id in queue.get_job_ids()}
     canceled = {job_id for queue in queues for job_id in CanceledJobRegistry(queue.name, redis_conn).get_job_ids()}
-    assert accepted and indexed == queued | canceled == accepted and not queued & canceled
+    scheduled = {job_id for queue in queues for job_id in queue.scheduled_job_registry.get_job_ids()}  # send_at
+    assert accepted and indexed == queued | scheduled | canceled == accepted
+    assert not queued & canceled and not queued & scheduled and not scheduled & canceled
     for job_id in accepted:
         assert_job_deliverable(redis_conn, job_id)
 

@@ -228,7 +228,7 @@ class DispatcherWorker(SimpleWorker):
         self._refuse_options(max_jobs, max_idle_time, dequeue_strategy, unsupported)
         self.bootstrap(logging_level, date_format, log_format)
         if with_scheduler:
-            rqstore.start_scheduler(self, burst, logging_level, date_format, log_format)
+            rqstore.start_scheduler(self, burst, logging_level, date_format, log_format, self.history.keys.wake)
         rqstore.install_signal_handlers(self)
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="delivery")
         running: dict[Future, Running] = {}

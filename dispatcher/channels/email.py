@@ -203,8 +203,8 @@ class EmailTemplate(RequestModel):
 class Recipient(RequestModel):
     """One message of a template batch: its recipients and the template's variables for them."""
 
-    to: list[EmailAddress] = Field(min_length=1, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
-    cc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    to: list[Mailbox] = Field(min_length=1, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    cc: list[Mailbox] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
     variables: dict[str, JsonValue] = Field(default_factory=dict)
 
 
@@ -229,7 +229,7 @@ class EmailBatch(SendBatch):
     recipients: list[Recipient] = Field(default_factory=list, max_length=MAX_BATCH)
     from_: Mailbox | None = Field(default=None, alias="from")
     reply_to: Mailbox | None = None
-    bcc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    bcc: list[Mailbox] = Field(default_factory=list, max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
     attachments: list[Attachment] = Field(default=[], max_length=100)
     headers: dict[str, str] = Field(
         default_factory=dict, json_schema_extra=headers_schema(_EMAIL_HEADER_NAME, NO_LINE_BREAKS)
@@ -331,14 +331,15 @@ EMAIL_JOB_TIMEOUT = 300
 
 
 def job(request: EmailRequest, job_id: str, accepted_at: datetime, settings: Settings) -> JobParts:
-    """Message-ID and Date are fixed at acceptance, so every retry sends the same message."""
+    """Message-ID and Date are fixed at acceptance, so every retry sends the same message; the Date
+    of a scheduled email is its send_at (mail readers sort by it)."""
     sender = request.from_
     assert sender is not None  # the model fills the default sender or rejects the request
-    payload = request.model_dump(by_alias=True, exclude={"metadata", "retry"}, exclude_none=True) | {
+    payload = request.model_dump(by_alias=True, exclude={"metadata", "retry", "send_at"}, exclude_none=True) | {
         "v": PAYLOAD_VERSION,
         "channel": NAME,
         "message_id": f"<{job_id}@{_ascii_domain(sender)}>",
-        "date": accepted_at.timestamp(),
+        "date": (request.send_at or accepted_at).timestamp(),
         "retry": resolve_retry(request.retry, settings.email_retry),
     }
     recipients = len(request.to) + len(request.cc) + len(request.bcc)
