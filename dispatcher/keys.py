@@ -18,10 +18,16 @@ class Keys:
         self.totals = f"{self.prefix}:totals"
         #: List of the most recent failures (JSON), newest first.
         self.recent_failures = f"{self.prefix}:recent_failures"
+        #: List of the most recent successes (JSON), newest first.
+        self.recent_successes = f"{self.prefix}:recent_successes"
         #: List of tokens, one per job enqueued, that idle workers of several queues block on.
         self.wake = f"{self.prefix}:wake"
         #: Hash of attempt counts by channel, priority, outcome and duration bucket (dispatcher.tallies).
         self.tallies = f"{self.prefix}:tallies"
+
+    def rate(self, kind: Kind) -> str:
+        """Hash of a channel's shared sending rate: its schedule and how far it is slowed (dispatcher.ratelimit)."""
+        return f"{self.prefix}:rate:{kind}"
 
     def attempts(self, job_id: str) -> str:
         """Hash of one job's attempts: field `n` is the counter, fields `1`, `2`, ... the records."""

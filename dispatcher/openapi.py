@@ -155,7 +155,9 @@ def _paths(jobs_query: dict) -> dict:
             (401, 422, 503),
             parameters=_query_parameters(JobsQuery, jobs_query),
         ),
-        "/v1/stats": _get("get_stats", "Counts per kind and status, recent failures", "Stats", (401, 503)),
+        "/v1/stats": _get(
+            "get_stats", "Counts per kind and status, recent failures and successes", "Stats", (401, 503)
+        ),
         "/healthz": _get("healthz", "The process is up", "Health", (), security=[]),
         "/readyz": _get(
             "readyz", "Redis answers; jobs waiting and workers alive per priority", "Readiness", (503,), security=[]

@@ -67,6 +67,11 @@ from tests.conftest import ROOT, WEBHOOK_SECRET, process_env
         pytest.param("DISPATCHER_QUEUE", "my queue", id="queue-with-space"),
         pytest.param("DISPATCHER_QUEUE", "a:b", id="queue-with-colon"),
         pytest.param("DISPATCHER_RESULT_TTL", "10", id="result-ttl-too-short"),
+        pytest.param("DISPATCHER_SMTP_RATE", "fast", id="smtp-rate-word"),
+        pytest.param("DISPATCHER_SMTP_RATE", "0", id="smtp-rate-0"),
+        pytest.param("DISPATCHER_SMTP_RATE", "-5", id="smtp-rate-negative"),
+        pytest.param("DISPATCHER_SMTP_RATE", "nan", id="smtp-rate-nan"),
+        pytest.param("DISPATCHER_SMTP_RATE", "inf", id="smtp-rate-inf"),
     ],
 )
 def test_bad_value_is_a_config_error_naming_the_variable(name, value):
@@ -153,6 +158,7 @@ def test_other_values_are_parsed():
             "DISPATCHER_EMAIL_FROM": "Shop <shop@example.com>",
             "DISPATCHER_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "PORT": "8080",
+            "DISPATCHER_SMTP_RATE": "12.5",
         }
     )
 
@@ -163,6 +169,7 @@ def test_other_values_are_parsed():
     assert settings.email_from == "Shop <shop@example.com>"
     assert settings.require_webhook_secret() == WEBHOOK_SECRET
     assert settings.port == 8080
+    assert settings.smtp_rate == 12.5
 
 
 @pytest.mark.parametrize("size", [24, 32, 64])

@@ -24,7 +24,7 @@ from dispatcher.history import Attempt, History, isoformat
 from dispatcher.keys import Kind
 from dispatcher.priorities import split
 from workers.channels import DELIVERERS
-from workers.errors import DeliveryError, RetryableDeliveryError
+from workers.errors import DeliveryError, RetryableDeliveryError, ThrottledDeliveryError
 from workers.retry import next_delay
 
 #: Beyond the failure TTL, how long an unfinished job's history is kept: more than the longest
@@ -36,9 +36,11 @@ def max_attempts(data: dict) -> int:
     return int(data.get("retry", {}).get("max_attempts", 1))
 
 
-def run(kind: Kind, job_id: str, data: dict, attempt: Attempt) -> float | None:
+def run(kind: Kind, job_id: str, data: dict, attempt: Attempt, pause_on_throttle: bool = False) -> float | None:
     """Make the attempt, filling in `attempt`; return the receiver's Retry-After, if any.
 
+    `pause_on_throttle`: let a ThrottledDeliveryError through (the worker slows its channel's rate and
+    takes the attempt back) instead of recording it as a retryable failure.
     Safe to call from any thread; touches no Redis.
     """
     started = time.monotonic()
@@ -50,6 +52,8 @@ def run(kind: Kind, job_id: str, data: dict, attempt: Attempt) -> float | None:
         attempt.response_excerpt = delivered.response_excerpt
         attempt.error = delivered.note
     except DeliveryError as exc:
+        if pause_on_throttle and isinstance(exc, ThrottledDeliveryError):
+            raise
         retryable = isinstance(exc, RetryableDeliveryError)
         attempt.outcome = "retryable" if retryable else "permanent"
         attempt.status_code = exc.status_code
