@@ -5,7 +5,8 @@ and changed only by one Lua script, on Redis's clock, so workers on any number o
 one rate together. A worker with messages waiting reserves the next free slots of the schedule,
 up to HORIZON ahead, in one call, and starts each message when its slot opens (workers.pacer):
 one call per batch of slots, never one per message per poll. After a quiet spell up to `burst`
-slots are open at once, so over any second at most `rate + burst` messages go.
+slots are open at once, so at most `rate + burst` slots open in any second; a worker that wakes
+late may use a few together, but a slot lapses `burst` slots after it opens (workers.pacer).
 
 When the receiver answers that we send too fast (SMTP 421, 454...), the worker slows the rate
 down: it halves (at most once per SLOW_HOLD, since the messages in flight meet the same refusal
