@@ -42,6 +42,10 @@ def _busiest(times: list[float]) -> int:
     return max(bisect.bisect_left(times, start + 1.0) - i for i, start in enumerate(times))
 
 
+def _rate(times: list[float]) -> float:
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
 def test_a_rate_of_20_per_second_is_held_across_three_worker_processes(service, smtp_server):
     # Two delivery slots a worker: each holds few jobs, so all three take their share of the queue.
     svc = service(DISPATCHER_SMTP_RATE=str(RATE), DISPATCHER_CONCURRENCY="2")
@@ -77,14 +81,16 @@ def test_a_rate_of_20_per_second_is_held_across_three_worker_processes(service, 
     wait_until(all_done, 10, "not every job succeeded with one attempt")
     starts = sorted(_moment(job["attempts"][0]["started_at"]) for job in listed())
     burst = max(1, math.floor(RATE * BURST_SECONDS))
-    # Sends started in any one second: the rate, the burst a quiet schedule allows, and the slots
-    # that may be used late together (each lapses `burst` slots after it opens).
-    assert _busiest(starts) <= RATE + 2 * burst + 1, _busiest(starts)
-    # At the server, overall; and per second with room for the jitter of the SMTP path on a loaded machine.
-    span = times[-1] - times[0]
-    print(f"\n{(MESSAGES - 1) / span:.1f}/s; busiest second: {_busiest(starts)} started, {_busiest(times)} arrived")
-    assert (MESSAGES - burst - 1) / span <= RATE * 1.05, span
-    assert _busiest(times) <= RATE * 1.5, _busiest(times)
+    print(f"\nbusiest second: {_busiest(starts)} sends started, {_busiest(times)} arrived; overall", end=" ")
+    print(f"{_rate(starts):.1f}/s started, {_rate(times):.1f}/s arrived")
+    # Sends started (each attempt's start, in the workers): in any one second, the rate, the burst a
+    # quiet schedule allows, and the slots a late-waking worker may use together before they lapse.
+    assert _busiest(starts) <= RATE + 2 * burst + 1
+    assert (MESSAGES - burst - 1) / (starts[-1] - starts[0]) <= RATE * 1.05
+    # At the server, with room for the jitter of the SMTP path on a loaded machine (a first message
+    # also opens its connection, so the first arrivals come late).
+    assert _busiest(times) <= RATE * 1.5
+    assert (MESSAGES - burst - 1) / (times[-1] - times[0]) <= RATE * 1.1
     assert all(lines > 0 for lines in _attempt_lines(svc)), _attempt_lines(svc)
 
 

@@ -29,6 +29,9 @@ class Pacer:
         held = len(self.slots)
         if held < wanted and now >= self.ask_at:
             grant = self.shared.reserve(wanted - held)
+            # The grant's times count from Redis's clock while it ran the script: between our call and
+            # its answer. Counting them from the answer, a slot never opens here before it did there.
+            now = time.monotonic()
             # A slot used late goes out together with the next ones, above the rate: it lapses once
             # `burst` more have opened (about a tenth of a second; a loaded machine wakes late).
             lapse = self.shared.burst * grant.interval
