@@ -779,7 +779,8 @@ def _control() -> Iterator[Any]:
 @cli.command()
 @_json_flag
 def stats(as_json: bool) -> None:
-    """Count jobs by kind and status, and show per priority the jobs waiting and the live workers.
+    """Count jobs by kind and status, and show per priority the jobs waiting and the live workers
+    (and the sending rate in force, when one is set).
 
     Warns (and exits 1) when jobs wait in a queue that no live worker serves.
     """
@@ -797,6 +798,11 @@ def stats(as_json: bool) -> None:
         click.echo(f"\n{'priority':10}{'queue':>24}{'waiting':>11}{'workers':>11}")
         for priority, queue in ready["queues"].items():
             click.echo(f"{priority:10}{queue['queue']:>24}{queue['queued']:>11}{queue['workers']:>11}")
+        from dispatcher import ratelimit
+
+        rates = ratelimit.shared_rates(store.connection, store.status.keys, ratelimit.configured(store.settings))
+        for kind, shared in rates.items():  # lowered for a while when the server throttles
+            click.echo(f"\n{kind} sending rate: {shared.current():g}/s now, of {shared.rate:g}/s")
     for warning in ready["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     if ready["warnings"]:

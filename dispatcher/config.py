@@ -41,6 +41,8 @@ DEV_WEB_HOST = "127.0.0.1"
 WEBHOOK_SECRET_BYTES = (24, 64)
 #: DISPATCHER_LOG_FORMAT's values (dispatcher.logs): a JSON object per line, or text for humans.
 LOG_FORMATS = ("json", "text")
+#: The range of DISPATCHER_SMTP_RATE, in messages per second: from one per 100 s to beyond any relay.
+MIN_RATE, MAX_RATE = 0.01, 100_000.0
 #: URL schemes redis-py connects with.
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -105,6 +107,8 @@ class Settings:
     metrics_key: str | None = field(default=None, repr=False)
     #: "json" or "text" (dispatcher.logs).
     log_format: str = LOG_FORMATS[0]
+    #: Emails per second every worker together may send (dispatcher.ratelimit); None: no limit.
+    smtp_rate: float | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -153,6 +157,7 @@ class Settings:
             web_host=_parse_host(get("DISPATCHER_HOST")),
             metrics_key=get("DISPATCHER_METRICS_KEY"),
             log_format=parse_log_format(get("DISPATCHER_LOG_FORMAT")),
+            smtp_rate=_parse_rate("DISPATCHER_SMTP_RATE", get("DISPATCHER_SMTP_RATE")),
         )
 
     def require_api_keys(self) -> None:
@@ -337,6 +342,18 @@ def _parse_float(name: str, raw: str | None, default: float, low: float, high: f
         raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _parse_rate(name: str, raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of messages per second, got {raw!r}") from None
+    if not MIN_RATE <= value <= MAX_RATE:  # (NaN fails this too)
+        raise ConfigError(f"{name} must be between {MIN_RATE:g} and {MAX_RATE:g} messages per second, got {raw}")
     return value
 
 

@@ -24,7 +24,8 @@ from dispatcher.keys import Keys, Kind
 Outcome = Literal["succeeded", "retryable", "permanent"]
 #: A moment as the API writes it (isoformat): `date-time` in the OpenAPI document.
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
-RECENT_FAILURES = 10
+#: How many recent failures, and recent successes, GET /v1/stats lists.
+RECENT = 10
 #: The fields of the attempts hash that are not attempt numbers: the counter, the attempt that
 #: settled the job, and how many attempts came before the current series (see _BEGIN).
 _BOOKKEEPING = frozenset({b"n", b"settled", b"base"})
@@ -98,21 +99,31 @@ redis.call('HSET', KEYS[1], 'n', n, tostring(n), ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {n, base}
 """
-# KEYS: attempts hash, totals hash, recent failures list.
-# ARGV: attempt number ('' for none), its JSON, totals field, failure JSON ('' for a success),
-# how many recent failures to keep, TTL ('' for none).
+# KEYS: attempts hash, totals hash, the recent failures or successes list (as the outcome).
+# ARGV: attempt number ('' for none), its JSON, totals field, the list's new entry (JSON),
+# how many recent entries to keep, TTL ('' for none).
 # Settles a job once: the first final outcome marks the history `settled` and is counted; a later
 # one (the same job run twice, say after a worker was wrongly taken for dead) is stored, not counted.
+# The list is trimmed once it holds twice what is kept: one command per job, not two.
 _SETTLE = """
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 if redis.call('HSETNX', KEYS[1], 'settled', ARGV[1] == '' and '0' or ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-  if ARGV[4] ~= '' then
-    redis.call('LPUSH', KEYS[3], ARGV[4])
+  if redis.call('LPUSH', KEYS[3], ARGV[4]) > 2 * tonumber(ARGV[5]) then
     redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
   end
 end
 if ARGV[6] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+return 0
+"""
+# KEYS: attempts hash. ARGV: the number of an attempt begun and not made.
+# Takes the attempt back (the receiver refused to take the message for sending too fast, before
+# anything was sent): its record goes and the counter steps back, unless another attempt began since.
+_UNBEGIN = """
+if redis.call('HGET', KEYS[1], 'n') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('HSET', KEYS[1], 'n', tonumber(ARGV[1]) - 1)
+end
 return 0
 """
 #: What the worker's failure Result says when a job could not be read; the status view shows it.
@@ -202,6 +213,7 @@ class History:
         self.keys = keys
         self._begin = connection.register_script(_BEGIN)
         self._settle = connection.register_script(_SETTLE)
+        self._unbegin = connection.register_script(_UNBEGIN)
 
     def begin(
         self,
@@ -284,32 +296,35 @@ class History:
         ttl: int | None = None,
     ) -> None:
         """Queue in `pipe`: settle the job with `attempt` (None: it never got one) and count its
-        outcome, unless it was settled already; a failure also joins the recent failures."""
-        failure = ""
-        if not succeeded:
-            failure = json.dumps(
-                {
-                    "id": job_id,
-                    "kind": kind,
-                    "failed_at": isoformat(at) if isinstance(at, datetime) else at,
-                    "attempts": attempt.number if attempt else 0,
-                    "error": error,
-                    "target": target,
-                },
-                separators=(",", ":"),
-            )
+        outcome, unless it was settled already; the job also joins the recent failures or successes."""
+        moment = isoformat(at) if isinstance(at, datetime) else at
+        made = attempt.number if attempt else 0
+        entry: dict[str, Any] = (
+            {"id": job_id, "kind": kind, "succeeded_at": moment, "attempts": made, "target": target}
+            if succeeded
+            else {"id": job_id, "kind": kind, "failed_at": moment, "attempts": made, "error": error, "target": target}
+        )
         self._settle(
-            keys=[self.keys.attempts(job_id), self.keys.totals, self.keys.recent_failures],
+            keys=[
+                self.keys.attempts(job_id),
+                self.keys.totals,
+                self.keys.recent_successes if succeeded else self.keys.recent_failures,
+            ],
             args=[
                 str(attempt.number) if attempt else "",
                 attempt.to_json() if attempt else "",
                 f"{kind}:{'succeeded' if succeeded else 'failed'}",
-                failure,
-                RECENT_FAILURES,
+                json.dumps(entry, separators=(",", ":")),
+                RECENT,
                 "" if ttl is None else ttl,
             ],
             client=pipe,
         )
+
+    def unbegin(self, pipe: Pipeline, job_id: str, number: int) -> None:
+        """Queue in `pipe`: take back attempt `number`, begun but not made (the receiver asked us to
+        slow down before taking the message): it does not count, and the next one gets its number."""
+        self._unbegin(keys=[self.keys.attempts(job_id)], args=[number], client=pipe)
 
     def attempts(self, job_id: str) -> list[dict]:
         """Every attempt of a job, oldest first."""
@@ -321,7 +336,10 @@ class History:
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def recent_failures(self) -> list[dict]:
-        return [json.loads(item) for item in self.connection.lrange(self.keys.recent_failures, 0, -1)]
+        return [json.loads(item) for item in self.connection.lrange(self.keys.recent_failures, 0, RECENT - 1)]
+
+    def recent_successes(self) -> list[dict]:
+        return [json.loads(item) for item in self.connection.lrange(self.keys.recent_successes, 0, RECENT - 1)]
 
 
 def parse_attempts(raw: dict[bytes, bytes]) -> list[dict]:

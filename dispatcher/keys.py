@@ -18,6 +18,8 @@ class Keys:
         self.totals = f"{self.prefix}:totals"
         #: List of the most recent failures (JSON), newest first.
         self.recent_failures = f"{self.prefix}:recent_failures"
+        #: List of the most recent successes (JSON), newest first.
+        self.recent_successes = f"{self.prefix}:recent_successes"
         #: List of tokens, one per job enqueued, that idle workers of several queues block on.
         self.wake = f"{self.prefix}:wake"
         #: Hash of attempt counts by channel, priority, outcome and duration bucket (dispatcher.tallies).
@@ -26,6 +28,10 @@ class Keys:
         self.suppressed = f"{self.prefix}:suppressed"
         #: Sorted set of the same addresses, all scored 0: the list in address order, for paging.
         self.suppressed_index = f"{self.prefix}:suppressed:index"
+
+    def rate(self, kind: Kind) -> str:
+        """Hash of a channel's shared sending rate: its schedule and how far it is slowed (dispatcher.ratelimit)."""
+        return f"{self.prefix}:rate:{kind}"
 
     def attempts(self, job_id: str) -> str:
         """Hash of one job's attempts: field `n` is the counter, fields `1`, `2`, ... the records."""

@@ -4,7 +4,7 @@ Nothing is counted in the web process's memory: workers run on any number of mac
 in several gunicorn processes, so every figure comes from Redis when Prometheus asks, and each
 process answers the same. Queue depths and live workers are what GET /readyz reads; registry sizes
 come from RQ's registries (dispatcher.rqstore); attempt counts and durations from the tallies the
-workers keep (dispatcher.tallies).
+workers keep (dispatcher.tallies); sending rates from their shared schedules (dispatcher.ratelimit).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from dispatcher import rqstore
+from dispatcher import ratelimit, rqstore
 from dispatcher.channels import KINDS
 from dispatcher.errors import APIError
 from dispatcher.priorities import split
@@ -89,6 +89,18 @@ class DeliveryCollector(Collector):
             buckets = list(zip(_LE, histogram.buckets, strict=True))
             durations.add_metric([kind, outcome], buckets, histogram.seconds)
         yield from (attempts, durations)
+
+        rates = ratelimit.shared_rates(rt.connection, rt.keys, ratelimit.configured(rt.settings))
+        if rates:
+            rate = GaugeMetricFamily(
+                "dispatcher_send_rate",
+                "Messages per second a rate-limited channel may send now: its configured rate, lowered while "
+                "the receiver answers that we send too fast.",
+                labels=["channel"],
+            )
+            for kind, shared in rates.items():
+                rate.add_metric([kind], shared.current())
+            yield rate
 
 
 def init_app(app: Flask) -> None:

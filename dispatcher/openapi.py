@@ -272,7 +272,9 @@ def _paths(jobs_query: dict, batch_query: dict, suppressions_query: dict) -> dic
                 *_query_parameters(BatchQuery, batch_query),
             ],
         ),
-        "/v1/stats": _get("get_stats", "Counts per kind and status, recent failures", "Stats", (401, 503)),
+        "/v1/stats": _get(
+            "get_stats", "Counts per kind and status, recent failures and successes", "Stats", (401, 503)
+        ),
         **_suppression_paths(suppressions_query),
         "/healthz": _get("healthz", "The process is up", "Health", (), security=[]),
         "/readyz": _get(

@@ -102,7 +102,11 @@ class StatusReader:
             kind, _, status = field.partition(":")
             if kind in counts and status in counts[kind]:
                 counts[kind][status] = value
-        return {**counts, "recent_failures": self.history.recent_failures()}
+        return {
+            **counts,
+            "recent_failures": self.history.recent_failures(),
+            "recent_successes": self.history.recent_successes(),
+        }
 
     def readiness(self) -> dict:
         """Per priority: the jobs waiting in its queue and the workers alive that serve it (RQ's

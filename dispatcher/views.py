@@ -146,11 +146,27 @@ class Failure(TypedDict):
     target: Target | None
 
 
+@with_config(_FORBID)
+class Success(TypedDict):
+    """One of the recent successes (dispatcher.history writes them)."""
+
+    id: str
+    kind: Kind
+    succeeded_at: Timestamp | None
+    attempts: Count
+    target: Target | None
+
+
 if TYPE_CHECKING:
     Stats = dict[str, Any]
 else:
-    #: GET /v1/stats: the counts of every channel, by its name, and the recent failures.
-    Stats = with_config(_FORBID)(TypedDict("Stats", {**dict.fromkeys(KINDS, Counts), "recent_failures": list[Failure]}))
+    #: GET /v1/stats: the counts of every channel, by its name, and the recent failures and successes.
+    Stats = with_config(_FORBID)(
+        TypedDict(
+            "Stats",
+            {**dict.fromkeys(KINDS, Counts), "recent_failures": list[Failure], "recent_successes": list[Success]},
+        )
+    )
 
 
 @with_config(_FORBID)

@@ -79,22 +79,52 @@ class ReceivedMail:
     mail_from: str
     rcpt_tos: list[str]
     content: bytes
+    received_at: float = 0.0  # time.time() when its DATA was accepted
+
+
+#: Replies of a server that finds we send too fast, by the local-part prefix that asks for one.
+THROTTLING = {
+    "throttle421": "421 4.7.0 Too many messages from you, closing connection",
+    "throttle454": "454 4.7.0 Throttling failure: Maximum sending rate exceeded.",
+    "throttle450": "450 4.2.1 The user is receiving mail at a rate that prevents additional messages",
+}
 
 
 class SmtpHandler:
     """Accepts everything, except recipients whose local part asks otherwise:
     `reject550...@` is refused for good, `temp451...@` is refused with 451 on its first try,
-    `random451...@` is refused with 451 on 30 % of tries, at random."""
+    `random451...@` is refused with 451 on 30 % of tries, at random; `throttle421-...@` (and the
+    other THROTTLING prefixes) with that reply on its first two tries, as a sender too (at MAIL),
+    and `throttled-...@` with a 421 on every try."""
 
     def __init__(self) -> None:
         self.messages: list[ReceivedMail] = []
         self.seen: dict[str, int] = {}
         self.lock = threading.Lock()
 
+    def _throttle(self, address: str, tries: int) -> str | None:
+        if address.startswith("throttled-"):
+            return THROTTLING["throttle421"]
+        prefix = address.partition("-")[0]
+        return THROTTLING[prefix] if prefix in THROTTLING and tries <= 2 else None
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        with self.lock:
+            self.seen["MAIL " + address] = tries = self.seen.get("MAIL " + address, 0) + 1
+        refusal = self._throttle(address, tries)
+        if refusal:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self.lock:
             self.seen[address] = self.seen.get(address, 0) + 1
             tries = self.seen[address]
+        refusal = self._throttle(address, tries)
+        if refusal:
+            return refusal
         if address.startswith("reject550"):
             return "550 5.1.1 mailbox unavailable"
         if address.startswith("temp451") and tries == 1:
@@ -106,7 +136,9 @@ class SmtpHandler:
 
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
-            self.messages.append(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+            self.messages.append(
+                ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), envelope.content, time.time())
+            )
         return "250 Message accepted for delivery"
 
     def messages_to(self, address: str) -> list[ReceivedMail]:

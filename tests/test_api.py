@@ -490,13 +490,13 @@ def test_stats_shape_and_queued_counts(quiet_client):
 
     assert response.status_code == 200
     stats = response.get_json()
-    assert set(stats) == {"email", "webhook", "recent_failures"}
+    assert set(stats) == {"email", "webhook", "recent_failures", "recent_successes"}
     for kind in ("email", "webhook"):
         assert set(stats[kind]) == {"queued", "scheduled", "running", "succeeded", "failed"}
         assert all(type(value) is int for value in stats[kind].values())
     assert stats["webhook"] == {"queued": 2, "scheduled": 0, "running": 0, "succeeded": 0, "failed": 0}
     assert stats["email"]["queued"] == 0
-    assert stats["recent_failures"] == []
+    assert stats["recent_failures"] == stats["recent_successes"] == []
 
 
 def test_accepted_webhook_is_visible_at_its_status_url(quiet_client):

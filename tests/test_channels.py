@@ -112,10 +112,12 @@ GENERIC = [
     "dispatcher/views.py",
     "dispatcher/metrics.py",
     "dispatcher/tallies.py",
+    "dispatcher/ratelimit.py",
     "workers/attempt.py",
     "workers/worker.py",
     "workers/poison.py",
     "workers/recovery.py",
+    "workers/pacer.py",
 ]
 
 

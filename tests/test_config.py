@@ -69,6 +69,11 @@ from tests.conftest import ROOT, WEBHOOK_SECRET, process_env
         pytest.param("DISPATCHER_RETENTION_SUCCEEDED", "0", id="retention-succeeded-zero"),
         pytest.param("DISPATCHER_RETENTION_FAILED", "2d", id="retention-failed-not-seconds"),
         pytest.param("DISPATCHER_RESULT_TTL", "0", id="old-name-zero"),
+        pytest.param("DISPATCHER_SMTP_RATE", "fast", id="smtp-rate-word"),
+        pytest.param("DISPATCHER_SMTP_RATE", "0", id="smtp-rate-0"),
+        pytest.param("DISPATCHER_SMTP_RATE", "-5", id="smtp-rate-negative"),
+        pytest.param("DISPATCHER_SMTP_RATE", "nan", id="smtp-rate-nan"),
+        pytest.param("DISPATCHER_SMTP_RATE", "inf", id="smtp-rate-inf"),
     ],
 )
 def test_bad_value_is_a_config_error_naming_the_variable(name, value):
@@ -155,6 +160,7 @@ def test_other_values_are_parsed():
             "DISPATCHER_EMAIL_FROM": "Shop <shop@example.com>",
             "DISPATCHER_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "PORT": "8080",
+            "DISPATCHER_SMTP_RATE": "12.5",
         }
     )
 
@@ -165,6 +171,7 @@ def test_other_values_are_parsed():
     assert settings.email_from == "Shop <shop@example.com>"
     assert settings.require_webhook_secret() == WEBHOOK_SECRET
     assert settings.port == 8080
+    assert settings.smtp_rate == 12.5
 
 
 @pytest.mark.parametrize("size", [24, 32, 64])

@@ -25,7 +25,7 @@ from dispatcher.keys import Kind
 from dispatcher.priorities import split
 from workers import context
 from workers.channels import DELIVERERS
-from workers.errors import DeliveryError, RetryableDeliveryError
+from workers.errors import DeliveryError, RetryableDeliveryError, ThrottledDeliveryError
 from workers.retry import next_delay
 
 #: Beyond the failure TTL, how long an unfinished job's history is kept: more than the longest
@@ -37,10 +37,14 @@ def max_attempts(data: dict) -> int:
     return int(data.get("retry", {}).get("max_attempts", 1))
 
 
-def run(kind: Kind, job_id: str, data: dict, attempt: Attempt, queue: str | None = None) -> float | None:
+def run(
+    kind: Kind, job_id: str, data: dict, attempt: Attempt, queue: str | None = None, pause_on_throttle: bool = False
+) -> float | None:
     """Make the attempt of a job of RQ queue `queue`, filling in `attempt`; return the receiver's
     Retry-After, if any.
 
+    `pause_on_throttle`: let a ThrottledDeliveryError through (the worker slows its channel's rate and
+    takes the attempt back) instead of recording it as a retryable failure.
     Safe to call from any thread; records nothing in Redis (a delivery may read and write its own
     keys, such as the suppression list, of `queue`'s Dispatcher queue).
     """
@@ -55,6 +59,8 @@ def run(kind: Kind, job_id: str, data: dict, attempt: Attempt, queue: str | None
         attempt.error = delivered.note
         attempt.suppressed = list(delivered.suppressed) or None
     except DeliveryError as exc:
+        if pause_on_throttle and isinstance(exc, ThrottledDeliveryError):
+            raise
         retryable = isinstance(exc, RetryableDeliveryError)
         attempt.outcome = "retryable" if retryable else "permanent"
         attempt.status_code = exc.status_code

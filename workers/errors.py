@@ -2,6 +2,7 @@
 
     DeliveryError
     ├── RetryableDeliveryError   connection errors, timeouts, HTTP 408/425/429/5xx, SMTP 4xx
+    │   └── ThrottledDeliveryError   SMTP 421, 454 or a 4xx naming a rate: the server asks us to slow down
     └── PermanentDeliveryError   other HTTP 3xx/4xx, SMTP 5xx, a destination the network guard refuses
 """
 
@@ -29,6 +30,11 @@ class RetryableDeliveryError(DeliveryError):
     ) -> None:
         super().__init__(message, status_code, response_excerpt)
         self.retry_after = retry_after
+
+
+class ThrottledDeliveryError(RetryableDeliveryError):
+    """The receiver refused the message because we send too fast. With a sending rate set, the worker
+    lowers the rate and tries again without counting an attempt; otherwise it is an ordinary retry."""
 
 
 class PermanentDeliveryError(DeliveryError):

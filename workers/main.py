@@ -11,7 +11,7 @@ import click
 import redis
 from rq.serializers import JSONSerializer
 
-from dispatcher import logs
+from dispatcher import logs, ratelimit
 from dispatcher.cli import WORKER_EPILOG, WORKER_HELP, WorkerOptions, worker_options
 from dispatcher.config import Settings
 from dispatcher.enqueue import make_queues
@@ -99,6 +99,7 @@ def run(args: WorkerOptions) -> int:
                 serializer=JSONSerializer,
                 concurrency=settings.concurrency,
                 max_per_host=settings.max_per_host,
+                rates=ratelimit.configured(settings),
                 index_ttl=max(settings.result_ttl, settings.failure_ttl),
             )
             worker.work(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import smtplib
 import socket
 import ssl
@@ -26,7 +27,7 @@ from dispatcher.addresses import AddressError, wire_address
 from dispatcher.config import SmtpSettings
 from workers import deadline
 from workers.deadline import Deadline
-from workers.errors import PermanentDeliveryError, RetryableDeliveryError
+from workers.errors import PermanentDeliveryError, RetryableDeliveryError, ThrottledDeliveryError
 from workers.mail import job_id_of, utf8_addresses
 
 SMTP_TIMEOUT = 60.0
@@ -34,6 +35,11 @@ SMTP_TIMEOUT = 60.0
 QUIT_TIMEOUT = 5.0
 #: Login refused or required: a configuration error the operator can fix, so the mail waits.
 _CONFIG_CODES = frozenset({530, 534, 535})
+#: Replies that mean "you send too fast": 421 (service unavailable, closing: what providers answer a
+#: sender over its rate or connection limit) and 454 (Amazon SES's "Throttling failure"), and any
+#: other 4xx whose text says so (Gmail's 450 "... at a rate that prevents additional messages").
+_THROTTLE_CODES = frozenset({421, 454})
+_THROTTLE_TEXT = re.compile(r"\brate\b|throttl|too many (messages|mails|emails|connections)", re.IGNORECASE)
 
 #: Recipients a server refused at RCPT: address (as sent) -> (reply code, reply text).
 Refusals = dict[str, tuple[int, str]]
@@ -153,12 +159,16 @@ class SmtpTransport:
             codes = [code for code, _ in exc.recipients.values()]
             detail = "; ".join(f"{addr}: {code} {_text(msg)}" for addr, (code, msg) in exc.recipients.items())
             error_type = RetryableDeliveryError if any(400 <= c < 500 for c in codes) else PermanentDeliveryError
+            if all(_throttling(code, msg) for code, msg in exc.recipients.values()):
+                error_type = ThrottledDeliveryError
             raise error_type(f"all recipients refused: {detail}", codes[0]) from None
         except smtplib.SMTPResponseException as exc:
             self._drop()
             message_text = f"SMTP {exc.smtp_code} {_text(exc.smtp_error)}"
             if exc.smtp_code in _CONFIG_CODES:
                 raise RetryableDeliveryError(f"{message_text} (check DISPATCHER_SMTP_URL)", exc.smtp_code) from None
+            if _throttling(exc.smtp_code, exc.smtp_error):
+                raise ThrottledDeliveryError(message_text, exc.smtp_code) from None
             if 400 <= exc.smtp_code < 500:
                 raise RetryableDeliveryError(message_text, exc.smtp_code) from None
             raise PermanentDeliveryError(message_text, exc.smtp_code) from None
@@ -244,6 +254,11 @@ def hard_bounces(refused: Refusals) -> Refusals:
         for address, (code, text) in refused.items()
         if 500 <= code < 600 and code not in _CONFIG_CODES and not text.lstrip().startswith("5.7.")
     }
+
+
+def _throttling(code: int, reply: bytes | str) -> bool:
+    """Whether a reply asks us to send more slowly rather than refusing this message."""
+    return code in _THROTTLE_CODES or (400 <= code < 500 and _THROTTLE_TEXT.search(_text(reply)) is not None)
 
 
 def _text(raw: bytes | str) -> str:

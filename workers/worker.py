@@ -24,6 +24,14 @@ capping a fast receiver at a quarter of the slots cost a third of the
 throughput to one host, and a share stays free for the others should it turn
 slow (it is capped again as soon as one of its attempts passes FAST_ATTEMPT).
 
+Sending rates: a channel with a rate (DISPATCHER_SMTP_RATE for email, dispatcher.ratelimit) shares
+it with every worker through Redis. Its jobs are always held when popped, and begin their attempts
+as the slots this worker reserved open (workers.pacer). A receiver's answer that we send too fast
+(workers.errors.ThrottledDeliveryError) is not an attempt: the attempt is taken back, the shared
+rate slowed down, and the job held again, first in line; after MAX_THROTTLES such answers in a row
+the next one counts as an ordinary retryable attempt, so a receiver that always says so cannot keep
+a message forever.
+
 Poison: one job's garbage (a key of the wrong type, a field that does not parse,
 a history that is not ours) fails that job alone. Every batch pipeline runs with
 `raise_on_error=False` and its replies are mapped back to the job that queued
@@ -52,14 +60,16 @@ from rq.suspension import is_suspended
 from rq.utils import now, utcformat
 from rq.worker import DequeueStrategy, SimpleWorker, WorkerStatus
 
-from dispatcher import logs, rqstore
-from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, default_max_per_host
+from dispatcher import logs, ratelimit, rqstore
+from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, Settings, default_max_per_host
 from dispatcher.history import Attempt, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
 from dispatcher.tallies import Tally
 from workers.attempt import Decision, decide, failure_ttl, history_ttl, max_attempts, record, result_ttl, run, settled
 from workers.attempt import log as log_attempt
+from workers.errors import ThrottledDeliveryError
+from workers.pacer import Pacer
 from workers.poison import Batch, JobGone, Poisoned, fail_alone, read_job, repair_and_replay
 from workers.recovery import Reaper
 
@@ -86,6 +96,8 @@ HELD_PER_SLOT = 4
 #: whose attempts in hand has run longer, is fast: it may use all slots but `max_per_host`.
 FAST_ATTEMPT = 1.0
 FAST_SAMPLES = 8
+#: Answers "you send too fast" one job may meet in a row without their counting as attempts.
+MAX_THROTTLES = 5
 
 @dataclass
 class Running:
@@ -101,13 +113,21 @@ class Running:
     decision: Decision | None = None
     began: float = 0.0
     series_start: int = 0
+    #: Whether a throttling answer may pause the job instead of counting as an attempt.
+    may_pause: bool = False
+    #: The throttling answer that paused the last attempt; how many paused it so far.
+    throttled: ThrottledDeliveryError | None = None
+    throttles: int = 0
 
     def perform(self) -> None:
         attempt = self.attempt
         assert attempt is not None
         try:
-            retry_after = run(self.kind, self.job.id, self.data, attempt, self.queue.name)
+            retry_after = run(self.kind, self.job.id, self.data, attempt, self.queue.name, self.may_pause)
             self.decision = decide(self.data, attempt, retry_after, self.series_start)
+        except ThrottledDeliveryError as exc:  # not an attempt: the worker takes it back (_slow_down)
+            self.throttled = exc
+            return
         except Exception as exc:  # a bug, or data read_job let through: this job fails, the loop goes on
             attempt.outcome = "permanent"
             attempt.error = f"unexpected error: {type(exc).__name__}: {exc}"
@@ -124,9 +144,12 @@ class DispatcherWorker(SimpleWorker):
         concurrency: int = DEFAULT_CONCURRENCY,
         index_ttl: int = DEFAULT_FAILURE_TTL,
         max_per_host: int | None = None,
+        rates: dict[Kind, float] | None = None,
         **kwargs,
     ) -> None:
-        """`max_per_host`: delivery slots one webhook host may hold (default a quarter, at least 1)."""
+        """`max_per_host`: delivery slots one webhook host may hold (default a quarter, at least 1).
+        `rates`: channels' shared sending rates, messages per second (default: the environment's
+        settings, as under `rq worker -w`, whose deliveries read them too)."""
         kwargs.setdefault("worker_ttl", WORKER_TTL)
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
         super().__init__(*args, **kwargs)
@@ -149,6 +172,13 @@ class DispatcherWorker(SimpleWorker):
             raise ValueError(f"max_per_host must be from 1 to the concurrency ({concurrency}), got {max_per_host}")
         self.max_held = HELD_PER_SLOT * concurrency
         self.history = History(self.connection, Keys(bases[0]))
+        if rates is None:
+            rates = ratelimit.configured(Settings.from_env())
+        #: Per rate-limited channel, this worker's share of its rate.
+        self.pacers = {
+            kind: Pacer(shared)
+            for kind, shared in ratelimit.shared_rates(self.connection, self.history.keys, rates).items()
+        }
         self.reaper = Reaper(self.connection, self.queues, self.name, index_ttl)
         self.stop_requested_by_signal = False
         self._force_stop = False
@@ -272,17 +302,23 @@ class DispatcherWorker(SimpleWorker):
                 in_hand = len(running) + len(self.held)
                 left = self.concurrency if max_jobs is None else max_jobs - self.jobs_done - in_hand
                 may_pop = free > 0 and room > 0 and left > 0 and not quitting and not suspended
+                # With nothing running but jobs held for their rate: how long until a slot opens.
+                pause = None if running else self._pause()
                 if may_pop:
-                    if burst or (not running and self.get_state() != WorkerStatus.IDLE):
+                    if burst or (not running and pause is None and self.get_state() != WorkerStatus.IDLE):
                         block = None  # (just out of work: look once without waiting before reporting idle)
                     else:
-                        block = BUSY_BLOCK if running else IDLE_BLOCK
+                        block = BUSY_BLOCK if running else (pause or IDLE_BLOCK)
+                    if block is not None:
+                        pause = None  # the pop waited for it (or for a new job)
                     fresh = self._start(min(self.concurrency, free + room, left), free, block)
                     submit(fresh)
                     started += len(fresh)
                 if not running:
                     if self.held or started:
                         idle_since = time.monotonic()
+                        if pause and not started:  # held only for their rate: wait for a slot to open
+                            time.sleep(pause)
                         continue
                     if max_jobs is not None and self.jobs_done >= max_jobs:
                         self.log.info("Worker %s: finished executing %d jobs, quitting", self.name, self.jobs_done)
@@ -303,13 +339,20 @@ class DispatcherWorker(SimpleWorker):
                 if may_pop and len(running) < self.concurrency:
                     done = [future for future in running if future.done()]
                 else:
-                    done = list(wait(running, timeout=IDLE_BLOCK, return_when=FIRST_COMPLETED)[0])
+                    pause = self._pause() if len(running) < self.concurrency else None
+                    timeout = IDLE_BLOCK if pause is None else pause
+                    done = list(wait(running, timeout=timeout, return_when=FIRST_COMPLETED)[0])
                 if done:
                     finished = [running.pop(future) for future in done]
                     for item in finished:
                         if item.host is not None:
                             self._done_with(item)
-                    self._finish(finished)
+                    throttled = [item for item in finished if item.throttled is not None]
+                    if throttled:
+                        finished = [item for item in finished if item.throttled is None]
+                        self._slow_down(throttled)
+                    if finished:
+                        self._finish(finished)
         finally:
             pool.shutdown(wait=not self._force_stop, cancel_futures=True)
             self.teardown()
@@ -422,8 +465,9 @@ class DispatcherWorker(SimpleWorker):
             return []
         planned: Counter[str] = Counter()
         now_flags = []
-        for *_, host in popped:
-            run_now = free > 0 and self._room(host, planned)
+        for _, _, kind, _, host in popped:
+            # (a rate-limited job waits for a slot of its rate: _admit starts it)
+            run_now = free > 0 and kind not in self.pacers and self._room(host, planned)
             if run_now:
                 free -= 1
                 if host is not None:
@@ -470,16 +514,26 @@ class DispatcherWorker(SimpleWorker):
         return [item for item in items if item.attempt is not None and item.decision is None]
 
     def _admit(self, free: int) -> list[Running]:
-        """Begin the attempts of held jobs whose host has a free slot now, oldest first."""
+        """Begin the attempts of held jobs whose host has a free slot now, and whose channel's rate
+        lets them start, oldest first."""
         planned: Counter[str] = Counter()
         chosen: list[Running] = []
+        paced = self._paced(free)
+        used: Counter[Kind] = Counter()
         for item in self.held:
             if len(chosen) >= free:
                 break
+            if item.kind in paced and used[item.kind] >= paced[item.kind]:
+                continue
             if self._room(item.host, planned):
                 chosen.append(item)
                 if item.host is not None:
                     planned[item.host] += 1
+                if item.kind in paced:
+                    used[item.kind] += 1
+                    item.may_pause = item.throttles < MAX_THROTTLES
+        for kind, count in used.items():
+            self.pacers[kind].use(count)
         if not chosen:
             return []
         for item in chosen:
@@ -501,6 +555,59 @@ class DispatcherWorker(SimpleWorker):
                 self._began(item, reply, started_at, poisoned)
         self._fail_alone(poisoned)
         return [item for item in chosen if item.attempt is not None and item.decision is None]
+
+    def _paced(self, free: int) -> dict[Kind, int]:
+        """Per rate-limited channel with jobs held: how many of them may start now (at most `free`)."""
+        if not self.pacers:
+            return {}
+        waiting = Counter(item.kind for item in self.held if item.kind in self.pacers)
+        return {kind: self.pacers[kind].ready(min(free, count)) for kind, count in waiting.items()}
+
+    def _pause(self) -> float | None:
+        """Seconds until a job held for its channel's rate may start (None when none is held for one)."""
+        if not self.pacers:
+            return None
+        kinds = {item.kind for item in self.held if item.kind in self.pacers}
+        if not kinds:
+            return None
+        # (at least BUSY_BLOCK: a slot open but unusable for now must not make the loop spin)
+        return max(BUSY_BLOCK, min(IDLE_BLOCK, *(self.pacers[kind].wake_in() for kind in kinds)))
+
+    def _slow_down(self, items: list[Running]) -> None:
+        """The receiver refused these messages for our sending too fast: take their attempts back
+        (nothing was delivered), slow their channels' shared rates down, and hold them again, first."""
+        kinds = sorted({item.kind for item in items})
+        with self.connection.pipeline(transaction=False) as pipe:
+            for item in items:
+                assert item.attempt is not None
+                self.history.unbegin(pipe, item.job.id, item.attempt.number)
+            for kind in kinds:
+                self.pacers[kind].shared.slow_down(pipe)
+            # (one job's damaged history fails that job at its next begin, not here)
+            replies = pipe.execute(raise_on_error=False)[len(items) :]
+        for kind, reply in zip(kinds, replies, strict=True):
+            pacer = self.pacers[kind]
+            pacer.forget()
+            codes = sorted({str(item.throttled.status_code) for item in items if item.kind == kind and item.throttled})
+            if isinstance(reply, Exception):
+                self.log.error("Worker %s: could not slow the %s rate down: %s", self.name, kind, reply)
+                continue
+            lowered, rate = pacer.shared.slowed(reply)
+            self.log.warning(
+                "Worker %s: %d %s message(s) refused for sending too fast (%s); they wait without using an "
+                "attempt; the shared rate is %s %.3g/s (of %.3g/s)",
+                self.name,
+                sum(item.kind == kind for item in items),
+                kind,
+                ", ".join(codes),
+                "lowered to" if lowered else "now",
+                rate,
+                pacer.shared.rate,
+            )
+        for item in reversed(items):
+            item.attempt = item.decision = item.throttled = None
+            item.throttles += 1
+            self.held.appendleft(item)
 
     def _begin(self, pipe: Pipeline, queue: Queue, kind: Kind, job: Job, data: dict) -> datetime:
         failed = queue.failed_job_registry.key

@@ -64,6 +64,8 @@ class Channel:
     #: The host names one raw request item names, which the API starts looking up before it
     #: validates (the request model judges them); None for a channel that names none.
     hosts: Callable[[Any], Iterator[str]] | None = None
+    #: Deliveries per second every worker together may make (dispatcher.ratelimit); None: no limit.
+    rate: Callable[[Settings], float | None] = lambda settings: None
 
 
 def _registry() -> dict[str, Channel]:

@@ -379,4 +379,5 @@ CHANNEL = Channel(
     target=EmailTarget,
     job=job,
     job_timeout=lambda settings: EMAIL_JOB_TIMEOUT,
+    rate=lambda settings: settings.smtp_rate,
 )
