@@ -23,6 +23,7 @@ from dispatcher.errors import AlreadyAccepted, APIError, FieldProblem, JobStateC
 from dispatcher.logs import note_batch, note_job
 from dispatcher.openapi import openapi_document
 from dispatcher.runtime import Runtime
+from dispatcher.templates import TemplateStore
 from dispatcher.views import BatchQuery, JobsQuery, ReplayRequest
 
 QueryModel = TypeVar("QueryModel", bound=BaseModel)
@@ -275,9 +276,14 @@ def _validate(channel: Channel, model: type[BaseModel], body: dict[str, Any]) ->
         hosts = channel.hosts
         lookups.start(host for item in (items if isinstance(items, list) else ()) for host in hosts(item))
     try:
-        return model.model_validate(body, context={"guard": lookups, "email_from": rt.settings.email_from})
+        context = {"guard": lookups, "email_from": rt.settings.email_from, "templates": _templates(rt).get}
+        return model.model_validate(body, context=context)
     except ValidationError as exc:
         raise APIError(422, "validation_error", "the request has invalid fields", _details(exc)) from None
+
+
+def _templates(rt: Runtime) -> TemplateStore:
+    return TemplateStore(rt.connection, rt.keys.templates)
 
 
 def _accepted(job_id: str, body: dict[str, Any]) -> dict[str, str]:

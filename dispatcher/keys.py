@@ -22,6 +22,8 @@ class Keys:
         self.recent_successes = f"{self.prefix}:recent_successes"
         #: List of tokens, one per job enqueued, that idle workers of several queues block on.
         self.wake = f"{self.prefix}:wake"
+        #: Hash of stored email templates: id -> JSON (dispatcher.templates).
+        self.templates = f"{self.prefix}:templates"
         #: Hash of attempt counts by channel, priority, outcome and duration bucket (dispatcher.tallies).
         self.tallies = f"{self.prefix}:tallies"
         #: Hash of the suppression list: address -> why and when it was added (dispatcher.suppressions).

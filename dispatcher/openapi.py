@@ -32,9 +32,11 @@ from dispatcher.views import (
     Replayed,
     ReplayRequest,
     Stats,
+    StoredTemplate,
     SuppressionPage,
     SuppressionRequest,
     SuppressionsQuery,
+    TemplateList,
 )
 
 _REF = "#/components/schemas/{model}"
@@ -42,7 +44,7 @@ _REF = "#/components/schemas/{model}"
 #: The answers' types; the document names each schema after its type.
 _ANSWERS: tuple[Any, ...] = (
     ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, BatchView, Replayed,
-    Suppression, SuppressionPage,
+    Suppression, SuppressionPage, StoredTemplate, TemplateList,
 )
 
 #: Error answers, by status: (code, description).
@@ -167,6 +169,48 @@ def _query_parameters(model: type[BaseModel], schema: dict) -> list[dict]:
     return parameters
 
 
+def _template_paths() -> dict:
+    template_id = {"name": "id", "in": "path", "required": True, "schema": _STRING,
+                   "description": "the id POST /v1/templates answered"}
+    body = {"required": True, "content": {"application/json": {"schema": _ref("EmailTemplate")}}}
+    location = {"Location": {"description": "the stored template's URL", "schema": _STRING}}
+    return {
+        "/v1/templates": {
+            **_get("list_templates", "Every stored email template, newest first", "TemplateList", (401, 503)),
+            "post": {
+                "operationId": "create_template",
+                "summary": "Store an email template (checked now: a syntax error is a 422 naming the part)",
+                "requestBody": body,
+                "responses": _responses(
+                    201, "StoredTemplate", "stored", (400, 401, 409, 413, 415, 422, 503), headers=location
+                ),
+            },
+        },
+        "/v1/templates/{id}": {
+            **_get("get_template", "One stored template", "StoredTemplate", (401, 404, 414, 503),
+                   parameters=[template_id]),
+            "put": {
+                "operationId": "replace_template",
+                "summary": "Replace a stored template's parts",
+                "parameters": [template_id],
+                "requestBody": body,
+                "responses": _responses(
+                    200, "StoredTemplate", "replaced", (400, 401, 404, 413, 414, 415, 422, 503)
+                ),
+            },
+            "delete": {
+                "operationId": "delete_template",
+                "summary": "Delete a stored template (batches already accepted keep their messages)",
+                "parameters": [template_id],
+                "responses": {
+                    "204": {"description": "deleted"},
+                    **{str(status): {"$ref": f"#/components/responses/E{status}"} for status in (401, 404, 414, 503)},
+                },
+            },
+        },
+    }
+
+
 def _suppression_paths(query: dict) -> dict:
     address = {
         "name": "address",
@@ -276,6 +320,7 @@ def _paths(jobs_query: dict, batch_query: dict, suppressions_query: dict) -> dic
             "get_stats", "Counts per kind and status, recent failures and successes", "Stats", (401, 503)
         ),
         **_suppression_paths(suppressions_query),
+        **_template_paths(),
         "/healthz": _get("healthz", "The process is up", "Health", (), security=[]),
         "/readyz": _get(
             "readyz", "Redis answers; jobs waiting and workers alive per priority", "Readiness", (503,), security=[]

@@ -15,12 +15,19 @@ build are all counted or bounded.
 from __future__ import annotations
 
 import contextvars
+import json
+import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from jinja2 import StrictUndefined, TemplateError, UndefinedError, nodes
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from redis.commands.core import Script
+
+from dispatcher.history import isoformat
 
 #: The parts of an email a template may give.
 FIELDS = ("subject", "text", "html")
@@ -157,3 +164,77 @@ class RenderBudget:
 
     def __exit__(self, *exc: object) -> None:
         _budget.reset(self._token)
+
+
+# --- stored templates ------------------------------------------------------------------------
+
+#: Templates one Dispatcher queue may store.
+MAX_STORED = 10_000
+ID_PREFIX = "tpl_"
+
+
+class TemplateStore:
+    """Stored templates, one Redis hash per Dispatcher queue: id -> JSON of the template and its times."""
+
+    def __init__(self, connection: redis.Redis, key: str) -> None:
+        self.connection = connection
+        self.key = key
+
+    def get(self, template_id: str) -> dict | None:
+        raw = self.connection.hget(self.key, template_id)
+        return None if raw is None else json.loads(raw)
+
+    def list(self) -> list[dict]:
+        """Every stored template, newest first."""
+        records = [json.loads(raw) for raw in self.connection.hvals(self.key)]
+        return sorted(records, key=lambda record: (record["created_at"], record["id"]), reverse=True)
+
+    def create(self, parts: Mapping[str, str | None]) -> dict:
+        """Store a template (checked first: TemplateProblem naming the part); TemplateStoreFull past MAX_STORED."""
+        compile_template(parts)
+        now = isoformat(datetime.now(UTC))
+        record = {"id": ID_PREFIX + secrets.token_hex(12), **_parts(parts), "created_at": now, "updated_at": now}
+        added = _ADD(keys=[self.key], args=[str(record["id"]), json.dumps(record), MAX_STORED], client=self.connection)
+        if not added:
+            raise TemplateStoreFull(f"at most {MAX_STORED:,} templates may be stored; delete some first")
+        return record
+
+    def replace(self, template_id: str, parts: Mapping[str, str | None]) -> dict | None:
+        """Replace a stored template's parts (checked first); None when there is no such template."""
+        compile_template(parts)
+        with self.connection.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.key)
+                    raw = pipe.hget(self.key, template_id)
+                    if raw is None:
+                        return None
+                    record = json.loads(raw) | _parts(parts) | {"updated_at": isoformat(datetime.now(UTC))}
+                    pipe.multi()
+                    pipe.hset(self.key, template_id, json.dumps(record))
+                    pipe.execute()
+                    return record
+                except redis.WatchError:
+                    continue
+
+    def delete(self, template_id: str) -> bool:
+        return bool(self.connection.hdel(self.key, template_id))
+
+
+class TemplateStoreFull(Exception):
+    """The store holds MAX_STORED templates already."""
+
+
+def _parts(parts: Mapping[str, str | None]) -> dict[str, str | None]:
+    return {field: parts.get(field) for field in FIELDS}
+
+
+#: HSET the new template only if the hash holds fewer than ARGV[3]: 1, else 0.
+_ADD = Script(
+    None,  # type: ignore[arg-type]  # called with an explicit client
+    b"""
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+""",
+)

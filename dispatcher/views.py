@@ -222,6 +222,25 @@ class BatchQuery(BaseModel):
         return value
 
 
+@with_config(_FORBID)
+class StoredTemplate(TypedDict):
+    """A stored email template (POST /v1/templates): its parts and when it was stored and changed."""
+
+    id: str
+    subject: str
+    text: str | None
+    html: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+@with_config(_FORBID)
+class TemplateList(TypedDict):
+    """GET /v1/templates: every stored template, newest first."""
+
+    templates: list[StoredTemplate]
+
+
 class JobsQuery(BaseModel):
     """GET /v1/jobs?kind=&status=&limit=; an empty or unknown value is refused, naming the parameter."""
 

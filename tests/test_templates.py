@@ -116,3 +116,79 @@ def test_a_batch_is_items_or_a_template_with_recipients(service, body, field):
     assert response.status_code == 422, response.get_json()
     assert response.get_json()["error"]["details"][0]["field"] == field, response.get_json()
     assert queued(svc) == 0
+
+
+# --- stored templates ------------------------------------------------------------------------
+
+
+def test_a_stored_template_is_created_read_listed_replaced_and_deleted(service):
+    svc = service()
+
+    created = svc.client.post("/v1/templates", json={"subject": "Hi {{ name }}", "text": "Hello"}, headers=AUTH)
+    assert created.status_code == 201, created.get_json()
+    record = created.get_json()
+    assert record["id"].startswith("tpl_") and created.headers["Location"] == f"/v1/templates/{record['id']}"
+    assert (record["subject"], record["text"], record["html"]) == ("Hi {{ name }}", "Hello", None)
+    assert svc.client.get(created.headers["Location"], headers=AUTH).get_json() == record
+    listed = svc.client.get("/v1/templates", headers=AUTH).get_json()["templates"]
+    assert record in listed
+
+    replaced = svc.client.put(created.headers["Location"], json={"subject": "Bye", "html": "<p>x</p>"}, headers=AUTH)
+    assert replaced.status_code == 200
+    assert (replaced.get_json()["subject"], replaced.get_json()["text"]) == ("Bye", None)
+    assert replaced.get_json()["created_at"] == record["created_at"]
+
+    assert svc.client.delete(created.headers["Location"], headers=AUTH).status_code == 204
+    assert svc.client.get(created.headers["Location"], headers=AUTH).status_code == 404
+    assert svc.client.delete(created.headers["Location"], headers=AUTH).status_code == 404
+    again = svc.client.put(created.headers["Location"], json={"subject": "s", "text": "t"}, headers=AUTH)
+    assert again.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"subject": "Hi", "text": "{% for %}"}, "text"),
+        ({"subject": "{{ name", "text": "t"}, "subject"),
+        ({"subject": "Hi"}, "template.text"),
+        ({"text": "t"}, "subject"),
+        ({"subject": "Hi\r\nBcc: x@example.com", "text": "t"}, "subject"),
+    ],
+)
+def test_a_template_that_cannot_be_used_is_refused_when_stored_naming_the_part(service, body, field):
+    svc = service()
+
+    response = svc.client.post("/v1/templates", json=body, headers=AUTH)
+
+    assert response.status_code == 422, response.get_json()
+    assert response.get_json()["error"]["details"][0]["field"] == field
+    assert svc.client.get("/v1/templates", headers=AUTH).get_json()["templates"] == []
+
+
+def test_a_batch_names_a_stored_template_by_its_id(service, smtp_server):
+    svc = service()
+    stored = svc.client.post("/v1/templates", json=TEMPLATE, headers=AUTH).get_json()
+    recipients = [{"to": [f"stored-{n}@example.com"], "variables": {"name": f"N{n}", "items": ["x"]}} for n in range(3)]
+
+    response = post(svc, {"template_id": stored["id"], "recipients": recipients, "from": "shop@example.com"})
+    assert response.status_code == 202, response.get_json()
+    svc.start_worker()
+
+    wait_until(lambda: all(smtp_server.handler.messages_to(f"stored-{n}@example.com") for n in range(3)), 30,
+               "not delivered")
+    (message,) = smtp_server.handler.messages_to("stored-2@example.com")
+    assert b"Subject: Your order, N2" in message.content
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [({"template_id": "tpl_nope"}, "template_id"), ({"template_id": "tpl_x", "template": TEMPLATE}, "template_id")],
+)
+def test_an_unknown_template_id_or_both_forms_are_422(service, extra, field):
+    svc = service()
+
+    response = post(svc, {"recipients": [{"to": ["a@example.com"]}], "from": "shop@example.com", **extra})
+
+    assert response.status_code == 422, response.get_json()
+    assert response.get_json()["error"]["details"][0]["field"] == field
+    assert queued(svc) == 0

@@ -212,7 +212,7 @@ class Recipient(RequestModel):
 MAX_TEMPLATE_ATTACHMENTS = 50 * 1024 * 1024
 #: The fields of an email every message of a template batch shares.
 _SHARED = ("from", "reply_to", "bcc", "attachments", "headers", "metadata", "retry")
-_TEMPLATE_FORM = ("template", "recipients", *_SHARED)
+_TEMPLATE_FORM = ("template", "template_id", "recipients", *_SHARED)
 
 
 class EmailBatch(SendBatch):
@@ -226,6 +226,9 @@ class EmailBatch(SendBatch):
     items: list[EmailRequest] = Field(default_factory=list, max_length=MAX_BATCH)
     # Not nullable: absent, not null, in the items form.
     template: EmailTemplate = Field(default=None)  # type: ignore[assignment]
+    template_id: str = Field(  # type: ignore[assignment]
+        default=None, min_length=1, max_length=64, description="a stored template's id (POST /v1/templates)"
+    )
     recipients: list[Recipient] = Field(default_factory=list, max_length=MAX_BATCH)
     from_: Mailbox | None = Field(default=None, alias="from")
     reply_to: Mailbox | None = None
@@ -244,6 +247,13 @@ class EmailBatch(SendBatch):
             if given:
                 raise FieldProblem(given[0], "give either items or a template with recipients, not both")
             return self
+        if self.template is not None and self.template_id is not None:
+            raise FieldProblem("template_id", "give a template or a template_id, not both")
+        if self.template_id is not None:
+            stored = (info.context or {}).get("templates", lambda _: None)(self.template_id)
+            if stored is None:
+                raise FieldProblem("template_id", "no stored template has this id (POST /v1/templates makes one)")
+            self.template = EmailTemplate.model_construct(**{f: stored.get(f) for f in ("subject", "text", "html")})
         if self.template is None or not self.recipients:
             missing = "template" if self.template is None else "recipients"
             raise FieldProblem("items" if not given else missing, "give items, or a template and its recipients")
@@ -295,7 +305,11 @@ def _batch_forms(schema: dict) -> None:
     form_fields = {name: False for name in _TEMPLATE_FORM}
     schema["oneOf"] = [
         {"required": ["items"], "properties": {"items": {"minItems": 1}, **form_fields}},
-        {"required": ["template", "recipients"], "properties": {"recipients": {"minItems": 1}, "items": False}},
+        {
+            "required": ["recipients"],
+            "oneOf": [{"required": ["template"]}, {"required": ["template_id"]}],
+            "properties": {"recipients": {"minItems": 1}, "items": False},
+        },
     ]
 
 
