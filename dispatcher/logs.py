@@ -72,11 +72,22 @@ class _TextLines(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        fields = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD and v is not None)
+        fields = " ".join(
+            f"{k}={_one_line(v)}" for k, v in record.__dict__.items() if k not in _STANDARD and v is not None
+        )
         if not fields:
             return line
         head, newline, rest = line.partition("\n")  # fields on the first line, before any traceback
         return f"{head} {fields}{newline}{rest}"
+
+
+#: Characters that would start a new line (or hide one) in a text log: escaped, so a value from a
+#: request (a path with an encoded line break, say) cannot forge a line of its own.
+_LINE_BREAKERS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, 0x85)} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _one_line(value: object) -> str:
+    return str(value).translate(_LINE_BREAKERS)
 
 
 def formatter(log_format: str) -> logging.Formatter:

@@ -26,6 +26,7 @@ from aiosmtpd.smtp import AuthResult
 from dispatcher.config import Settings
 from tests.conftest import (
     API_KEY,
+    AUTH,
     ROOT,
     TERMINAL,
     SmtpHandler,
@@ -335,9 +336,18 @@ def test_text_format_has_the_same_facts_for_people(service_env, receiver, tmp_pa
     try:
         job_id = run.send("/v1/webhooks", {"url": receiver.url("ok"), "event_type": "a.b", "payload": {}})
         assert run.wait(job_id)["status"] == "succeeded"
+        # A path with encoded line breaks may not forge a line of its own.
+        forged = urllib.request.Request(
+            f"http://127.0.0.1:{run.port}/v1/jobs/x%0D%0A2026-12-04%2000:00:00,000%20forged%E2%80%A8INFO", headers=AUTH
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(forged, timeout=10)
+        assert refused.value.code == 404
     finally:
         run.stop()
     web, worker = run.web_log.read_text(), run.worker_log.read_text()
+    assert [" dispatcher.request INFO request method=GET path=/v1/jobs/x\\x0d\\x0a2026" in line
+            for line in web.splitlines() if "forged" in line] == [True], web
     for line in (web + worker).splitlines():
         with pytest.raises(ValueError):
             json.loads(line)
