@@ -689,6 +689,7 @@ end
 if now - seen < tonumber(ARGV[2]) then return 0 end
 redis.call('LREM', KEYS[1], 1, ARGV[1])
 redis.call('DEL', KEYS[4])
+if ARGV[4] ~= '' then redis.call('ZREM', KEYS[5], ARGV[4]) end
 local kind = redis.call('TYPE', KEYS[2])['ok']
 if kind == 'none' then return 0 end
 if kind == 'hash' then redis.call('HSET', KEYS[2], 'status', 'queued') end
@@ -698,10 +699,15 @@ return 1
 )
 
 
-def requeue_limbo(connection: redis.Redis, queue: Queue, job_id: str, note_key: str, age: int, ttl: int) -> bool:
-    """Note or requeue a job popped into RQ's intermediate list but not started (see _REQUEUE_LIMBO)."""
+def requeue_limbo(
+    connection: redis.Redis, queue: Queue, job_id: str, note_key: str, age: int, ttl: int, stale: str = ""
+) -> bool:
+    """Note or requeue a job popped into RQ's intermediate list but not started (see _REQUEUE_LIMBO).
+    `stale`: its started registry entry without an execution (a worker died while sending the
+    pipeline that starts it: the batch's registry entries went first), removed with it."""
     keys = [queue.intermediate_queue_key, queue.job_class.key_for(job_id), queue.key, note_key]
-    return bool(_REQUEUE_LIMBO(keys=keys, args=[job_id, age, ttl], client=connection))
+    keys.append(queue.started_job_registry.key)
+    return bool(_REQUEUE_LIMBO(keys=keys, args=[job_id, age, ttl, stale], client=connection))
 
 
 # --- Failing an unreadable job (workers.poison) -------------------------------------------------

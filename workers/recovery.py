@@ -147,14 +147,27 @@ class Reaper:
         if not job_ids:
             return 0
         started = cast(list[bytes], self.connection.zrange(queue.started_job_registry.key, 0, -1))
-        registered = {member.decode(errors="replace").rsplit(":", 1)[0] for member in started}
+        members = [member.decode(errors="replace") for member in started]
+        with self.connection.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.exists(rqstore.execution_key(self.connection, member))
+            executed = pipe.execute()
+        # A registry entry without its execution: the worker died while sending the pipeline that
+        # starts its batch (the registry entries go first, the job's own keys after). Still in the
+        # intermediate list, the job was never started: a pop in limbo like any other, whose entry
+        # goes with it (else the reaper would wait for the entry's expiry, minutes away).
+        registered = {
+            member.rsplit(":", 1)[0]: ("" if has_execution else member)
+            for member, has_execution in zip(members, executed, strict=True)
+        }
         requeued = 0
         for job_id in job_ids:
-            if job_id in registered:
+            stale = registered.get(job_id, "")
+            if job_id in registered and not stale:
                 continue
             try:
                 done = rqstore.requeue_limbo(
-                    self.connection, queue, job_id, self.keys.limbo(job_id), LIMBO_AGE, 4 * LIMBO_AGE
+                    self.connection, queue, job_id, self.keys.limbo(job_id), LIMBO_AGE, 4 * LIMBO_AGE, stale
                 )
             except redis.ResponseError as exc:
                 log.error("could not requeue job %s: %s", job_id, exc)
