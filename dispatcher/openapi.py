@@ -58,6 +58,7 @@ _ERRORS = {
     413: "`body_too_large`: the body is over 15 MB",
     414: "`uri_too_long`: the request line (path and query) is over 4,094 bytes",
     415: "`unsupported_media_type`: the body is not `application/json`",
+    431: "`headers_too_large`: over 100 header fields, or one over 8,190 bytes",
     422: "`validation_error`: one entry in `details` for every bad field, query parameter or header",
     503: "`unavailable`: Redis is unreachable",
 }
@@ -328,6 +329,19 @@ def _paths(jobs_query: dict, batch_query: dict, suppressions_query: dict) -> dic
     }
 
 
+def _with_uri_too_long(paths: dict) -> dict:
+    """Every operation with a path or query parameter may meet the server's request-line limit (414),
+    and one with a header parameter its header limits (431)."""
+    for operations in paths.values():
+        for operation in operations.values():
+            places = {p["in"] for p in operation.get("parameters", ())}
+            if places & {"path", "query"}:
+                operation["responses"].setdefault("414", {"$ref": "#/components/responses/E414"})
+            if "header" in places:
+                operation["responses"].setdefault("431", {"$ref": "#/components/responses/E431"})
+    return paths
+
+
 @cache
 def openapi_document() -> dict:
     """The whole document; built once, it only depends on the code."""
@@ -354,7 +368,7 @@ def openapi_document() -> dict:
             "description": "Send email and call webhooks in the background. Every error is "
             '`{"error": {"code", "message", "details": [{"field", "problem"}]}}`.',
         },
-        "paths": _paths(jobs_query, batch_query, suppressions_query),
+        "paths": _with_uri_too_long(_paths(jobs_query, batch_query, suppressions_query)),
         "components": {
             "schemas": schemas,
             "responses": {
