@@ -15,7 +15,6 @@ import click
 from dispatcher.cli.base import (
     TERMINAL,
     WATCH_INTERVAL,
-    F,
     Failed,
     Misconfigured,
     attempt_line,
@@ -25,37 +24,32 @@ from dispatcher.cli.base import (
 )
 from dispatcher.priorities import PRIORITIES, Priority
 
-
-def _wait_option(command: F) -> F:
-    return click.option(
-        "--wait",
-        is_flag=True,
-        help="wait until the job succeeded or failed, print its attempts, and exit 1 unless it succeeded",
-    )(command)
+_wait_option = click.option(
+    "--wait",
+    is_flag=True,
+    help="wait until the job succeeded or failed, print its attempts, and exit 1 unless it succeeded",
+)
 
 
-def _priority_option(command: F) -> F:
-    return click.option(
-        "--priority",
-        type=click.Choice(PRIORITIES),
-        help="the queue to use (default: default)",
-    )(command)
+_priority_option = click.option(
+    "--priority",
+    type=click.Choice(PRIORITIES),
+    help="the queue to use (default: default)",
+)
 
 
-def _send_at_option(command: F) -> F:
-    return click.option(
-        "--send-at",
-        metavar="TIME",
-        help="when to send it, with its offset, e.g. 2026-12-24T09:00:00+01:00 (up to 30 days ahead)",
-    )(command)
+_send_at_option = click.option(
+    "--send-at",
+    metavar="TIME",
+    help="when to send it, with its offset, e.g. 2026-12-24T09:00:00+01:00 (up to 30 days ahead)",
+)
 
 
-def _idempotency_option(command: F) -> F:
-    return click.option(
-        "--idempotency-key",
-        metavar="KEY",
-        help="send it once: the same key and request within 24 h print the first job id and enqueue nothing",
-    )(command)
+_idempotency_option = click.option(
+    "--idempotency-key",
+    metavar="KEY",
+    help="send it once: the same key and request within 24 h print the first job id and enqueue nothing",
+)
 
 
 @cli.command("send-email")
