@@ -329,7 +329,12 @@ def _details(exc: ValidationError) -> list[dict[str, str]]:
     for error in exc.errors(include_url=False, include_input=False):
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, FieldProblem):
-            details.append({"field": cause.field, "problem": cause.problem})
+            # Its field is named from the model that raised it: prefix where that model sits
+            # (`items.3`), less a last part the field repeats (a field validator's own name).
+            where = [str(part) for part in error["loc"]]
+            if where and cause.field.split(".")[0] == where[-1]:
+                where.pop()
+            details.append({"field": ".".join([*where, cause.field]), "problem": cause.problem})
             continue
         field = ".".join(str(part) for part in error["loc"]) or "body"
         problem = error["msg"].removeprefix("Value error, ")

@@ -67,6 +67,37 @@ def test_one_bad_item_rejects_the_whole_batch(idle_client, receiver):
     assert idle_client.get("/v1/jobs", headers=AUTH).get_json()["jobs"] == []
 
 
+def _email(**fields) -> dict:
+    return {"to": ["ada@example.com"], "subject": "s", "text": "t"} | fields
+
+
+_MANY = [f"r{i}@example.com" for i in range(30)]
+
+
+@pytest.mark.parametrize(
+    ("path", "item", "field"),
+    [
+        # Each of an item's own checks that look at more than one value (model validators) or name
+        # a part of a field (a header): the answer names the item too.
+        pytest.param("emails", {"to": ["ada@example.com"], "subject": "s"}, "text", id="email-no-body"),
+        pytest.param("emails", _email(to=_MANY, cc=_MANY), "to", id="email-recipients"),
+        pytest.param("emails", _email(headers={"X-Evil": "a\r\nBcc: e@example.com"}), "headers.X-Evil", id="injection"),
+        pytest.param("emails", _email(headers={"Subject": "again"}), "headers.Subject", id="email-reserved-header"),
+        pytest.param("emails", _email(headers={"Content-X": "y"}), "headers.Content-X", id="email-content-header"),
+        pytest.param("webhooks", hook("", headers={"Host": "x"}), "headers.Host", id="webhook-reserved-header"),
+    ],
+)
+def test_an_items_own_check_names_the_item(idle_client, receiver, path, item, field):
+    if path == "webhooks":
+        good, item = hook(receiver.url()), item | {"url": receiver.url()}
+    else:
+        good = _email()
+    response = idle_client.post(f"/v1/{path}/batch", json={"items": [good, good, item]}, headers=AUTH)
+
+    assert response.status_code == 422, response.get_json()
+    assert [d["field"] for d in response.get_json()["error"]["details"]] == [f"items.2.{field}"]
+
+
 @pytest.mark.parametrize("items", [[], "not a list"], ids=["empty", "not-a-list"])
 def test_batch_needs_a_list_of_items(idle_client, items):
     response = idle_client.post("/v1/webhooks/batch", json={"items": items}, headers=AUTH)
