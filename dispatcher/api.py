@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import hmac
 import json
@@ -23,7 +24,7 @@ from dispatcher.errors import AlreadyAccepted, APIError, FieldProblem, JobStateC
 from dispatcher.logs import note_batch, note_job
 from dispatcher.openapi import openapi_document
 from dispatcher.runtime import Runtime
-from dispatcher.templates import TemplateStore
+from dispatcher.templates import RenderBudget, TemplateStore
 from dispatcher.views import BatchQuery, JobsQuery, ReplayRequest
 
 QueryModel = TypeVar("QueryModel", bound=BaseModel)
@@ -275,9 +276,12 @@ def _validate(channel: Channel, model: type[BaseModel], body: dict[str, Any]) ->
         items = body.get("items") if model is channel.batch else [body]
         hosts = channel.hosts
         lookups.start(host for item in (items if isinstance(items, list) else ()) for host in hosts(item))
+    # One budget of template work for the whole request; each stored template read once.
+    stored = functools.cache(_templates(rt).get)
     try:
-        context = {"guard": lookups, "email_from": rt.settings.email_from, "templates": _templates(rt).get}
-        return model.model_validate(body, context=context)
+        context = {"guard": lookups, "email_from": rt.settings.email_from, "templates": stored}
+        with RenderBudget():
+            return model.model_validate(body, context=context)
     except ValidationError as exc:
         raise APIError(422, "validation_error", "the request has invalid fields", _details(exc)) from None
 

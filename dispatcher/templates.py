@@ -15,6 +15,7 @@ build are all counted or bounded.
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import secrets
 from collections.abc import Iterator, Mapping
@@ -156,14 +157,28 @@ def compile_template(parts: Mapping[str, str | None]) -> Compiled:
 
 
 class RenderBudget:
-    """One request's budget of loop iterations, for every rendering inside the `with`."""
+    """One request's budget of loop iterations, for every rendering inside the `with`. The outermost
+    `with` opens it and inner ones share it: the API opens one per request, so the items of a batch
+    that each name a template spend from one budget, not one each."""
 
     def __enter__(self) -> RenderBudget:
-        self._token = _budget.set(_Budget())
+        self._token = None if _budget.get(None) is not None else _budget.set(_Budget())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _budget.reset(self._token)
+        if self._token is not None:
+            _budget.reset(self._token)
+
+
+def compiled_stored(record: Mapping[str, Any]) -> Compiled:
+    """A stored template's parts, compiled (once per version of them in this process: the items of a
+    batch may name one template thousands of times)."""
+    return _compiled(*(record.get(field) for field in FIELDS))
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(*sources: str | None) -> Compiled:
+    return compile_template(dict(zip(FIELDS, sources, strict=True)))
 
 
 # --- stored templates ------------------------------------------------------------------------

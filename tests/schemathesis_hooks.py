@@ -18,7 +18,7 @@ Every other value comes from the document alone.
 - A template batch's `template` parts are Jinja2: JSON Schema has no grammar for it, so the run
   leaves out templates with `{` or `}` (tests/test_templates.py tries templates of every kind), and
   a `template_id` must name a stored template, which the document cannot know: the run leaves out
-  batches that give one.
+  emails, batches and batch items that give one.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> b
         return True
     body = case.body if isinstance(case.body, dict) else {}
     items = body.get("items") if case.operation.path.endswith("/batch") else [body]
-    if "template_id" in body:
+    messages = [body, *(items if isinstance(items, list) else [])]
+    if any(isinstance(message, dict) and "template_id" in message for message in messages):
         return False
     if isinstance(body.get("recipients"), list) and case.operation.path.endswith("/batch"):
         bcc = body.get("bcc") if isinstance(body.get("bcc"), list) else []

@@ -21,7 +21,7 @@ from dispatcher.client import (
     Unavailable,
     ValidationFailed,
 )
-from tests.conftest import API_KEY, free_port
+from tests.conftest import API_KEY, AUTH, free_port
 
 
 @pytest.fixture
@@ -54,6 +54,20 @@ def test_sends_and_follows_a_webhook_and_an_email(client_of, receiver, smtp_serv
     stats = client.stats()
     assert stats["webhook"]["succeeded"] == stats["email"]["succeeded"] == 1
     assert client.ready()
+
+
+def test_sends_an_email_from_a_stored_template(client_of, smtp_server):
+    svc, client = client_of
+    template = {"subject": "Hi {{ name }}", "text": "Hello {{ name }}"}
+    template_id = svc.client.post("/v1/templates", json=template, headers=AUTH).get_json()["id"]
+    address = f"client-tpl-{uuid.uuid4().hex[:8]}@example.com"
+    svc.start_worker()
+
+    mail = client.send_email(to=[address], from_="shop@example.com", template_id=template_id, variables={"name": "Ada"})
+
+    assert client.wait(mail, timeout=30)["status"] == "succeeded"
+    (message,) = smtp_server.handler.messages_to(address)
+    assert b"Subject: Hi Ada" in message.content and b"Hello Ada" in message.content
 
 
 def test_batches_come_back_as_ids_in_order_on_their_priority(client_of, receiver):

@@ -192,3 +192,120 @@ def test_an_unknown_template_id_or_both_forms_are_422(service, extra, field):
     assert response.status_code == 422, response.get_json()
     assert response.get_json()["error"]["details"][0]["field"] == field
     assert queued(svc) == 0
+
+
+# --- a single email from a stored template ---------------------------------------------------
+
+
+def store(svc, template: dict) -> str:
+    response = svc.client.post("/v1/templates", json=template, headers=AUTH)
+    assert response.status_code == 201, response.get_json()
+    return str(response.get_json()["id"])
+
+
+def test_a_single_email_names_a_stored_template_and_its_variables(service, smtp_server):
+    svc = service()
+    template_id = store(svc, TEMPLATE)
+    variables = {"name": "Ada <b>", "items": ["book", "pen"]}
+
+    response = svc.client.post(
+        "/v1/emails",
+        json={"to": ["Ada <single-tpl@example.com>"], "from": "shop@example.com", "template_id": template_id,
+              "variables": variables, "metadata": {"order": "1042"}},
+        headers=AUTH,
+    )
+    assert response.status_code == 202, response.get_json()
+    job_id = response.get_json()["id"]
+    assert svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()["target"]["subject"] == "Your order, Ada <b>"
+    svc.start_worker()
+
+    wait_until(lambda: smtp_server.handler.messages_to("single-tpl@example.com"), 30, "not delivered")
+    (message,) = smtp_server.handler.messages_to("single-tpl@example.com")
+    text = message.content.decode().replace("\r\n", "\n")
+    assert "Subject: Your order, Ada <b>" in text
+    assert "Hello Ada <b>,\n- book\n- pen\n" in text
+    assert "<p>Hello Ada &lt;b&gt;</p>" in text
+    assert "template_id" not in text and "variables" not in text
+
+
+def test_a_batchs_items_may_each_name_a_stored_template(service, smtp_server):
+    svc = service()
+    greeting = store(svc, {"subject": "Hi {{ name }}", "text": "Hello {{ name }}"})
+    farewell = store(svc, {"subject": "Bye {{ name }}", "text": "Goodbye {{ name }}"})
+    items = [
+        {"to": [f"items-tpl-{n}@example.com"], "from": "shop@example.com",
+         "template_id": (greeting, farewell)[n % 2], "variables": {"name": f"N{n}"}}
+        for n in range(4)
+    ]
+
+    response = post(svc, {"items": items})
+    assert response.status_code == 202, response.get_json()
+    svc.start_worker()
+
+    wait_until(lambda: all(smtp_server.handler.messages_to(f"items-tpl-{n}@example.com") for n in range(4)), 30,
+               "not delivered")
+    assert b"Subject: Hi N0" in smtp_server.handler.messages_to("items-tpl-0@example.com")[0].content
+    assert b"Subject: Bye N3" in smtp_server.handler.messages_to("items-tpl-3@example.com")[0].content
+
+
+@pytest.mark.parametrize(
+    ("template", "extra", "field", "problem"),
+    [
+        (TEMPLATE, {"variables": {"items": []}}, "subject", "undefined variable"),
+        ({"subject": "Hi", "html": "{{ x.__class__.__mro__ }}"}, {"variables": {"x": 1}}, "html", "not allowed"),
+        ({"subject": "Hi", "text": "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}"},
+         {}, "text", "loops more than"),
+        ({"subject": "{{ name }}", "text": "x"}, {"variables": {"name": "Hi\r\nBcc: evil@example.com"}}, "subject", ""),
+        ({"subject": "Hi", "text": "x"}, {"subject": "mine"}, "subject", "either a template_id"),
+        ({"subject": "Hi", "text": "x"}, {"text": "mine"}, "text", "either a template_id"),
+        ({"subject": "Hi", "text": "x"}, {"template_id": "tpl_nope"}, "template_id", "no stored template"),
+        ({"subject": "Hi", "text": "x"}, {"template_id": 7}, "template_id", "string"),
+        ({"subject": "Hi", "text": "x"}, {"variables": ["name"]}, "variables", "object"),
+    ],
+    ids=["undefined", "sandbox", "budget", "rendered-header-injection", "own-subject", "own-text", "unknown",
+         "id-not-a-string", "variables-not-an-object"],
+)
+@pytest.mark.parametrize("form", ["single", "batch-item"])
+def test_a_stored_template_error_on_an_email_is_a_422_naming_the_part_and_nothing_is_enqueued(
+    service, template, extra, field, problem, form
+):
+    svc = service()
+    email = {"to": ["a@example.com"], "from": "shop@example.com", "template_id": store(svc, template)} | extra
+    started = time.monotonic()
+
+    if form == "single":
+        response = svc.client.post("/v1/emails", json=email, headers=AUTH)
+    else:
+        ok = {"to": ["b@example.com"], "from": "shop@example.com", "subject": "s", "text": "t"}
+        response = post(svc, {"items": [ok, email]})
+        field = f"items.1.{field}"
+
+    assert response.status_code == 422, response.get_json()
+    (detail,) = response.get_json()["error"]["details"]
+    assert detail["field"] == field and problem in detail["problem"], detail
+    assert time.monotonic() - started < 20  # the work budget stops a hostile template
+    assert queued(svc) == 0
+
+
+def test_variables_without_a_template_id_are_a_422(service):
+    svc = service()
+    email = {"to": ["a@example.com"], "from": "shop@example.com", "subject": "s", "text": "t", "variables": {"a": 1}}
+
+    response = svc.client.post("/v1/emails", json=email, headers=AUTH)
+
+    assert response.status_code == 422
+    assert response.get_json()["error"]["details"][0]["field"] == "variables"
+
+
+def test_a_batch_of_items_naming_templates_shares_one_budget(service):
+    """Each item within a budget of its own would let 10,000 of them hold the API for hours."""
+    svc = service()
+    heavy = store(svc, {"subject": "Hi", "text": "{% for a in range(60000) %}{% endfor %}"})
+    items = [{"to": [f"{n}@example.com"], "from": "shop@example.com", "template_id": heavy} for n in range(5)]
+
+    response = post(svc, {"items": items})
+
+    assert response.status_code == 422, response.get_json()
+    (detail,) = response.get_json()["error"]["details"]
+    assert detail["field"] == "items.4.text" and "loops more than" in detail["problem"]
+    assert queued(svc) == 0

@@ -9,7 +9,7 @@ import base64
 import binascii
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -47,7 +47,8 @@ from dispatcher.models import (
     headers_schema,
     resolve_retry,
 )
-from dispatcher.templates import RenderBudget, TemplateProblem, compile_template
+from dispatcher.templates import FIELDS as TEMPLATE_PARTS
+from dispatcher.templates import RenderBudget, TemplateProblem, compile_template, compiled_stored
 
 NAME = "email"
 
@@ -129,13 +130,22 @@ _RECIPIENTS = f"to, cc and bcc together hold at most {MAX_RECIPIENTS} addresses"
 _EMAIL_HEADER_NAME = header_name_pattern(RESERVED_EMAIL_HEADERS, ("content-", "resent-"), MAX_EMAIL_HEADER_NAME)
 
 
+def _message_forms(schema: dict) -> None:
+    """The document says what the validators do: a subject with text, html or both; or a stored
+    template's id (and its variables) instead of all three."""
+    schema["required"].remove("subject")
+    schema["oneOf"] = [
+        {
+            "required": ["subject"],
+            "anyOf": [{"required": [name], "properties": {name: {"type": "string"}}} for name in ("text", "html")],
+            "properties": {"template_id": False, "variables": False},
+        },
+        {"required": ["template_id"], "properties": {"subject": False, "text": False, "html": False}},
+    ]
+
+
 class EmailRequest(SendRequest):
-    # text, html or both: the document says so with its anyOf.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "anyOf": [{"required": [name], "properties": {name: {"type": "string"}}} for name in ("text", "html")]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=lambda schema: _message_forms(schema))  # type: ignore[misc]
 
     # Each recipient `addr` or `Display Name <addr>`, as `from`: the worker encodes the names and
     # puts only the addresses in the SMTP envelope (workers.mail).
@@ -155,6 +165,42 @@ class EmailRequest(SendRequest):
     )
     metadata: Metadata = Field(default_factory=dict)
     retry: RetryPolicy | None = None
+    # Not nullable: absent, not null, when the message gives its own parts.
+    template_id: str = Field(  # type: ignore[assignment]
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="a stored template's id (POST /v1/templates): its subject, text and html, rendered with "
+        "`variables`, instead of the message's own",
+    )
+    variables: dict[str, JsonValue] = Field(default=None, description="the stored template's variables")  # type: ignore[arg-type]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_template(cls, data: Any, info: ValidationInfo) -> Any:
+        """With a `template_id`, the stored template rendered with `variables` gives the subject,
+        text and html, before they are checked as if the request had given them."""
+        if not isinstance(data, dict) or "template_id" not in data:
+            if isinstance(data, dict) and "variables" in data:
+                raise FieldProblem("variables", "give variables with a template_id")
+            return data
+        template_id, variables = data["template_id"], data.get("variables", {})
+        given = [part for part in TEMPLATE_PARTS if part in data]
+        if given:
+            raise FieldProblem(given[0], "give either a template_id or the message's subject, text and html")
+        if not isinstance(template_id, str):
+            raise FieldProblem("template_id", "must be a string")
+        if not isinstance(variables, dict):
+            raise FieldProblem("variables", "must be an object")
+        stored = (info.context or {}).get("templates", lambda _: None)(template_id)
+        if stored is None:
+            raise FieldProblem("template_id", "no stored template has this id (POST /v1/templates makes one)")
+        with RenderBudget():
+            try:
+                parts = compiled_stored(stored).render(variables)
+            except TemplateProblem as exc:
+                raise FieldProblem(exc.field, f"template {template_id}: {exc.message}") from None
+        return data | parts
 
     @field_validator("headers")
     @classmethod
@@ -344,12 +390,17 @@ EmailPayload = TypedDict(
 EMAIL_JOB_TIMEOUT = 300
 
 
+#: Request fields the job's payload leaves out: the job's meta holds the first two, the queue says
+#: when, and a template's parts are rendered into the message.
+_NOT_SENT = {"metadata", "retry", "send_at", "template_id", "variables"}
+
+
 def job(request: EmailRequest, job_id: str, accepted_at: datetime, settings: Settings) -> JobParts:
     """Message-ID and Date are fixed at acceptance, so every retry sends the same message; the Date
     of a scheduled email is its send_at (mail readers sort by it)."""
     sender = request.from_
     assert sender is not None  # the model fills the default sender or rejects the request
-    payload = request.model_dump(by_alias=True, exclude={"metadata", "retry", "send_at"}, exclude_none=True) | {
+    payload = request.model_dump(by_alias=True, exclude=_NOT_SENT, exclude_none=True) | {
         "v": PAYLOAD_VERSION,
         "channel": NAME,
         "message_id": f"<{job_id}@{_ascii_domain(sender)}>",
