@@ -121,8 +121,8 @@ def verify(
 
     `body` is the raw request body, exactly as received (re-serialised JSON would not match). Header names
     are matched in any case. It passes when any of `secrets` matches any `v1,<base64>` signature in the
-    space-separated `webhook-signature`: give the old and the new secret while you rotate yours, and
-    Dispatcher may send a signature per secret while it rotates. Comparisons take constant time.
+    space-separated `webhook-signature`: give the old and the new secret while you rotate it, and a sender
+    rotating its own signs with both (the spec's way), so either passes. Comparisons take constant time.
     """
     keys = [_parse_secret(secret) for secret in _secret_list(secrets)]  # misconfiguration first, always
     if tolerance < 0:
@@ -220,7 +220,8 @@ def _check_id(webhook_id: str) -> str:
 
 def _check_timestamp(value: str, tolerance: int) -> int:
     # Whole seconds in ASCII digits only: int() would also take "+1", " 1", "1_0" or Arabic-Indic digits.
-    if not (value.isascii() and value.isdigit() and len(value) <= 12):
+    # No leading zero either: the signature is made over str(int(value)), which must be the header itself.
+    if not (value.isascii() and value.isdigit() and len(value) <= 12 and not value.startswith("0")):
         raise InvalidTimestamp(f"webhook-timestamp must be whole Unix seconds, got {value[:40]!r}")
     timestamp = int(value)
     now = time.time()
