@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.blueprints import BlueprintSetupState
+from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ValidationError
 from werkzeug.routing import BaseConverter
 
@@ -86,6 +87,36 @@ def authenticate() -> None:
     g.api_key = token.strip()  # the scope of idempotency keys
 
 
+def idempotent(view: Callable[..., Any]) -> Callable[..., Any]:
+    """A POST that does more than enqueue (retry, replay, a stored template, a suppression), made to
+    honour Idempotency-Key: a repeat answers 200 with the first answer (and its Location) and does
+    nothing; 409 for another request under the key, or while the first one still runs."""
+
+    @functools.wraps(view)
+    def answer(*args: Any, **kwargs: Any) -> ResponseReturnValue:
+        raw = request.get_data()  # kept: the view reads it again
+        # A JSON body by its content, whatever its key order and spacing; any other (a retry's
+        # empty one, which the view never reads) as it is.
+        claim = _claim(_json_body() if raw and request.mimetype == "application/json" else raw.decode("latin-1"))
+        if claim is None:
+            return view(*args, **kwargs)  # type: ignore[no-any-return]
+        connection = runtime().connection
+        try:
+            claim.hold(connection)
+        except AlreadyAccepted as earlier:
+            text, location = claim.earlier_answer(earlier.record)
+            return Response(text, 200, {"Location": location} if location else {}, mimetype="application/json")
+        try:
+            response = current_app.make_response(view(*args, **kwargs))
+        except BaseException:
+            claim.release(connection)
+            raise
+        claim.keep(connection, response.get_data(as_text=True), response.headers.get("Location"))
+        return response
+
+    return answer
+
+
 def _add_channel_routes(channel: Channel) -> None:
     """POST /v1/<path> (one job, 202 with its id) and /v1/<path>/batch (all or none) for a channel."""
 
@@ -121,6 +152,7 @@ def cancel_job(job_id: str) -> Response:
 
 
 @v1.post("/jobs/<job_id>/retry")
+@idempotent
 def retry_job(job_id: str) -> tuple[Response, int, dict[str, str]]:
     """Deliver a failed job again, with the same id, as a new series of attempts in its history."""
     with _job_errors():
@@ -131,6 +163,7 @@ def retry_job(job_id: str) -> tuple[Response, int, dict[str, str]]:
 
 
 @v1.post("/jobs/replay")
+@idempotent
 def replay_jobs() -> Response:
     """Deliver failed jobs again, as retry does, chosen by kind and when they failed."""
     try:
@@ -231,7 +264,7 @@ def _accept_batch(channel: Channel) -> tuple[Response, int]:
     return jsonify(answer | {"items": [_accepted(job_id, body) for job_id in job_ids]}), status
 
 
-def _claim(body: dict[str, Any]) -> idempotency.Claim | None:
+def _claim(body: dict[str, Any] | str) -> idempotency.Claim | None:
     """The request's claim on its Idempotency-Key, if it has one (422 if the header is no key)."""
     value = request.headers.get(idempotency.HEADER)
     return idempotency.claim(value, g.api_key, request.method, request.path, body, runtime().keys)
@@ -298,6 +331,13 @@ def _accepted(job_id: str, body: dict[str, Any]) -> dict[str, str]:
 
 
 def _json_body() -> dict[str, Any]:
+    """The request's body, a JSON object; read once (the stream is not kept), then from `g`."""
+    if "json_body" not in g:
+        g.json_body = _read_json_body()
+    return g.json_body  # type: ignore[no-any-return]
+
+
+def _read_json_body() -> dict[str, Any]:
     if request.mimetype != "application/json":
         raise APIError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
     raw = request.get_data(cache=False)

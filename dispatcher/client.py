@@ -187,9 +187,10 @@ class Client:
         """Cancel a queued or scheduled job; returns its view, now `canceled`. Conflict if it is not waiting."""
         return self._request("DELETE", _job_path(job_id))  # type: ignore[return-value]
 
-    def retry(self, job_id: str) -> None:
-        """Deliver a failed job again, with the same id. Conflict if it is not failed."""
-        self._request("POST", f"{_job_path(job_id)}/retry")
+    def retry(self, job_id: str, idempotency_key: str | None = None) -> None:
+        """Deliver a failed job again, with the same id. Conflict if it is not failed (or, with an
+        `idempotency_key` used before for this job, nothing: the first retry stands)."""
+        self._request("POST", f"{_job_path(job_id)}/retry", idempotency_key=idempotency_key)
 
     def replay(
         self,
@@ -197,13 +198,15 @@ class Client:
         since: datetime | str | None = None,
         until: datetime | str | None = None,
         limit: int | None = None,
+        idempotency_key: str | None = None,
     ) -> list[str]:
         """Deliver failed jobs again (of `kind`, failed from `since` until before `until`, at most
-        `limit`, 1000 unless given); returns the ids requeued."""
+        `limit`, 1000 unless given); returns the ids requeued. With an `idempotency_key` used before
+        for the same replay: the ids that one requeued, and nothing requeued again."""
         moments = {"since": since, "until": until}
         moments = {name: value.isoformat() if isinstance(value, datetime) else value for name, value in moments.items()}
         body = _drop_none({"kind": kind, "limit": limit, **moments})
-        return self._request("POST", "/v1/jobs/replay", body)["ids"]  # type: ignore[no-any-return]
+        return self._request("POST", "/v1/jobs/replay", body, idempotency_key=idempotency_key)["ids"]  # type: ignore[no-any-return]
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -291,7 +294,9 @@ class Client:
                 if last or not (method in ("GET", "DELETE") or headers or _never_sent(exc)):
                     raise Unavailable(0, "unreachable", f"{method} {path}: {exc}") from exc
             else:
-                if response.status_code != 503 or last:
+                # A 503, or the same request with its key still running on the server (one that
+                # timed out here, say): ask again after a pause.
+                if not (response.status_code == 503 or _still_running(response)) or last:
                     return _answer(response)
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")  # the last attempt returns or raises
@@ -311,6 +316,15 @@ def _answer(response: requests.Response) -> dict[str, Any]:
         error = {"code": "unexpected_answer", "message": response.text[:200] or response.reason}
     kind = _ERRORS.get(response.status_code, DispatcherError)
     raise kind(response.status_code, str(error.get("code")), str(error.get("message")), error.get("details"))
+
+
+def _still_running(response: requests.Response) -> bool:
+    if response.status_code != 409:
+        return False
+    try:
+        return bool(response.json()["error"]["code"] == "idempotency_in_progress")
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _never_sent(exc: requests.RequestException) -> bool:

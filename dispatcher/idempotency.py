@@ -6,6 +6,12 @@ for a concurrent twin to see. The record holds the request's fingerprint (a hash
 and body as canonical JSON) and its job ids, for IDEMPOTENCY_TTL. A later request with the same key
 and API key answers the earlier ids with 200 if its fingerprint is the same, 409 otherwise; only an
 accepted request leaves a record, so after a 4xx or 503 the key is still free.
+
+Other POSTs (retry, replay, a stored template, a suppression) change more than one script can
+write, so they hold the key instead (`Claim.hold`): a marker set only if the key is free, while the
+request runs; a twin arriving meanwhile gets 409 `idempotency_in_progress`. The answer replaces the
+marker (`Claim.keep`); a refused request releases the key (`Claim.release`). Should the process die
+between the work and the record, the marker expires after HOLD_TTL and the key is free again.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from dispatcher.errors import AlreadyAccepted, APIError
 from dispatcher.keys import Keys
@@ -25,6 +33,8 @@ from dispatcher.keys import Keys
 HEADER = "Idempotency-Key"
 #: How long a key is remembered after the request that first used it was accepted: 24 h.
 IDEMPOTENCY_TTL = 24 * 3600
+#: Longest a request may hold its key (Claim.hold) without answering: beyond any request's time.
+HOLD_TTL = 600
 MAX_KEY_LENGTH = 255
 #: Visible ASCII but the comma, which servers and proxies put between the values of a header given
 #: twice: a key holding one could not be told from two keys. (The document's pattern too.)
@@ -38,6 +48,8 @@ class Claim:
 
     record_key: str
     fingerprint: str
+    #: Tells this request's hold on the key from another's.
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def record(self, job_ids: list[str]) -> str:
         """The record an accepted request leaves: its fingerprint and job ids."""
@@ -55,20 +67,77 @@ class Claim:
 
     def earlier_ids(self, record: bytes) -> list[str]:
         """The job ids an earlier request with this key made; APIError 409 if its request was another."""
-        try:
-            earlier = json.loads(record)
-            fingerprint, ids = earlier["fingerprint"], earlier["ids"]
-        except (ValueError, TypeError, KeyError):
-            fingerprint, ids = None, None  # not ours (written by hand?): it cannot prove a match
-        if fingerprint != self.fingerprint or not isinstance(ids, list):
+        ids = self._earlier(record).get("ids")
+        if not isinstance(ids, list):
+            raise _conflict()
+        return [str(job_id) for job_id in ids]
+
+    # --- requests that do more than enqueue --------------------------------------------------
+
+    def hold(self, connection: redis.Redis) -> None:
+        """Hold the key while the request runs; AlreadyAccepted, with what holds it, if it is not free."""
+        while not connection.set(self.record_key, self._marker(), nx=True, ex=HOLD_TTL):
+            record = connection.get(self.record_key)
+            if record is not None:  # (None: it expired since; try again)
+                raise AlreadyAccepted(record)  # type: ignore[arg-type]  # responses are not decoded
+
+    def keep(self, connection: redis.Redis, answer: str, location: str | None) -> None:
+        """Replace the hold with the request's answer (a JSON text), for IDEMPOTENCY_TTL."""
+        record = {"fingerprint": self.fingerprint, "answer": answer, "location": location}
+        connection.set(self.record_key, json.dumps(record), ex=IDEMPOTENCY_TTL)
+
+    def release(self, connection: redis.Redis) -> None:
+        """Free the key after a refused request, if this request still holds it."""
+        _RELEASE(keys=[self.record_key], args=[self._marker()], client=connection)
+
+    def _marker(self) -> str:
+        return json.dumps({"fingerprint": self.fingerprint, "running": self.token})
+
+    def earlier_answer(self, record: bytes) -> tuple[str, str | None]:
+        """The answer (JSON text) and Location of the earlier request with this key; APIError 409 if
+        that request was another, or if it is still running."""
+        earlier = self._earlier(record)
+        if "running" in earlier:
             raise APIError(
                 409,
-                "idempotency_conflict",
-                f"this {HEADER} was used within the last {IDEMPOTENCY_TTL // 3600} h for another request; "
-                "use a new key for a new request",
-                [{"field": HEADER, "problem": "already used for a request with another method, path or body"}],
+                "idempotency_in_progress",
+                f"a request with this {HEADER} is still running; ask again once it has answered",
+                [{"field": HEADER, "problem": "in use by a request that has not answered yet"}],
             )
-        return [str(job_id) for job_id in ids]
+        answer, location = earlier.get("answer"), earlier.get("location")
+        if not isinstance(answer, str) or not isinstance(location, str | None):
+            raise _conflict()
+        return answer, location
+
+    def _earlier(self, record: bytes) -> dict[str, Any]:
+        """The earlier request's record, if its fingerprint is this request's; else APIError 409."""
+        try:
+            earlier = json.loads(record)
+        except (ValueError, TypeError):
+            earlier = None  # not ours (written by hand?): it cannot prove a match
+        if not isinstance(earlier, dict) or earlier.get("fingerprint") != self.fingerprint:
+            raise _conflict()
+        return earlier
+
+
+def _conflict() -> APIError:
+    return APIError(
+        409,
+        "idempotency_conflict",
+        f"this {HEADER} was used within the last {IDEMPOTENCY_TTL // 3600} h for another request; "
+        "use a new key for a new request",
+        [{"field": HEADER, "problem": "already used for a request with another method, path or body"}],
+    )
+
+
+#: DEL the key if it still holds this request's marker (ARGV[1]).
+_RELEASE = Script(
+    None,  # type: ignore[arg-type]  # called with an explicit client
+    b"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+""",
+)
 
 
 def claim(value: str | None, api_key: str, method: str, path: str, body: Any, keys: Keys) -> Claim | None:

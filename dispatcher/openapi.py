@@ -54,7 +54,8 @@ _ERRORS = {
     404: "`not_found`: unknown (or expired) job or batch, or an address not on the suppression list",
     405: "`method_not_allowed`: `replay` is not a job id (it names POST /v1/jobs/replay)",
     409: "`conflict`: the job's status does not allow it (the message says which it is); or "
-    f"`idempotency_conflict`: the `{idempotency.HEADER}` was used for another request within 24 h",
+    f"`idempotency_conflict`: the `{idempotency.HEADER}` was used for another request within 24 h; or "
+    "`idempotency_in_progress`: a request with this key is still running",
     413: "`body_too_large`: the body is over 15 MB",
     414: "`uri_too_long`: the request line (path and query) is over 4,094 bytes",
     415: "`unsupported_media_type`: the body is not `application/json`",
@@ -101,7 +102,7 @@ _IDEMPOTENCY_KEY = {
     "with another request it is a 409",
 }
 #: What a repeated request with an Idempotency-Key answers.
-_REPEATED = "a request with this Idempotency-Key and body was accepted before: its answer; nothing new was enqueued"
+_REPEATED = "a request with this Idempotency-Key and body was answered before: that answer; nothing was done again"
 
 
 def _post(
@@ -114,9 +115,8 @@ def _post(
         "post": {
             "operationId": operation_id,
             "summary": summary,
-            "parameters": [_IDEMPOTENCY_KEY],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request.__name__)}}},
-            "responses": {"200": _json(_ref(answer), _REPEATED, **extra), **responses},
+            "responses": responses,
         }
     }
 
@@ -329,6 +329,25 @@ def _paths(jobs_query: dict, batch_query: dict, suppressions_query: dict) -> dic
     }
 
 
+def _with_idempotency_key(paths: dict) -> dict:
+    """Every POST takes an Idempotency-Key: a repeat answers 200 with the first answer (the 201's or
+    202's, or the 200's itself), another request under the key a 409, a key that is none a 422."""
+    for operations in paths.values():
+        operation = operations.get("post")
+        if operation is None:
+            continue
+        operation["parameters"] = [*operation.get("parameters", ()), _IDEMPOTENCY_KEY]
+        responses = operation["responses"]
+        first = next((responses[status] for status in ("201", "202") if status in responses), None)
+        if first is not None and "200" not in responses:
+            responses["200"] = first | {"description": _REPEATED}
+        elif "200" in responses:
+            responses["200"] = responses["200"] | {"description": f"{responses['200']['description']}; or {_REPEATED}"}
+        for status in ("409", "422"):
+            responses.setdefault(status, {"$ref": f"#/components/responses/E{status}"})
+    return paths
+
+
 def _with_uri_too_long(paths: dict) -> dict:
     """Every operation with a path or query parameter may meet the server's request-line limit (414),
     and one with a header parameter its header limits (431)."""
@@ -351,9 +370,6 @@ def openapi_document() -> dict:
     inputs += [(query.__name__, "validation", TypeAdapter(query)) for query in (JobsQuery, BatchQuery)]
     inputs.append(("ReplayRequest", "validation", TypeAdapter(ReplayRequest)))
     inputs += [(answer.__name__, "serialization", TypeAdapter(answer)) for answer in _ANSWERS]
-    _, definitions = TypeAdapter.json_schemas(inputs, by_alias=True, ref_template=_REF)
-    schemas = definitions["$defs"]
-    jobs_query, batch_query = schemas.pop("JobsQuery"), schemas.pop("BatchQuery")  # parameters, not bodies
     inputs.append(("SuppressionsQuery", "validation", TypeAdapter(SuppressionsQuery)))
     inputs.append(("SuppressionRequest", "validation", TypeAdapter(SuppressionRequest)))
     _, definitions = TypeAdapter.json_schemas(inputs, by_alias=True, ref_template=_REF)
@@ -368,7 +384,7 @@ def openapi_document() -> dict:
             "description": "Send email and call webhooks in the background. Every error is "
             '`{"error": {"code", "message", "details": [{"field", "problem"}]}}`.',
         },
-        "paths": _with_uri_too_long(_paths(jobs_query, batch_query, suppressions_query)),
+        "paths": _with_uri_too_long(_with_idempotency_key(_paths(jobs_query, batch_query, suppressions_query))),
         "components": {
             "schemas": schemas,
             "responses": {

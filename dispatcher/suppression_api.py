@@ -11,7 +11,7 @@ from werkzeug.routing import BaseConverter
 
 from dispatcher import suppressions
 from dispatcher.addresses import AddressError
-from dispatcher.api import _details, _json_body, authenticate, parse_query, runtime
+from dispatcher.api import _details, _json_body, authenticate, idempotent, parse_query, runtime
 from dispatcher.errors import APIError
 from dispatcher.suppressions import SuppressionList
 from dispatcher.views import SuppressionRequest, SuppressionsQuery
@@ -62,6 +62,7 @@ def list_suppressions() -> Response:
 
 
 @routes.post("")
+@idempotent
 def add_suppression() -> tuple[Response, int, dict[str, str]]:
     """201 with the new entry, or 200 with the one already there (whose reason and time stay)."""
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 from pydantic import ValidationError
 
-from dispatcher.api import _details, _json_body, authenticate, runtime
+from dispatcher.api import _details, _json_body, authenticate, idempotent, runtime
 from dispatcher.channels.email import EmailTemplate
 from dispatcher.errors import APIError
 from dispatcher.templates import TemplateProblem, TemplateStore, TemplateStoreFull
@@ -47,6 +47,7 @@ def list_templates() -> Response:
 
 
 @routes.post("")
+@idempotent
 def create_template() -> tuple[Response, int, dict[str, str]]:
     try:
         record = _store().create(_parts())

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from dispatcher import idempotency
 from dispatcher.client import (
     Client,
     Conflict,
@@ -21,6 +22,7 @@ from dispatcher.client import (
     Unavailable,
     ValidationFailed,
 )
+from dispatcher.keys import Keys
 from tests.conftest import API_KEY, AUTH, free_port
 
 
@@ -210,6 +212,22 @@ def test_an_idempotency_key_answers_the_first_id_and_a_conflict_raises(client_of
     with pytest.raises(Conflict) as conflict:
         client.send_email(to=["a@example.com"], subject="another", text="t", idempotency_key=key)
     assert conflict.value.status == 409 and conflict.value.code == "idempotency_conflict"
+
+
+def test_a_post_whose_key_is_held_by_a_running_request_is_asked_again_until_it_answers(service, serve, redis_conn):
+    """A 409 idempotency_in_progress (the first try timed out here but runs on there) is waited out."""
+    svc = service()
+    client = Client(serve(svc.settings), API_KEY, retries=8, backoff=0.05)
+    key = uuid.uuid4().hex
+    keys = Keys(svc.settings.queue_name)
+    claim = idempotency.claim(key, API_KEY, "POST", "/v1/jobs/replay", {"kind": "webhook"}, keys)
+    assert claim is not None
+    claim.hold(redis_conn)  # as the running request holds it
+    threading.Timer(0.3, claim.release, (redis_conn,)).start()
+
+    assert client.replay(kind="webhook", idempotency_key=key) == []
+    assert client.replay(kind="webhook", idempotency_key=key) == []  # now the first answer, kept
+    assert redis_conn.ttl(claim.record_key) > idempotency.HOLD_TTL
 
 
 def test_a_post_with_an_idempotency_key_is_sent_again_after_a_read_timeout():

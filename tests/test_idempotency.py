@@ -21,6 +21,7 @@ import pytest
 import redis
 import requests
 
+from dispatcher import idempotency
 from dispatcher.channels.webhook import WebhookRequest
 from dispatcher.config import Settings
 from dispatcher.enqueue import enqueue_many, make_queues
@@ -39,6 +40,7 @@ POSTS = {
     "/v1/emails/batch": {"items": [EMAIL, EMAIL | {"subject": "Second"}]},
     "/v1/webhooks/batch": {"items": [WEBHOOK, WEBHOOK | {"event_type": "order.paid"}], "priority": "high"},
 }
+ANY_PROBLEM = "already used for a request with another method, path or body"
 #: Every character class a key may hold (visible ASCII but the comma), at the longest a key may be.
 LONGEST_KEY = ("!\"#$%&'()*+-./09:;<=>?@AZ[\\]^_`az{|}~" + uuid.uuid4().hex * 8)[:MAX_KEY_LENGTH]
 
@@ -210,16 +212,186 @@ def test_the_enqueue_script_itself_refuses_a_taken_key_and_writes_nothing(servic
     assert jobs_made(svc, redis_conn) == {job_id}
 
 
-def test_every_sending_post_operation_documents_the_header_and_its_answers():
-    """The four POSTs that enqueue new jobs (retry, replay and the suppression list take no key)."""
+def test_every_post_operation_documents_the_header_and_its_answers():
     document = openapi_document()
-    operations = [document["paths"][path]["post"] for path in POSTS]
+    operations = {path: ops["post"] for path, ops in document["paths"].items() if "post" in ops}
 
-    assert len(operations) == 4
-    for operation in operations:
+    others = {"/v1/jobs/{id}/retry", "/v1/jobs/replay", "/v1/templates", "/v1/suppressions"}
+    assert set(operations) == set(POSTS) | others
+    for operation in operations.values():
         assert [p["name"] for p in operation["parameters"] if p["in"] == "header"] == [HEADER]
-        assert {"200", "202", "409", "422"} <= set(operation["responses"])
-        assert operation["responses"]["200"]["content"] == operation["responses"]["202"]["content"]
+        responses = operation["responses"]
+        assert {"200", "409", "422"} <= set(responses)
+        for first in ("201", "202"):
+            if first in responses:
+                assert responses["200"]["content"] == responses[first]["content"]
+
+
+# --- The POSTs that do more than enqueue: retry, replay, a stored template, a suppression -----
+
+
+def failed_webhooks(svc: Service, receiver, count: int) -> list[str]:
+    """`count` webhooks that failed (one attempt each, at a receiver answering 500); no worker left running."""
+    svc.start_worker()
+    ids = [svc.post("/v1/webhooks", WEBHOOK | {"url": receiver.url("status/500"), "retry": {"max_attempts": 1}})
+           for _ in range(count)]
+    for job_id in ids:
+        wait_until(lambda job_id=job_id: svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()["status"]
+                   == "failed", 30, "the webhook did not fail")
+    svc.stop_all()
+    return ids
+
+
+def test_a_repeated_retry_answers_the_first_answer_and_requeues_nothing_more(service, receiver, redis_conn):
+    svc = service()
+    (job_id,) = failed_webhooks(svc, receiver, 1)
+    key = new_key()
+
+    first = svc.client.post(f"/v1/jobs/{job_id}/retry", headers=AUTH | {HEADER: key})
+    again = svc.client.post(f"/v1/jobs/{job_id}/retry", headers=AUTH | {HEADER: key})
+
+    assert first.status_code == 202, first.get_json()
+    assert again.status_code == 200, again.get_json()
+    assert again.data == first.data and again.headers["Location"] == first.headers["Location"]
+    assert [queue.get_job_ids() for queue in make_queues(redis_conn, svc.settings)] == [[], [job_id], []]
+    # Without the key, the same request is a new one: the job is queued, not failed.
+    assert svc.client.post(f"/v1/jobs/{job_id}/retry", headers=AUTH).status_code == 409
+
+
+def test_a_repeated_replay_answers_the_first_answer_and_requeues_none_that_failed_since(service, receiver):
+    svc = service()
+    ids = failed_webhooks(svc, receiver, 2)
+    key = new_key()
+    first = svc.client.post("/v1/jobs/replay", json={"kind": "webhook"}, headers=AUTH | {HEADER: key})
+    assert first.status_code == 200 and sorted(first.get_json()["ids"]) == sorted(ids), first.get_json()
+    # A worker delivers the two again (they fail again) and one more webhook fails.
+    (later,) = failed_webhooks(svc, receiver, 1)
+    wait_until(lambda: all(svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()["status"] == "failed"
+                           for job_id in ids), 30, "the replayed webhooks did not fail again")
+
+    again = svc.client.post("/v1/jobs/replay", json={"kind": "webhook"}, headers=AUTH | {HEADER: key})
+
+    assert again.status_code == 200 and again.data == first.data
+    for job_id in [*ids, later]:  # the repeat requeued nothing
+        assert svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()["status"] == "failed"
+    fresh = svc.client.post("/v1/jobs/replay", json={"kind": "webhook"}, headers=AUTH | {HEADER: new_key()})
+    assert sorted(fresh.get_json()["ids"]) == sorted([*ids, later])
+
+
+def test_a_repeated_template_post_stores_one_template(service):
+    svc = service()
+    key = new_key()
+    template = {"subject": "Hi {{ name }}", "text": "Hello"}
+
+    first = svc.client.post("/v1/templates", json=template, headers=AUTH | {HEADER: key})
+    again = svc.client.post("/v1/templates", json=template, headers=AUTH | {HEADER: key})
+
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.data == first.data and again.headers["Location"] == first.headers["Location"]
+    assert [t["id"] for t in svc.client.get("/v1/templates", headers=AUTH).get_json()["templates"]] == [
+        first.get_json()["id"]
+    ]
+
+
+def test_a_repeated_suppression_post_does_nothing_again(service):
+    """Even after the address was taken off the list, the repeat answers the first answer and does not add it back."""
+    svc = service()
+    key = new_key()
+    body = {"address": "bounced@example.com"}
+    first = svc.client.post("/v1/suppressions", json=body, headers=AUTH | {HEADER: key})
+    assert first.status_code == 201, first.get_json()
+    assert svc.client.delete("/v1/suppressions/bounced@example.com", headers=AUTH).status_code == 204
+
+    again = svc.client.post("/v1/suppressions", json=body, headers=AUTH | {HEADER: key})
+
+    assert again.status_code == 200 and again.data == first.data
+    assert svc.client.get("/v1/suppressions/bounced@example.com", headers=AUTH).status_code == 404
+
+
+#: Each POST that does more than enqueue, two different requests to it.
+OTHER_POSTS = {
+    "retry": ("/v1/jobs/{job}/retry", None, "/v1/jobs/{other}/retry", None),
+    "replay": ("/v1/jobs/replay", {"kind": "webhook"}, "/v1/jobs/replay", {"kind": "email"}),
+    "template": ("/v1/templates", {"subject": "a", "text": "b"}, "/v1/templates", {"subject": "a", "text": "c"}),
+    "suppression": ("/v1/suppressions", {"address": "a@example.com"}, "/v1/suppressions", {"address": "b@example.com"}),
+}
+
+
+@pytest.mark.parametrize("operation", OTHER_POSTS)
+def test_another_request_under_a_used_key_is_409_and_does_nothing(service, receiver, operation):
+    svc = service()
+    job, other = failed_webhooks(svc, receiver, 2) if operation == "retry" else ("", "")
+    path, body, other_path, other_body = OTHER_POSTS[operation]
+    key = new_key()
+    first = svc.client.post(path.format(job=job), json=body, headers=AUTH | {HEADER: key})
+    assert first.status_code in (200, 201, 202), first.get_json()
+
+    conflict = svc.client.post(other_path.format(other=other), json=other_body, headers=AUTH | {HEADER: key})
+    elsewhere = svc.client.post("/v1/webhooks", json=WEBHOOK, headers=AUTH | {HEADER: key})
+
+    for answer in (conflict, elsewhere):
+        assert answer.status_code == 409, answer.get_json()
+        assert answer.get_json()["error"]["code"] == "idempotency_conflict"
+        assert answer.get_json()["error"]["details"] == [{"field": HEADER, "problem": ANY_PROBLEM}]
+    if operation == "retry":
+        assert svc.client.get(f"/v1/jobs/{other}", headers=AUTH).get_json()["status"] == "failed"
+    if operation == "template":
+        assert len(svc.client.get("/v1/templates", headers=AUTH).get_json()["templates"]) == 1
+    if operation == "suppression":
+        assert svc.client.get("/v1/suppressions/b@example.com", headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/jobs/wh_nope/retry", None, 404),
+        ("/v1/jobs/replay", {"limit": 0}, 422),
+        ("/v1/templates", {"subject": "{% if %}", "text": "x"}, 422),
+        ("/v1/suppressions", {"address": "not an address"}, 422),
+    ],
+    ids=["retry", "replay", "template", "suppression"],
+)
+def test_a_refused_request_of_any_post_leaves_the_key_free(service, redis_conn, path, body, status):
+    svc = service()
+    key = new_key()
+
+    refused = svc.client.post(path, json=body, headers=AUTH | {HEADER: key})
+    after = svc.client.post("/v1/templates", json={"subject": "s", "text": "t"}, headers=AUTH | {HEADER: key})
+
+    assert refused.status_code == status, refused.get_json()
+    assert after.status_code == 201, after.get_json()
+
+
+@pytest.mark.parametrize("value", ["", "has space", "a,b", "é", "x" * (MAX_KEY_LENGTH + 1)])
+@pytest.mark.parametrize("path", ["/v1/jobs/wh_x/retry", "/v1/jobs/replay", "/v1/templates", "/v1/suppressions"])
+def test_a_key_that_is_no_key_is_422_on_every_post(service, path, value):
+    svc = service()
+    body = None if path.endswith("retry") else {}
+
+    response = svc.client.post(path, json=body, headers=AUTH | {HEADER: value})
+
+    assert response.status_code == 422, response.get_json()
+    assert [d["field"] for d in response.get_json()["error"]["details"]] == [HEADER]
+    assert svc.client.get("/v1/templates", headers=AUTH).get_json()["templates"] == []
+
+
+def test_a_request_while_another_with_its_key_runs_is_409_in_progress_and_the_hold_expires(service, redis_conn):
+    """The hold a running request sets, as the server sets it, met by its twin."""
+    svc = service()
+    key = new_key()
+    body = {"subject": "s", "text": "t"}
+    claim = idempotency.claim(key, API_KEY, "POST", "/v1/templates", body, Keys(svc.settings.queue_name))
+    assert claim is not None
+    claim.hold(redis_conn)
+
+    twin = svc.client.post("/v1/templates", json=body, headers=AUTH | {HEADER: key})
+
+    assert twin.status_code == 409, twin.get_json()
+    assert twin.get_json()["error"]["code"] == "idempotency_in_progress"
+    assert 0 < redis_conn.ttl(claim.record_key) <= idempotency.HOLD_TTL
+    assert svc.client.get("/v1/templates", headers=AUTH).get_json()["templates"] == []
+    claim.release(redis_conn)  # as the running request does if it is refused
+    assert svc.client.post("/v1/templates", json=body, headers=AUTH | {HEADER: key}).status_code == 201
 
 
 # --- Over real HTTP, against `dispatcher web` with two worker processes ----------------------
@@ -322,3 +494,25 @@ def test_a_key_given_twice_is_422_over_http(web: Web):
     assert b" 422 " in status_line, answer
     details = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["details"]
     assert [detail["field"] for detail in details] == [HEADER]
+
+
+def test_twenty_parallel_identical_template_posts_store_one_template(web: Web):
+    """A POST that holds its key: one of 20 twins stores the template; every other answers its
+    answer (200) or, while it runs, 409 `idempotency_in_progress`."""
+    key = new_key()
+    body = {"subject": f"parallel {key}", "text": "t"}
+
+    answers = parallel(20, lambda: requests.post(f"{web.url}/v1/templates", json=body, headers=AUTH | {HEADER: key},
+                                                 timeout=30))
+
+    created = [answer for answer in answers if answer.status_code == 201]
+    assert len(created) == 1, [answer.text for answer in answers]
+    for answer in answers:
+        if answer.status_code == 200:
+            assert answer.content == created[0].content
+        elif answer.status_code == 409:
+            assert answer.json()["error"]["code"] == "idempotency_in_progress"
+        else:
+            assert answer is created[0], answer.text
+    stored = requests.get(f"{web.url}/v1/templates", headers=AUTH, timeout=30).json()["templates"]
+    assert [t["id"] for t in stored if t["subject"] == body["subject"]] == [created[0].json()["id"]]
