@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.routing import BaseConverter
 
 from dispatcher import idempotency
-from dispatcher.batches import batch_id_of, batch_view
+from dispatcher.batches import Group, batch_id_of, batch_view
 from dispatcher.channels import CHANNELS, Channel
 from dispatcher.control import JobControl
 from dispatcher.enqueue import enqueue, enqueue_many
@@ -254,7 +254,7 @@ def _accept_batch(channel: Channel) -> tuple[Response, int]:
             batch = _validate(channel, channel.batch, body)
             items, priority, send_at = batch.items, batch.priority, batch.send_at  # type: ignore[attr-defined]
             return enqueue_many(
-                rt.connection, rt.settings, channel.name, items, priority, claim, send_at, batch=True
+                rt.connection, rt.settings, channel.name, items, priority, claim, send_at, group=Group()
             )
 
         job_ids, status = _once(claim, enqueue_new)
@@ -315,6 +315,14 @@ def _validate(channel: Channel, model: type[BaseModel], body: dict[str, Any]) ->
         context = {"guard": lookups, "email_from": rt.settings.email_from, "templates": stored}
         with RenderBudget():
             return model.model_validate(body, context=context)
+    except ValidationError as exc:
+        raise APIError(422, "validation_error", "the request has invalid fields", _details(exc)) from None
+
+
+def parse_body(model: type[Q], context: dict[str, Any] | None = None) -> Q:
+    """The request's JSON body as `model`; a 422 naming each bad field."""
+    try:
+        return model.model_validate(_json_body(), context=context)
     except ValidationError as exc:
         raise APIError(422, "validation_error", "the request has invalid fields", _details(exc)) from None
 

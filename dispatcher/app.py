@@ -8,7 +8,7 @@ import redis
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from dispatcher import dashboard, metrics, suppression_api, template_api
+from dispatcher import dashboard, endpoint_api, metrics, suppression_api, template_api
 from dispatcher.api import health, v1
 from dispatcher.config import Settings
 from dispatcher.docs import docs
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(v1)
     app.register_blueprint(suppression_api.routes)
     app.register_blueprint(template_api.routes)
+    app.register_blueprint(endpoint_api.routes)
     dashboard.init_app(app, settings)
     metrics.init_app(app)
     app.register_blueprint(docs)

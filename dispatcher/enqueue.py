@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
 from dispatcher import rqstore
-from dispatcher.batches import batch_id_of, batch_record
+from dispatcher.batches import Group, batch_record
 from dispatcher.channels import CHANNELS, JOB_FUNCTION, Channel
 from dispatcher.config import Settings
 from dispatcher.errors import AlreadyAccepted
@@ -68,10 +68,10 @@ def enqueue_many(
     priority: Priority = DEFAULT_PRIORITY,
     claim: Claim | None = None,
     send_at: datetime | None = None,
-    batch: bool = False,
+    group: Group | None = None,
 ) -> list[str]:
     """Enqueue each request as an RQ job of `priority`'s queue, accepted now, in one Redis call: all
-    of them or none, with the record of their batch if `batch` (dispatcher.batches). With a `claim`
+    of them or none, with the record of their `group` if given (dispatcher.batches). With a `claim`
     on an idempotency key, only if the key is free (the record is written in the same call);
     AlreadyAccepted, with the record found, if it is not. With `send_at`, the jobs wait as
     `scheduled` in the queue's ScheduledJobRegistry until then, as RQ's `enqueue_at` leaves them:
@@ -84,7 +84,7 @@ def enqueue_many(
     and `rqstore.write_jobs` adds them to each job's own; tests/test_enqueue.py checks the result is
     what RQ writes. Old entries leave the index in the workers' maintenance (workers.recovery).
     """
-    if not requests:
+    if not requests and group is None:
         return []
     kind = CHANNELS[channel]
     accepted_at = datetime.now(UTC)
@@ -101,12 +101,13 @@ def enqueue_many(
         jobs += (job_id, rqstore.job_data(JOB_FUNCTION, payload), JSONSerializer.dumps(meta), description, stamp)
         job_ids.append(job_id)
     keys = Keys(settings.queue_name)
-    once = None if claim is None else (claim.record_key, claim.record(job_ids), IDEMPOTENCY_TTL)
+    group_id = None if group is None else group.id
+    once = None if claim is None else (claim.record_key, claim.record(job_ids, group_id), IDEMPOTENCY_TTL)
     due = None if send_at is None else send_at.timestamp()
     record = None
-    if batch:
+    if group is not None:
         ttl = max(settings.result_ttl, settings.failure_ttl)
-        record = batch_record(keys, batch_id_of(job_ids), channel, priority, len(job_ids), accepted_at, ttl)
+        record = batch_record(keys, group, job_ids, channel, priority, accepted_at, ttl)
     earlier = rqstore.write_jobs(
         client, queue, keys.index, keys.wake, time.time(), shared, jobs, once, due, record
     )

@@ -51,9 +51,11 @@ class Claim:
     #: Tells this request's hold on the key from another's.
     token: str = field(default_factory=lambda: secrets.token_hex(16))
 
-    def record(self, job_ids: list[str]) -> str:
-        """The record an accepted request leaves: its fingerprint and job ids."""
-        return json.dumps({"fingerprint": self.fingerprint, "ids": job_ids})
+    def record(self, job_ids: list[str], group_id: str | None = None) -> str:
+        """The record an accepted request leaves: its fingerprint, job ids and the id of the group
+        they make if it names itself (an event: dispatcher.batches.Group)."""
+        group = {} if group_id is None else {"group": group_id}
+        return json.dumps({"fingerprint": self.fingerprint, "ids": job_ids, **group})
 
     def check(self, connection: redis.Redis) -> None:
         """Raise AlreadyAccepted if a request with this key was accepted already.
@@ -71,6 +73,11 @@ class Claim:
         if not isinstance(ids, list):
             raise _conflict()
         return [str(job_id) for job_id in ids]
+
+    def earlier_group(self, record: bytes) -> str | None:
+        """The group id the earlier request with this key made (see `record`)."""
+        group = self._earlier(record).get("group")
+        return group if isinstance(group, str) else None
 
     # --- requests that do more than enqueue --------------------------------------------------
 

@@ -30,6 +30,16 @@ class Keys:
         self.suppressed = f"{self.prefix}:suppressed"
         #: Sorted set of the same addresses, all scored 0: the list in address order, for paging.
         self.suppressed_index = f"{self.prefix}:suppressed:index"
+        #: Hash of applications, the sender's customers: id -> JSON (dispatcher.endpoints).
+        self.applications = f"{self.prefix}:applications"
+        #: Hash of every application's endpoints: id -> JSON, with its application's id.
+        self.endpoints = f"{self.prefix}:endpoints"
+        #: Hash of endpoints' signing secrets: endpoint id -> JSON list, newest first, each with its expiry.
+        self.endpoint_secrets = f"{self.prefix}:endpoint-secrets"
+
+    def application_endpoints(self, application_id: str) -> str:
+        """Set of one application's endpoint ids."""
+        return f"{self.prefix}:application:{application_id}:endpoints"
 
     def rate(self, kind: Kind) -> str:
         """Hash of a channel's shared sending rate: its schedule and how far it is slowed (dispatcher.ratelimit)."""

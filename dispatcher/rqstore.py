@@ -108,7 +108,7 @@ end
 -- job wakes no one: RQ's scheduler moves it to the queue list when due, and the workers' next pop
 -- finds it there.
 local room = due == '' and tonumber(ARGV[4]) - redis.call('LLEN', KEYS[4]) or 0
-if room > 0 then
+if room > 0 and #ids > 0 then
   local tokens = {}
   for i = 1, math.min(room, #ids) do tokens[i] = 1 end
   redis.call('RPUSH', KEYS[4], unpack(tokens))

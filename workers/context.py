@@ -1,5 +1,5 @@
 """What a worker process builds once and every job reuses: HTTP pools, SMTP connections, the signer,
-a Redis connection for what a delivery itself reads and writes (the suppression list)."""
+a Redis connection for what a delivery itself reads and writes (the suppression list, endpoints' secrets)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import redis
 
 from dispatcher.config import Settings
+from dispatcher.endpoints import Registry
 from dispatcher.keys import Keys
 from dispatcher.netguard import NetworkGuard
 from dispatcher.priorities import split
@@ -71,6 +72,16 @@ class DeliveryContext:
 
     def suppressions(self) -> SuppressionList:
         """The suppression list of the Dispatcher queue whose job this thread delivers."""
+        return SuppressionList(self._connection(), self._keys())
+
+    def registry(self) -> Registry:
+        """The applications and endpoints of the Dispatcher queue whose job this thread delivers."""
+        return Registry(self._connection(), self._keys())
+
+    def _keys(self) -> Keys:
+        return Keys(_queue.get() or self.settings.queue_name)
+
+    def _connection(self) -> redis.Redis:
         with self._lock:
             if self._redis is None:  # one pool for every thread
                 # (No CLIENT SETINFO: two commands more for each delivery thread's connection.)
@@ -80,8 +91,7 @@ class DeliveryContext:
                     socket_connect_timeout=REDIS_TIMEOUT,
                     driver_info=None,
                 )
-            connection = self._redis
-        return SuppressionList(connection, Keys(_queue.get() or self.settings.queue_name))
+            return self._redis
 
     def close(self) -> None:
         self.webhooks.client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import UTC, datetime
 
@@ -24,11 +25,15 @@ class WebhookSender:
         self.client = client
         self.signer = Webhook(secret)
 
-    def send(self, message_id: str, data: dict) -> tuple[int, str]:
-        """Deliver one attempt; return (status code, response excerpt) or raise a DeliveryError."""
+    def send(self, message_id: str, data: dict, secrets: list[str] | None = None) -> tuple[int, str]:
+        """Deliver one attempt, signed with each of `secrets` (an endpoint's: dispatcher.endpoints),
+        else with DISPATCHER_WEBHOOK_SECRET; return (status code, response excerpt) or raise a DeliveryError."""
         body: str = data["body"]
         timestamp = int(time.time())
-        signature = self.signer.sign(message_id, datetime.fromtimestamp(timestamp, UTC), body)
+        signers = [self.signer] if secrets is None else [_signer(secret) for secret in secrets]
+        at = datetime.fromtimestamp(timestamp, UTC)
+        # Several secrets (a rotation's grace period): every signature, space-separated, as the spec allows.
+        signature = " ".join(signer.sign(message_id, at, body) for signer in signers)
         headers = {
             **data.get("headers", {}),
             "content-type": "application/json",
@@ -56,6 +61,11 @@ class WebhookSender:
         if 300 <= status < 400:
             message += f" redirect to {response.headers.get('location', '?')} (redirects are not followed)"
         raise PermanentDeliveryError(message, status, response.excerpt)
+
+
+@functools.lru_cache(maxsize=1024)
+def _signer(secret: str) -> Webhook:
+    return Webhook(secret)
 
 
 def _describe(exc: urllib3.exceptions.HTTPError) -> str:

@@ -13,8 +13,8 @@ from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, with_config
-from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationInfo, with_config
+from typing_extensions import NotRequired, TypedDict  # noqa: UP035  # pydantic needs TypedDict from here on Python < 3.12
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
@@ -48,56 +48,84 @@ _JOB_TIMEOUT_MARGIN = 60
 RESERVED_WEBHOOK_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding"})
 
 
-class WebhookRequest(SendRequest):
-    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] = Field(
+def _guarded_url(value: str, info: ValidationInfo) -> str:
+    host, port = parse_webhook_url(value)
+    # A NetworkGuard, or the request's HostLookups (its lookups started together, one time bound).
+    guard = (info.context or {}).get("guard")
+    if guard is not None:
+        try:
+            guard.check_host(host, port)
+        except ResolutionTimedOut as exc:
+            raise ValueError(str(exc)) from None  # unknown yet, not refused: the client may try again
+        except (DestinationRefused, ResolutionFailed) as exc:
+            raise ValueError(f"destination refused: {exc}") from None
+    return value
+
+
+def _webhook_headers(value: dict[str, str]) -> dict[str, str]:
+    _check_headers(value, RESERVED_WEBHOOK_HEADERS, "webhook-", http=True)
+    return value
+
+
+#: A webhook's URL, checked against the network guard (a registered endpoint's too).
+WebhookUrl = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=2048),
+    AfterValidator(_guarded_url),
+    Field(
         description="http:// or https://, whose host resolves to addresses the network guard allows",
         json_schema_extra={"format": "iri"},
-    )
-    event_type: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-    payload: dict[str, Any] = Field(
-        description=f"any JSON object, at most {MAX_PAYLOAD_DEPTH} levels deep, without lone surrogates"
-    )
-    headers: dict[str, str] = Field(
-        default_factory=dict,
+    ),
+]
+EventType = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+#: Headers a webhook (or every delivery to an endpoint) carries besides its own.
+WebhookHeaders = Annotated[
+    dict[str, str],
+    AfterValidator(_webhook_headers),
+    Field(
         json_schema_extra=headers_schema(
             header_name_pattern(RESERVED_WEBHOOK_HEADERS, ("webhook-",), MAX_HEADER_NAME), HTTP_HEADER_VALUE
         ),
-    )
+    ),
+]
+
+
+def _payload_keys(value: Any) -> Any:
+    if isinstance(value, dict) and not all(type(key) is str and not _SURROGATE.search(key) for key in value):
+        raise FieldProblem("payload", "has a key that is not a valid Unicode string")
+    return value
+
+
+def _json_object(value: dict[str, Any]) -> JsonObject:
+    return JsonObject(value, json_text(value, "payload"))
+
+
+#: A webhook's (or an event's) payload: kept with its compact JSON text, which the body embeds.
+Payload = Annotated[
+    dict[str, Any],
+    BeforeValidator(_payload_keys),
+    AfterValidator(_json_object),
+    Field(description=f"any JSON object, at most {MAX_PAYLOAD_DEPTH} levels deep, without lone surrogates"),
+]
+
+
+class WebhookRequest(SendRequest):
+    url: WebhookUrl
+    event_type: EventType
+    payload: Payload
+    headers: WebhookHeaders = Field(default_factory=dict)
     metadata: Metadata = Field(default_factory=dict)
     retry: RetryPolicy | None = None
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str, info: ValidationInfo) -> str:
-        host, port = parse_webhook_url(value)
-        # A NetworkGuard, or the request's HostLookups (its lookups started together, one time bound).
-        guard = (info.context or {}).get("guard")
-        if guard is not None:
-            try:
-                guard.check_host(host, port)
-            except ResolutionTimedOut as exc:
-                raise ValueError(str(exc)) from None  # unknown yet, not refused: the client may try again
-            except (DestinationRefused, ResolutionFailed) as exc:
-                raise ValueError(f"destination refused: {exc}") from None
-        return value
 
-    @field_validator("payload", mode="before")
-    @classmethod
-    def _payload_keys(cls, value: Any) -> Any:
-        if isinstance(value, dict) and not all(type(key) is str and not _SURROGATE.search(key) for key in value):
-            raise FieldProblem("payload", "has a key that is not a valid Unicode string")
-        return value
+class EventDelivery(WebhookRequest):
+    """One delivery of an event to a registered endpoint (dispatcher.events), made from the endpoint's
+    record, never from a request: a webhook signed with the endpoint's secrets, read at delivery."""
 
-    @field_validator("payload")
-    @classmethod
-    def _payload(cls, value: dict[str, Any]) -> JsonObject:
-        return JsonObject(value, json_text(value, "payload"))
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        _check_headers(value, RESERVED_WEBHOOK_HEADERS, "webhook-", http=True)
-        return value
+    endpoint: str
+    application: str
+    event: str
+    ordering_key: str | None = None
 
 
 @functools.lru_cache(maxsize=4096)  # a batch often holds one partner's URL many times
@@ -154,6 +182,10 @@ class WebhookTarget(TypedDict):
 
     url: str
     event_type: str
+    #: An event's delivery: the endpoint, its application and the event.
+    endpoint: NotRequired[str]
+    application: NotRequired[str]
+    event: NotRequired[str]
 
 
 class WebhookPayload(TypedDict):
@@ -166,6 +198,11 @@ class WebhookPayload(TypedDict):
     #: The Standard Webhooks envelope: {"type", "timestamp", "data"}, compact JSON.
     body: str
     retry: dict
+    #: An event's delivery (EventDelivery): the endpoint whose secrets sign it, and so on.
+    endpoint: NotRequired[str]
+    application: NotRequired[str]
+    event: NotRequired[str]
+    ordering_key: NotRequired[str]
 
 
 def job(request: WebhookRequest, job_id: str, accepted_at: datetime, settings: Settings) -> JobParts:
@@ -184,9 +221,16 @@ def job(request: WebhookRequest, job_id: str, accepted_at: datetime, settings: S
         "body": body,
         "retry": resolve_retry(request.retry, settings.webhook_retry),
     }
+    target = WebhookTarget(url=request.url, event_type=request.event_type)
+    if isinstance(request, EventDelivery):
+        target["endpoint"] = payload["endpoint"] = request.endpoint
+        target["application"] = payload["application"] = request.application
+        target["event"] = payload["event"] = request.event
+        if request.ordering_key is not None:
+            payload["ordering_key"] = request.ordering_key
     return JobParts(
         payload=dict(payload),
-        target=dict(WebhookTarget(url=request.url, event_type=request.event_type)),
+        target=dict(target),
         # No query: it often carries a token, and rq-dashboard and `rq info` show the description.
         description=f"webhook {request.event_type} to {request.url.partition('?')[0]}",
     )
