@@ -41,6 +41,10 @@ class Keys:
         """Set of one application's endpoint ids."""
         return f"{self.prefix}:application:{application_id}:endpoints"
 
+    def endpoint_rate(self, endpoint_id: str) -> str:
+        """Hash of an endpoint's shared rate schedule (workers.endpoints)."""
+        return f"{self.prefix}:endpoint:{endpoint_id}:rate"
+
     def rate(self, kind: Kind) -> str:
         """Hash of a channel's shared sending rate: its schedule and how far it is slowed (dispatcher.ratelimit)."""
         return f"{self.prefix}:rate:{kind}"

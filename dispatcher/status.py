@@ -213,7 +213,15 @@ def _view(job_id: str, fields: list | Exception, raw_attempts: dict | Exception,
         "error": error,
         "metadata": meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {},
         "target": meta.get("target") if isinstance(meta.get("target"), dict) else None,
+        "held": _held(meta) if status is Status.SCHEDULED else None,
     }
+
+
+def _held(meta: dict) -> str | None:
+    """Why a scheduled job waits without an attempt (workers.attempt.hold_back), if it does."""
+    held = meta.get("held")
+    reason = held.get("reason") if isinstance(held, dict) else None
+    return reason if isinstance(reason, str) else None
 
 
 def _priority(origin: bytes | None) -> str | None:

@@ -118,6 +118,8 @@ class JobView(TypedDict):
     error: str | None
     metadata: dict[str, str]
     target: Target | None
+    #: Why a scheduled job waits without its attempt counting (an endpoint's rate limit, say).
+    held: str | None
 
 
 @with_config(_FORBID)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from redis.client import Pipeline
 from redis.typing import EncodableT
 from rq.job import Job
+from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
 
 from dispatcher import logs
@@ -25,7 +26,7 @@ from dispatcher.keys import Kind
 from dispatcher.priorities import split
 from workers import context
 from workers.channels import DELIVERERS
-from workers.errors import DeliveryError, RetryableDeliveryError, ThrottledDeliveryError
+from workers.errors import DeliveryError, DeliveryHeld, RetryableDeliveryError, ThrottledDeliveryError
 from workers.retry import next_delay
 
 #: Beyond the failure TTL, how long an unfinished job's history is kept: more than the longest
@@ -58,6 +59,8 @@ def run(
         attempt.response_excerpt = delivered.response_excerpt
         attempt.error = delivered.note
         attempt.suppressed = list(delivered.suppressed) or None
+    except DeliveryHeld:
+        raise  # not an attempt: the caller takes it back and schedules the job (hold_back)
     except DeliveryError as exc:
         if pause_on_throttle and isinstance(exc, ThrottledDeliveryError):
             raise
@@ -121,6 +124,15 @@ def decide(data: dict, attempt: Attempt, retry_after: float | None = None, serie
     return Decision("failed", attempt, series_start=series_start)
 
 
+def settle(kind: Kind, job_id: str, data: dict, decision: Decision) -> None:
+    """The channel's follow-up of a decided attempt (workers.channels.Deliverer.settle). Its failure
+    is logged, never the job's: the attempt happened and is recorded either way."""
+    try:
+        DELIVERERS[kind].settle(job_id, data, decision)
+    except Exception:
+        logging.getLogger(__name__).exception("could not settle job %s after its attempt", job_id)
+
+
 def result_ttl(job: Job) -> int:
     """The job's own TTL as the API set it; jobs enqueued by other means get Dispatcher's default."""
     return job.result_ttl if job.result_ttl is not None and job.result_ttl > 0 else DEFAULT_RESULT_TTL
@@ -140,6 +152,19 @@ def settled(last: Attempt) -> Decision:
     return Decision("succeeded" if last.outcome == "succeeded" else "failed", last)
 
 
+def hold_back(pipe: Pipeline, history: History, job: Job, queue: Queue, number: int, held: DeliveryHeld) -> None:
+    """Queue in `pipe`: a delivery held before anything was sent waits as a scheduled job, its attempt
+    `number` taken back, and the reason in its meta (the job view and rq-dashboard show it). The
+    caller removes its execution, as for any job that stops running."""
+    history.unbegin(pipe, job.id, number)
+    if not isinstance(job.meta, dict) or "unserialized" in job.meta:
+        job.meta = {}
+    until = datetime.now(UTC) + timedelta(seconds=held.delay)
+    job.meta["held"] = {"reason": held.reason, "until": isoformat(until)}
+    pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+    queue.schedule_job(job, until, pipeline=pipe)
+
+
 def record(
     pipe: Pipeline,
     history: History,
@@ -155,6 +180,7 @@ def record(
         job.meta = {}  # RQ hands over undecodable meta as {"unserialized": raw bytes}: replace it
     job.meta["attempts"] = attempt.number
     job.meta["last_attempt"] = asdict(attempt)
+    job.meta.pop("held", None)  # it went, so it is held no more
     fields: dict[EncodableT, EncodableT] = {"meta": job.serializer.dumps(job.meta), **(job_fields or {})}
     pipe.hset(job.key, mapping=fields)
     if decision.verdict == "retry":

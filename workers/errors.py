@@ -1,5 +1,7 @@
 """Delivery errors: whether a failed attempt may be retried is a type, not a flag.
 
+    DeliveryHeld                 not an attempt: the delivery may not go yet (an endpoint's rate
+                                 limit, open circuit breaker or order); it waits as scheduled
     DeliveryError
     ├── RetryableDeliveryError   connection errors, timeouts, HTTP 408/425/429/5xx, SMTP 4xx
     │   └── ThrottledDeliveryError   SMTP 421, 454 or a 4xx naming a rate: the server asks us to slow down
@@ -7,6 +9,16 @@
 """
 
 from __future__ import annotations
+
+
+class DeliveryHeld(Exception):
+    """Raised before anything is sent: the delivery waits `delay` seconds as a scheduled job, and no
+    attempt is counted (the attempt begun for it is taken back). `reason` is shown on the job."""
+
+    def __init__(self, delay: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay = delay
+        self.reason = reason
 
 
 class DeliveryError(Exception):

@@ -21,9 +21,9 @@ from dispatcher.history import UNREADABLE, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
 from dispatcher.tallies import Tally
-from workers.attempt import Decision, decide, history_ttl, log, max_attempts, record, run, settled
+from workers.attempt import Decision, decide, history_ttl, log, max_attempts, record, run, settle, settled
 from workers.channels import UnknownPayload, channel_of
-from workers.errors import DeliveryFailed
+from workers.errors import DeliveryFailed, DeliveryHeld
 
 
 def deliver(payload: dict) -> dict | Retry:
@@ -72,6 +72,13 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
     else:
         try:
             retry_after = run(kind, job.id, data, attempt, job.origin)
+        except DeliveryHeld as held:
+            # Not an attempt: taken back, and the job waits as scheduled. RQ moves it there itself
+            # from the Retry (counting a retry of its own, which decides nothing here).
+            with job.connection.pipeline() as pipe:
+                history.unbegin(pipe, job.id, attempt.number)
+                pipe.execute()
+            return Retry(max=(job.number_of_retries or 0) + 1, interval=[held.delay])  # type: ignore[list-item]
         except (SystemExit, KeyboardInterrupt):
             # A second stop signal (cold shutdown) while delivering: put the job back rather than let
             # RQ fail it; the worker exits once this returns, as its first signal asked.
@@ -80,6 +87,7 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
             decision = Decision("retry", attempt)
         else:
             decision = decide(data, attempt, retry_after, series_start)
+            settle(kind, job.id, data, decision)
         log(kind, job.id, data, decision, job.origin)
     if fresh or decision.attempt.outcome == "retryable":
         with job.connection.pipeline() as pipe:

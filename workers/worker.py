@@ -66,9 +66,21 @@ from dispatcher.history import Attempt, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
 from dispatcher.tallies import Tally
-from workers.attempt import Decision, decide, failure_ttl, history_ttl, max_attempts, record, result_ttl, run, settled
+from workers.attempt import (
+    Decision,
+    decide,
+    failure_ttl,
+    history_ttl,
+    hold_back,
+    max_attempts,
+    record,
+    result_ttl,
+    run,
+    settle,
+    settled,
+)
 from workers.attempt import log as log_attempt
-from workers.errors import ThrottledDeliveryError
+from workers.errors import DeliveryHeld, ThrottledDeliveryError
 from workers.pacer import Pacer
 from workers.poison import Batch, JobGone, Poisoned, fail_alone, read_job, repair_and_replay
 from workers.recovery import Reaper
@@ -118,6 +130,8 @@ class Running:
     #: The throttling answer that paused the last attempt; how many paused it so far.
     throttled: ThrottledDeliveryError | None = None
     throttles: int = 0
+    #: Why the delivery may not go yet (nothing was sent), and for how long: not an attempt.
+    held_back: DeliveryHeld | None = None
 
     def perform(self) -> None:
         attempt = self.attempt
@@ -125,8 +139,12 @@ class Running:
         try:
             retry_after = run(self.kind, self.job.id, self.data, attempt, self.queue.name, self.may_pause)
             self.decision = decide(self.data, attempt, retry_after, self.series_start)
+            settle(self.kind, self.job.id, self.data, self.decision)
         except ThrottledDeliveryError as exc:  # not an attempt: the worker takes it back (_slow_down)
             self.throttled = exc
+            return
+        except DeliveryHeld as exc:  # not an attempt either: the job waits as scheduled (_hold_back)
+            self.held_back = exc
             return
         except Exception as exc:  # a bug, or data read_job let through: this job fails, the loop goes on
             attempt.outcome = "permanent"
@@ -351,6 +369,10 @@ class DispatcherWorker(SimpleWorker):
                     if throttled:
                         finished = [item for item in finished if item.throttled is None]
                         self._slow_down(throttled)
+                    held_back = [item for item in finished if item.held_back is not None]
+                    if held_back:
+                        finished = [item for item in finished if item.held_back is None]
+                        self._hold_back(held_back)
                     if finished:
                         self._finish(finished)
         finally:
@@ -608,6 +630,18 @@ class DispatcherWorker(SimpleWorker):
             item.attempt = item.decision = item.throttled = None
             item.throttles += 1
             self.held.appendleft(item)
+
+    def _hold_back(self, items: list[Running]) -> None:
+        """These deliveries may not go yet (nothing was sent): take their attempts back and let them
+        wait as scheduled jobs, no longer this worker's, in one round trip."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for item in items:
+                assert item.attempt is not None and item.held_back is not None
+                hold_back(pipe, self.history, item.job, item.queue, item.attempt.number, item.held_back)
+                rqstore.forget_execution(pipe, item.execution)
+            rqstore.unregister_executions(pipe, [(item.job, item.execution) for item in items])
+            # (one job's damaged keys fail it at its next begin, not here)
+            pipe.execute(raise_on_error=False)
 
     def _begin(self, pipe: Pipeline, queue: Queue, kind: Kind, job: Job, data: dict) -> datetime:
         failed = queue.failed_job_registry.key

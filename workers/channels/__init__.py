@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dispatcher.channels import JOB_FUNCTION, LEGACY_JOB_FUNCTIONS, PAYLOAD_VERSION
+
+if TYPE_CHECKING:
+    from workers.attempt import Decision
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ def _no_host(data: dict) -> str | None:
     return None
 
 
+def _nothing(job_id: str, data: dict, decision: Decision) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Deliverer:
     name: str
@@ -40,6 +48,9 @@ class Deliverer:
     host: Callable[[dict], str | None] = _no_host
     #: The host an attempt's log line names (dispatcher.logs), if not `host`: never an address or a secret.
     log_host: Callable[[dict], str | None] | None = None
+    #: (job id, payload, decision) -> None: what follows an attempt once it is decided (an endpoint's
+    #: health, the next delivery in order...), in the delivery thread, before the attempt is recorded.
+    settle: Callable[[str, dict, Decision], None] = _nothing
 
     def target_host(self, payload: dict) -> str | None:
         return (self.log_host or self.host)(payload)

@@ -3,12 +3,14 @@ HTTP client (workers.webhook, workers.http)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from dispatcher.endpoints import Registry
-from workers import context
+from workers import context, endpoints
 from workers.channels import Delivered, Deliverer
-from workers.errors import PermanentDeliveryError
+
+if TYPE_CHECKING:
+    from workers.attempt import Decision
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -18,20 +20,15 @@ def deliver(job_id: str, payload: dict) -> Delivered:
     secrets = None
     endpoint_id = payload.get("endpoint")
     if endpoint_id is not None:  # an event's delivery to a registered endpoint
-        secrets = endpoint_secrets(deliveries.registry(), str(endpoint_id))
+        _, secrets = endpoints.admit(deliveries.registry(), str(endpoint_id), job_id, payload)
     status_code, excerpt = deliveries.webhooks.send(job_id, payload, secrets)
     return Delivered(status_code, response_excerpt=excerpt)
 
 
-def endpoint_secrets(registry: Registry, endpoint_id: str) -> list[str]:
-    """The secrets to sign a delivery to the endpoint with; PermanentDeliveryError if the endpoint
-    was deleted or disabled since the event was published."""
-    endpoint, secrets = registry.delivery_config(endpoint_id)
-    if endpoint is None or not secrets:
-        raise PermanentDeliveryError(f"endpoint {endpoint_id} no longer exists")
-    if endpoint["disabled"]:
-        raise PermanentDeliveryError(f"endpoint {endpoint_id} is disabled")
-    return secrets
+def settle(job_id: str, payload: dict, decision: Decision) -> None:
+    endpoint_id = payload.get("endpoint")
+    if endpoint_id is not None:
+        endpoints.settle(context.current().registry(), str(endpoint_id), job_id, payload, decision)
 
 
 def host(payload: dict) -> str | None:
@@ -47,4 +44,4 @@ def host(payload: dict) -> str | None:
     return f"{parts.hostname}:{port}" if parts.hostname else None
 
 
-DELIVERER = Deliverer("webhook", deliver, host)
+DELIVERER = Deliverer("webhook", deliver, host, settle=settle)

@@ -1,0 +1,82 @@
+"""Delivering to registered endpoints (dispatcher.endpoints): what an event's delivery must pass
+before it is sent, and what follows once its attempt is decided.
+
+Before: the endpoint must still exist and be enabled (else the delivery fails for good), and its
+rate limit must have a slot. A delivery that may not go yet raises DeliveryHeld: nothing is sent,
+no attempt counts, and the job waits as scheduled (workers.attempt.hold_back).
+
+Rate limits are shared by every worker through Redis: one schedule of slots per endpoint, a GCRA
+kept by one Lua script on Redis's clock. A delivery takes the next free slot if it opens within
+SLOT_HORIZON (its thread waits for it), else it is held until about then; so at most `rate_limit`
+deliveries start per second, plus the slots of one horizon after a quiet spell.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import redis
+from redis.commands.core import Script
+
+from dispatcher.endpoints import Endpoint, Registry
+from workers.errors import DeliveryHeld, PermanentDeliveryError
+
+if TYPE_CHECKING:
+    from workers.attempt import Decision
+
+#: How far ahead a delivery may take its endpoint's next rate slot (and wait for it in its thread).
+SLOT_HORIZON = 0.25
+#: A rate schedule left alone this long is forgotten.
+RATE_STATE_TTL = 3600
+
+
+def admit(registry: Registry, endpoint_id: str, job_id: str, payload: dict) -> tuple[Endpoint, list[str]]:
+    """The endpoint and the secrets to sign the delivery with, once it may go now.
+
+    Raises PermanentDeliveryError if the endpoint was deleted or disabled since the event was
+    published, DeliveryHeld if it may not go yet.
+    """
+    endpoint, secrets = registry.delivery_config(endpoint_id)
+    if endpoint is None or not secrets:
+        raise PermanentDeliveryError(f"endpoint {endpoint_id} no longer exists")
+    if endpoint["disabled"]:
+        raise PermanentDeliveryError(f"endpoint {endpoint_id} is disabled")
+    if endpoint["rate_limit"] is not None:
+        _take_slot(registry.connection, registry.keys.endpoint_rate(endpoint_id), endpoint["rate_limit"])
+    return endpoint, secrets
+
+
+def settle(registry: Registry, endpoint_id: str, job_id: str, payload: dict, decision: Decision) -> None:
+    """What follows a decided attempt to an endpoint."""
+
+
+def _take_slot(connection: redis.Redis, key: str, rate: float) -> None:
+    """Wait for the endpoint's next rate slot if it opens within SLOT_HORIZON; else DeliveryHeld."""
+    granted, seconds = _SLOT(keys=[key], args=[1 / rate, SLOT_HORIZON, RATE_STATE_TTL], client=connection)
+    wait = float(seconds)
+    if not int(granted):
+        raise DeliveryHeld(wait, f"the endpoint's rate limit ({rate:g}/s)")
+    if wait > 0:
+        time.sleep(wait)
+
+
+#: KEYS: the endpoint's rate hash (tat: when its next slot opens). ARGV: seconds between slots,
+#: horizon, TTL. Takes the next slot if it opens within the horizon: {1, seconds until it opens};
+#: else {0, seconds until it would be within the horizon}. (Numbers go back as strings: Redis
+#: would truncate a Lua number.)
+_SLOT = Script(
+    None,  # type: ignore[arg-type]  # called with an explicit client
+    b"""
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local interval, horizon = tonumber(ARGV[1]), tonumber(ARGV[2])
+local slot = math.max(tonumber(redis.call('HGET', KEYS[1], 'tat')) or 0, now)
+if slot - now > horizon then
+  return {0, tostring(slot - now - horizon)}
+end
+redis.call('HSET', KEYS[1], 'tat', tostring(slot + interval))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, tostring(slot - now)}
+""",
+)
