@@ -16,14 +16,29 @@ from pydantic.json_schema import JsonSchemaMode
 
 from dispatcher import idempotency
 from dispatcher.channels import CHANNELS, Channel
+from dispatcher.endpoints import (
+    Application,
+    ApplicationRequest,
+    Endpoint,
+    EndpointPatch,
+    EndpointRequest,
+    NewSecret,
+    RotateRequest,
+)
+from dispatcher.events import EventRequest
 from dispatcher.models import MAX_BATCH
 from dispatcher.suppressions import MAX_ADDRESS, Suppression
 from dispatcher.views import (
     Accepted,
     AcceptedBatch,
+    ApplicationList,
     BatchQuery,
     BatchView,
+    EndpointCreated,
+    EndpointList,
     ErrorBody,
+    EventAccepted,
+    EventView,
     Health,
     JobList,
     JobsQuery,
@@ -44,7 +59,8 @@ _REF = "#/components/schemas/{model}"
 #: The answers' types; the document names each schema after its type.
 _ANSWERS: tuple[Any, ...] = (
     ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, BatchView, Replayed,
-    Suppression, SuppressionPage, StoredTemplate, TemplateList,
+    Suppression, SuppressionPage, StoredTemplate, TemplateList, Application, ApplicationList, Endpoint, EndpointList,
+    EndpointCreated, NewSecret, EventAccepted, EventView,
 )
 
 #: Error answers, by status: (code, description).
@@ -212,6 +228,106 @@ def _template_paths() -> dict:
     }
 
 
+def _body(model: str) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _delete(operation_id: str, summary: str, parameters: list[dict], errors: tuple[int, ...]) -> dict:
+    return {
+        "delete": {
+            "operationId": operation_id,
+            "summary": summary,
+            "parameters": parameters,
+            "responses": {
+                "204": {"description": "deleted"},
+                **{str(status): {"$ref": f"#/components/responses/E{status}"} for status in errors},
+            },
+        }
+    }
+
+
+def _endpoint_paths() -> dict:
+    """Applications, their endpoints and secrets, and events (dispatcher.endpoint_api)."""
+    app = {"name": "app", "in": "path", "required": True, "schema": _STRING,
+           "description": "the id POST /v1/applications answered"}
+    endpoint = {"name": "endpoint", "in": "path", "required": True, "schema": _STRING,
+                "description": "the id POST .../endpoints answered"}
+    event = {"name": "id", "in": "path", "required": True, "schema": _STRING,
+             "description": "the id POST .../events answered"}
+    location = {"Location": {"description": "the new resource's URL", "schema": _STRING}}
+    writes = (400, 401, 404, 413, 415, 422, 503)
+    return {
+        "/v1/applications": {
+            **_get("list_applications", "Every application, oldest first", "ApplicationList", (401, 503)),
+            "post": {
+                "operationId": "create_application",
+                "summary": "Register an application: one of the sender's customers, who owns endpoints",
+                "requestBody": _body("ApplicationRequest"),
+                "responses": _responses(201, "Application", "created", (400, 401, 409, 413, 415, 422, 503),
+                                        headers=location),
+            },
+        },
+        "/v1/applications/{app}": {
+            **_get("get_application", "One application", "Application", (401, 404, 503), parameters=[app]),
+            "patch": {
+                "operationId": "rename_application",
+                "summary": "Rename an application",
+                "parameters": [app],
+                "requestBody": _body("ApplicationRequest"),
+                "responses": _responses(200, "Application", "renamed", writes),
+            },
+            **_delete("delete_application", "Delete an application with its endpoints and their secrets",
+                      [app], (401, 404, 503)),
+        },
+        "/v1/applications/{app}/endpoints": {
+            **_get("list_endpoints", "The application's endpoints, oldest first", "EndpointList", (401, 404, 503),
+                   parameters=[app]),
+            "post": {
+                "operationId": "create_endpoint",
+                "summary": "Register an endpoint; the answer holds its signing secret, shown this once",
+                "parameters": [app],
+                "requestBody": _body("EndpointRequest"),
+                "responses": _responses(201, "EndpointCreated", "registered", (400, 401, 404, 409, 413, 415, 422, 503),
+                                        headers=location),
+            },
+        },
+        "/v1/applications/{app}/endpoints/{endpoint}": {
+            **_get("get_endpoint", "One endpoint (never its secret)", "Endpoint", (401, 404, 503),
+                   parameters=[app, endpoint]),
+            "patch": {
+                "operationId": "change_endpoint",
+                "summary": "Change the fields given; null clears owner_email, retry or rate_limit",
+                "parameters": [app, endpoint],
+                "requestBody": _body("EndpointPatch"),
+                "responses": _responses(200, "Endpoint", "changed", writes),
+            },
+            **_delete("delete_endpoint", "Delete an endpoint and its secrets; its queued deliveries fail",
+                      [app, endpoint], (401, 404, 503)),
+        },
+        "/v1/applications/{app}/endpoints/{endpoint}/secret/rotate": {
+            "post": {
+                "operationId": "rotate_secret",
+                "summary": "A new signing secret, shown this once; the old one signs beside it for grace_period s",
+                "parameters": [app, endpoint],
+                "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("RotateRequest")}}},
+                "responses": _responses(200, "NewSecret", "rotated", writes),
+            }
+        },
+        "/v1/applications/{app}/events": {
+            "post": {
+                "operationId": "publish_event",
+                "summary": "Publish an event: one delivery per subscribed, enabled endpoint, all or none",
+                "parameters": [app],
+                "requestBody": _body("EventRequest"),
+                "responses": _responses(202, "EventAccepted", "accepted and queued", (400, 401, 404, 409, 413, 415,
+                                        422, 503), headers=location),
+            }
+        },
+        "/v1/events/{id}": _get("get_event", "An event, its progress and each delivery's status", "EventView",
+                                (401, 404, 503), parameters=[event]),
+    }
+
+
 def _suppression_paths(query: dict) -> dict:
     address = {
         "name": "address",
@@ -321,6 +437,7 @@ def _paths(jobs_query: dict, batch_query: dict, suppressions_query: dict) -> dic
             "get_stats", "Counts per kind and status, recent failures and successes", "Stats", (401, 503)
         ),
         **_suppression_paths(suppressions_query),
+        **_endpoint_paths(),
         **_template_paths(),
         "/healthz": _get("healthz", "The process is up", "Health", (), security=[]),
         "/readyz": _get(
@@ -372,6 +489,10 @@ def openapi_document() -> dict:
     inputs += [(answer.__name__, "serialization", TypeAdapter(answer)) for answer in _ANSWERS]
     inputs.append(("SuppressionsQuery", "validation", TypeAdapter(SuppressionsQuery)))
     inputs.append(("SuppressionRequest", "validation", TypeAdapter(SuppressionRequest)))
+    inputs += [
+        (model.__name__, "validation", TypeAdapter(model))
+        for model in (ApplicationRequest, EndpointRequest, EndpointPatch, RotateRequest, EventRequest)
+    ]
     _, definitions = TypeAdapter.json_schemas(inputs, by_alias=True, ref_template=_REF)
     schemas = definitions["$defs"]
     jobs_query, batch_query = schemas.pop("JobsQuery"), schemas.pop("BatchQuery")  # parameters, not bodies

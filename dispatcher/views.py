@@ -18,6 +18,7 @@ from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 from dispatcher.batches import MAX_FAILED_PAGE
 from dispatcher.channels import CHANNELS, KINDS
 from dispatcher.control import MAX_REPLAY
+from dispatcher.endpoints import Application, Endpoint
 from dispatcher.history import Attempt, Timestamp
 from dispatcher.models import JSON_NUMBER, EmailAddress, RequestModel
 from dispatcher.priorities import Priority
@@ -345,3 +346,71 @@ class SuppressionRequest(RequestModel):
     """POST /v1/suppressions: an address to add by hand, checked as a recipient's is."""
 
     address: EmailAddress
+
+
+# --- applications, endpoints and events (dispatcher.endpoints, dispatcher.events) ----------------
+
+
+@with_config(_FORBID)
+class ApplicationList(TypedDict):
+    """GET /v1/applications, oldest first."""
+
+    applications: list[Application]
+
+
+@with_config(_FORBID)
+class EndpointList(TypedDict):
+    """GET /v1/applications/<app>/endpoints, oldest first (never their secrets)."""
+
+    endpoints: list[Endpoint]
+
+
+@with_config(_FORBID)
+class EndpointCreated(Endpoint):
+    """POST /v1/applications/<app>/endpoints: the endpoint and its signing secret, shown this once."""
+
+    secret: str
+
+
+@with_config(_FORBID)
+class Delivery(TypedDict):
+    """One delivery of an event: its webhook job and the endpoint it goes to."""
+
+    id: str
+    endpoint: str
+    status_url: str
+
+
+@with_config(_FORBID)
+class EventAccepted(TypedDict):
+    """POST /v1/applications/<app>/events: the event and one delivery per subscribed, enabled endpoint."""
+
+    id: str
+    count: Count
+    deliveries: list[Delivery]
+    status_url: str
+
+
+@with_config(_FORBID)
+class DeliveryStatus(TypedDict):
+    id: str
+    endpoint: str
+    status: Literal["queued", "scheduled", "running", "succeeded", "failed", "canceled", "gone"]
+    status_url: str
+
+
+@with_config(_FORBID)
+class EventView(TypedDict):
+    """GET /v1/events/<id>: the event, its progress and each delivery's status."""
+
+    id: str
+    application: str
+    event_type: str
+    ordering_key: str | None
+    priority: Priority
+    created_at: Timestamp
+    count: Count
+    by_status: BatchCounts
+    percent_done: Annotated[float, Field(ge=0, le=100)]
+    finished_at: Timestamp | None
+    deliveries: list[DeliveryStatus]

@@ -23,13 +23,16 @@ Every other value comes from the document alone.
 
 from __future__ import annotations
 
+import re
 import string
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import schemathesis
 from hypothesis import strategies as st
 
 from dispatcher.channels.email import MAX_RECIPIENTS
+from dispatcher.idempotency import HEADER, KEY_PATTERN
 
 _atom = st.text(string.ascii_lowercase + string.digits + "!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=8)
 _label = st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=8)
@@ -88,3 +91,14 @@ def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> b
         if any(isinstance(part, str) and ("{" in part or "}" in part) for part in parts):
             return False
     return all(_recipients(item) <= MAX_RECIPIENTS for item in (items if isinstance(items, list) else []))
+
+
+@schemathesis.hook
+def map_headers(context: schemathesis.HookContext, headers: dict | None) -> dict | None:
+    """Every valid Idempotency-Key made unique to its case: the run draws few distinct keys (`0`,
+    `A`...), and one used for another request is a 409 for 24 h, so every POST after the first few
+    would meet a conflict and never reach the operation itself (tests/test_idempotency.py tries keys
+    used twice)."""
+    if headers and isinstance(headers.get(HEADER), str) and re.fullmatch(KEY_PATTERN, headers[HEADER]):
+        headers[HEADER] = f"{headers[HEADER][:200]}-{uuid.uuid4().hex}"
+    return headers
