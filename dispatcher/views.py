@@ -9,15 +9,16 @@ answer of a running service against the document.
 from __future__ import annotations
 
 import re
-from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, with_config
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator, with_config
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from dispatcher.batches import MAX_FAILED_PAGE
 from dispatcher.channels import CHANNELS, KINDS
-from dispatcher.control import MAX_REPLAY
+from dispatcher.control import MAX_RECOVERY_WINDOW, MAX_REPLAY
+from dispatcher.errors import FieldProblem
 from dispatcher.history import Attempt, Timestamp
 from dispatcher.models import JSON_NUMBER, EmailAddress, RequestModel
 from dispatcher.priorities import Priority
@@ -301,6 +302,38 @@ class ReplayRequest(RequestModel):
         default=1000, description=f"at most this many jobs (1 to {MAX_REPLAY:,})"
     )
 
+
+class RecoverRequest(RequestModel):
+    """POST /v1/applications/<app>/endpoints/<id>/recover: deliver again, to one endpoint, the events
+    of a window whose delivery failed."""
+
+    since: Moment = Field(description="only events accepted at or after this moment")
+    until: Moment | None = Field(default=None, description="only events accepted before this moment (default: now)")
+    limit: Annotated[int, Field(ge=1, le=MAX_REPLAY), JSON_NUMBER] = Field(
+        default=1000, description=f"at most this many deliveries (1 to {MAX_REPLAY:,}), oldest event first"
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> Self:
+        if self.until is None:
+            self.until = datetime.now(UTC)
+            if self.since >= self.until:
+                raise FieldProblem("since", "must be in the past (until defaults to now)")
+        elif self.since >= self.until:
+            raise FieldProblem("until", "must be after since")
+        if self.until - self.since > MAX_RECOVERY_WINDOW:
+            raise FieldProblem("since", f"must be at most {MAX_RECOVERY_WINDOW.days} days before until")
+        return self
+
+
+@with_config(_FORBID)
+class Recovered(TypedDict):
+    """POST /v1/applications/<app>/endpoints/<id>/recover: the deliveries requeued, and how many
+    more matched beyond the limit (a second call with the same window takes them)."""
+
+    requeued: Count
+    ids: list[str]
+    remaining: Count
 
 
 
