@@ -1,7 +1,9 @@
-"""Job control: cancel a waiting job, deliver a failed one again, replay many failed ones.
+"""Job control: cancel a waiting job, deliver a failed one again, replay many failed ones, recover
+an endpoint's failed deliveries of a window of events.
 
-The API (DELETE /v1/jobs/<id>, POST /v1/jobs/<id>/retry, POST /v1/jobs/replay) and the command
-line (`dispatcher cancel`, `retry`, `replay`) both call this module. Each operation is RQ's own
+The API (DELETE /v1/jobs/<id>, POST /v1/jobs/<id>/retry, POST /v1/jobs/replay, POST
+/v1/applications/<app>/endpoints/<id>/recover) and the command line (`dispatcher cancel`, `retry`,
+`replay`, `recover`) both call this module. Each operation is RQ's own
 (`Job.cancel`, `FailedJobRegistry.requeue`), done atomically in one script per call
 (dispatcher.rqstore), so what RQ's tools and rq-dashboard show afterwards is what they would show
 had they done it: a canceled job is in RQ's CanceledJobRegistry, a requeued one back on its queue.
@@ -23,7 +25,7 @@ from dispatcher import rqstore
 from dispatcher.channels import CHANNELS
 from dispatcher.config import Settings
 from dispatcher.enqueue import make_queues
-from dispatcher.errors import JobStateConflict, NoSuchJob
+from dispatcher.errors import FieldProblem, JobStateConflict, NoSuchJob
 from dispatcher.keys import Keys, Kind
 from dispatcher.status import StatusReader
 
@@ -47,6 +49,20 @@ _NOT_WAITING = {
     "stopped": "failed",
     "canceled": "canceled",
 }
+
+
+def recovery_window(since: datetime, until: datetime | None) -> datetime:
+    """The end of a recovery's window (`until`, or now); FieldProblem naming `since` or `until` when
+    the window is empty or longer than MAX_RECOVERY_WINDOW."""
+    if until is None:
+        until = datetime.now(UTC)
+        if since >= until:
+            raise FieldProblem("since", "must be in the past (until defaults to now)")
+    elif since >= until:
+        raise FieldProblem("until", "must be after since")
+    if until - since > MAX_RECOVERY_WINDOW:
+        raise FieldProblem("since", f"must be at most {MAX_RECOVERY_WINDOW.days} days before until")
+    return until
 
 
 @dataclass

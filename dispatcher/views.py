@@ -9,7 +9,7 @@ answer of a running service against the document.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator, with_config
@@ -17,8 +17,7 @@ from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from dispatcher.batches import MAX_FAILED_PAGE
 from dispatcher.channels import CHANNELS, KINDS
-from dispatcher.control import MAX_RECOVERY_WINDOW, MAX_REPLAY
-from dispatcher.errors import FieldProblem
+from dispatcher.control import MAX_REPLAY, recovery_window
 from dispatcher.history import Attempt, Timestamp
 from dispatcher.models import JSON_NUMBER, EmailAddress, RequestModel
 from dispatcher.priorities import Priority
@@ -315,14 +314,7 @@ class RecoverRequest(RequestModel):
 
     @model_validator(mode="after")
     def _window(self) -> Self:
-        if self.until is None:
-            self.until = datetime.now(UTC)
-            if self.since >= self.until:
-                raise FieldProblem("since", "must be in the past (until defaults to now)")
-        elif self.since >= self.until:
-            raise FieldProblem("until", "must be after since")
-        if self.until - self.since > MAX_RECOVERY_WINDOW:
-            raise FieldProblem("since", f"must be at most {MAX_RECOVERY_WINDOW.days} days before until")
+        self.until = recovery_window(self.since, self.until)
         return self
 
 

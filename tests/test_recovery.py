@@ -291,3 +291,35 @@ def test_the_client_recovers_and_raises_the_apis_refusals(service, serve, receiv
     svc.client.patch(f"/v1/applications/{app}/endpoints/{endpoint}", json={"disabled": True}, headers=AUTH)
     with pytest.raises(Conflict):
         client.recover(app, endpoint, since.isoformat())
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_dispatcher_recover_acts_as_the_api_does(service, receiver):
+    from tests.conftest import process_env
+    from tests.test_cli import run
+
+    svc = service()
+    svc.start_worker()
+    env = process_env(svc.env)
+    app = new_application(svc)
+    endpoint = new_endpoint(svc, app, receiver.url("status/500"), retry=ONCE)["id"]
+    since = _now()
+    failed = _failed_deliveries(svc, app, endpoint, 2)
+    svc.stop_all()
+
+    done = run(env, "recover", endpoint, "--since", since.isoformat(), "--limit", "1")
+
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{failed[0]}\n", "1 requeued, 1 remaining\n")
+    assert [_status(svc, job_id)["status"] for job_id in failed] == ["queued", "failed"]
+    missing = run(env, "recover", "ep_nope", "--since", since.isoformat())
+    assert missing.returncode == 1 and missing.stderr.startswith("dispatcher recover: no endpoint ep_nope"), missing
+    svc.client.patch(f"/v1/applications/{app}/endpoints/{endpoint}", json={"disabled": True}, headers=AUTH)
+    disabled = run(env, "recover", endpoint, "--since", since.isoformat())
+    assert disabled.returncode == 1 and "is disabled" in disabled.stderr, disabled
+    assert _status(svc, failed[1])["status"] == "failed"
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    for args, option in ((["--since", future], "--since"), (["--since", "yesterday"], "--since"), ([], "--since")):
+        bad = run(env, "recover", endpoint, *args)
+        assert bad.returncode == 2 and option in bad.stderr, bad.stderr
