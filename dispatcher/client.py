@@ -208,6 +208,28 @@ class Client:
         body = _drop_none({"kind": kind, "limit": limit, **moments})
         return self._request("POST", "/v1/jobs/replay", body, idempotency_key=idempotency_key)["ids"]  # type: ignore[no-any-return]
 
+    def recover(
+        self,
+        application: str,
+        endpoint: str,
+        since: datetime | str,
+        until: datetime | str | None = None,
+        limit: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Deliver again to one endpoint the events accepted from `since` until before `until` (now
+        unless given) whose delivery to it failed, at most `limit` (1000 unless given), oldest first:
+        {"requeued": n, "ids": [...], "remaining": m}, `remaining` the failed ones left beyond the
+        limit. NotFound for an unknown application or endpoint, Conflict if the endpoint is disabled.
+        With an `idempotency_key` used before for the same recovery: that one's answer, and nothing
+        requeued again."""
+        moments = {"since": since, "until": until}
+        moments = {name: value.isoformat() if isinstance(value, datetime) else value for name, value in moments.items()}
+        body = _drop_none({"limit": limit, **moments})
+        quote = requests.utils.quote
+        path = f"/v1/applications/{quote(application, safe='')}/endpoints/{quote(endpoint, safe='')}/recover"
+        return self._request("POST", path, body, idempotency_key=idempotency_key)
+
     # --- reading -------------------------------------------------------------------------------
 
     def job(self, job_id: str) -> Job:

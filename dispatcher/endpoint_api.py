@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from dispatcher.api import _claim, _json_body, authenticate, idempotent, parse_body, runtime
+from dispatcher.api import _claim, _control, _json_body, authenticate, idempotent, parse_body, runtime
 from dispatcher.endpoints import (
     ApplicationRequest,
     Endpoint,
@@ -20,6 +20,7 @@ from dispatcher.endpoints import (
 from dispatcher.errors import AlreadyAccepted, APIError
 from dispatcher.events import EventRequest, NoSuchApplication, event_view, publish
 from dispatcher.logs import note_batch
+from dispatcher.views import RecoverRequest
 
 routes = Blueprint("endpoints", __name__, url_prefix="/v1")
 routes.before_request(authenticate)
@@ -151,6 +152,26 @@ def rotate_secret(application_id: str, endpoint_id: str) -> Response:
     if rotated is None:
         raise _no_endpoint(endpoint_id)
     return jsonify(rotated)
+
+
+@routes.post("/applications/<application_id>/endpoints/<endpoint_id>/recover")
+@idempotent
+def recover_endpoint(application_id: str, endpoint_id: str) -> tuple[Response, int]:
+    """202: the endpoint's failed deliveries of the events accepted in the window are requeued, as
+    POST /v1/jobs/<id>/retry requeues one (dispatcher.control.JobControl.recover). 409 if the endpoint
+    is disabled: they would fail again at once; enable it first."""
+    endpoint = _endpoint(application_id, endpoint_id)
+    recover = parse_body(RecoverRequest)
+    if endpoint["disabled"]:
+        raise APIError(
+            409, "conflict",
+            f"endpoint {endpoint_id} is disabled, so its deliveries would fail again; enable it first "
+            "(PATCH it with disabled: false)",
+        )
+    assert recover.until is not None  # the model fills it in
+    recovered = _control().recover(endpoint_id, recover.since, recover.until, recover.limit)
+    note_batch(recovered.ids)
+    return jsonify(requeued=len(recovered.ids), ids=recovered.ids, remaining=recovered.remaining), 202
 
 
 def _endpoint(application_id: str, endpoint_id: str) -> Endpoint:

@@ -44,6 +44,8 @@ from dispatcher.views import (
     JobsQuery,
     JobView,
     Readiness,
+    Recovered,
+    RecoverRequest,
     Replayed,
     ReplayRequest,
     Stats,
@@ -60,7 +62,7 @@ _REF = "#/components/schemas/{model}"
 _ANSWERS: tuple[Any, ...] = (
     ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, BatchView, Replayed,
     Suppression, SuppressionPage, StoredTemplate, TemplateList, Application, ApplicationList, Endpoint, EndpointList,
-    EndpointCreated, NewSecret, EventAccepted, EventView,
+    EndpointCreated, NewSecret, EventAccepted, EventView, Recovered,
 )
 
 #: Error answers, by status: (code, description).
@@ -313,6 +315,15 @@ def _endpoint_paths() -> dict:
                 "responses": _responses(200, "NewSecret", "rotated", writes),
             }
         },
+        "/v1/applications/{app}/endpoints/{endpoint}/recover": {
+            "post": {
+                "operationId": "recover_endpoint",
+                "summary": "Deliver again the endpoint's failed deliveries of the events accepted in a window",
+                "parameters": [app, endpoint],
+                "requestBody": _body("RecoverRequest"),
+                "responses": _responses(202, "Recovered", "requeued", (400, 401, 404, 409, 413, 415, 422, 503)),
+            }
+        },
         "/v1/applications/{app}/events": {
             "post": {
                 "operationId": "publish_event",
@@ -491,7 +502,7 @@ def openapi_document() -> dict:
     inputs.append(("SuppressionRequest", "validation", TypeAdapter(SuppressionRequest)))
     inputs += [
         (model.__name__, "validation", TypeAdapter(model))
-        for model in (ApplicationRequest, EndpointRequest, EndpointPatch, RotateRequest, EventRequest)
+        for model in (ApplicationRequest, EndpointRequest, EndpointPatch, RotateRequest, EventRequest, RecoverRequest)
     ]
     _, definitions = TypeAdapter.json_schemas(inputs, by_alias=True, ref_template=_REF)
     schemas = definitions["$defs"]

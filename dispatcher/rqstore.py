@@ -891,3 +891,14 @@ def ended_at(connection: redis.Redis, queue: Queue, job_ids: list[str]) -> list[
             pipe.hget(queue.job_class.key_for(job_id), "ended_at")
         replies = pipe.execute(raise_on_error=False)
     return [r.decode(errors="replace") if isinstance(r, bytes) and r else None for r in replies]
+
+
+def failed_fields(connection: redis.Redis, queue: Queue, job_ids: list[str]) -> list[tuple[bytes | None, ...]]:
+    """Each job's `status`, `created_at` (when it was accepted, as RQ's `utcformat` writes it, which
+    sorts as text) and `meta` (JSON), as stored; all None for a job that is gone or unreadable (a
+    key that is not a hash). One round trip for them all."""
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hmget(queue.job_class.key_for(job_id), "status", "created_at", "meta")
+        replies = pipe.execute(raise_on_error=False)
+    return [tuple(reply) if isinstance(reply, list) else (None, None, None) for reply in replies]

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, with_config
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator, with_config
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from dispatcher.batches import MAX_FAILED_PAGE
 from dispatcher.channels import CHANNELS, KINDS
-from dispatcher.control import MAX_REPLAY
+from dispatcher.control import MAX_REPLAY, recovery_window
 from dispatcher.endpoints import Application, Endpoint
 from dispatcher.history import Attempt, Timestamp
 from dispatcher.models import JSON_NUMBER, EmailAddress, RequestModel
@@ -304,6 +304,31 @@ class ReplayRequest(RequestModel):
         default=1000, description=f"at most this many jobs (1 to {MAX_REPLAY:,})"
     )
 
+
+class RecoverRequest(RequestModel):
+    """POST /v1/applications/<app>/endpoints/<id>/recover: deliver again, to one endpoint, the events
+    of a window whose delivery failed."""
+
+    since: Moment = Field(description="only events accepted at or after this moment")
+    until: Moment | None = Field(default=None, description="only events accepted before this moment (default: now)")
+    limit: Annotated[int, Field(ge=1, le=MAX_REPLAY), JSON_NUMBER] = Field(
+        default=1000, description=f"at most this many deliveries (1 to {MAX_REPLAY:,}), oldest event first"
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> Self:
+        self.until = recovery_window(self.since, self.until)
+        return self
+
+
+@with_config(_FORBID)
+class Recovered(TypedDict):
+    """POST /v1/applications/<app>/endpoints/<id>/recover: the deliveries requeued, and how many
+    more matched beyond the limit (a second call with the same window takes them)."""
+
+    requeued: Count
+    ids: list[str]
+    remaining: Count
 
 
 

@@ -32,6 +32,7 @@ COMMANDS = {
     "retry",
     "cancel",
     "replay",
+    "recover",
     "stats",
     "suppressions",
     "rq-info",

@@ -277,6 +277,42 @@ def replay(kind: str | None, since: Any, until: Any, limit: int) -> None:
     click.echo(f"{len(ids)} requeued", err=True)
 
 
+@cli.command()
+@click.argument("endpoint_id", metavar="ENDPOINT")
+@click.option(
+    "--since", callback=_moment, required=True, metavar="DATETIME",
+    help="events accepted at or after, e.g. 2026-12-04T18:00:00Z",
+)
+@click.option("--until", callback=_moment, metavar="DATETIME", help="events accepted before this moment [default: now]")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=1000, show_default=True, help="at most this many")
+def recover(endpoint_id: str, since: Any, until: Any, limit: int) -> None:
+    """Deliver again to ENDPOINT (its id, ep_...) the events accepted in a window whose delivery to
+    it failed, as retry does for one (and POST /v1/applications/APP/endpoints/ENDPOINT/recover).
+
+    At most 30 days; oldest event first. Queued, scheduled, running, succeeded and canceled
+    deliveries are left alone. Prints each delivery requeued, then how many, and how many failed
+    ones remain beyond --limit.
+    """
+    from dispatcher.control import recovery_window
+    from dispatcher.endpoints import Registry
+    from dispatcher.errors import FieldProblem
+
+    try:
+        until = recovery_window(since, until)
+    except FieldProblem as exc:
+        raise click.BadParameter(exc.problem, param_hint=f"--{exc.field}") from None
+    with _control() as control:
+        endpoint = Registry(control.connection, control.keys).endpoint_by_id(endpoint_id)
+        if endpoint is None:
+            raise Failed(f"no endpoint {endpoint_id} in {control.keys.prefix.partition(':')[2]}")
+        if endpoint["disabled"]:
+            raise Failed(f"endpoint {endpoint_id} is disabled, so its deliveries would fail again; enable it first")
+        recovered = control.recover(endpoint_id, since, until, limit)
+    for job_id in recovered.ids:
+        click.echo(job_id)
+    click.echo(f"{len(recovered.ids)} requeued, {recovered.remaining} remaining", err=True)
+
+
 @contextlib.contextmanager
 def _control() -> Iterator[Any]:
     """The job control of the configured Redis; its refusals become one line and exit code 1."""
