@@ -226,9 +226,66 @@ class Client:
         moments = {"since": since, "until": until}
         moments = {name: value.isoformat() if isinstance(value, datetime) else value for name, value in moments.items()}
         body = _drop_none({"limit": limit, **moments})
-        quote = requests.utils.quote
-        path = f"/v1/applications/{quote(application, safe='')}/endpoints/{quote(endpoint, safe='')}/recover"
+        path = f"{_endpoint_path(application, endpoint)}/recover"
         return self._request("POST", path, body, idempotency_key=idempotency_key)
+
+    # --- applications, endpoints and events ----------------------------------------------------
+
+    def create_application(self, name: str, idempotency_key: str | None = None) -> dict[str, Any]:
+        """A new application (one of your customers): {"id", "name", "created_at", "updated_at"}."""
+        return self._request("POST", "/v1/applications", {"name": name}, idempotency_key=idempotency_key)
+
+    def applications(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/applications")["applications"]  # type: ignore[no-any-return]
+
+    def delete_application(self, application: str) -> None:
+        """Delete it with its endpoints and their secrets; NotFound if there is none."""
+        self._request("DELETE", _application_path(application))
+
+    def create_endpoint(
+        self, application: str, url: str, idempotency_key: str | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Register an endpoint; the answer holds its signing secret (`secret`), which no other
+        answer shows. `fields`: description, event_types, headers, owner_email, retry, rate_limit,
+        ordered, disabled, as the API documents them."""
+        path = f"{_application_path(application)}/endpoints"
+        return self._request("POST", path, {"url": url, **fields}, idempotency_key=idempotency_key)
+
+    def endpoints(self, application: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"{_application_path(application)}/endpoints")["endpoints"]  # type: ignore[no-any-return]
+
+    def change_endpoint(self, application: str, endpoint: str, **fields: Any) -> dict[str, Any]:
+        """Change the fields given (None clears owner_email, retry or rate_limit); the endpoint as it is now."""
+        return self._request("PATCH", _endpoint_path(application, endpoint), fields)
+
+    def delete_endpoint(self, application: str, endpoint: str) -> None:
+        self._request("DELETE", _endpoint_path(application, endpoint))
+
+    def rotate_secret(self, application: str, endpoint: str, grace_period: int | None = None) -> dict[str, Any]:
+        """A new signing secret: {"secret", "previous_expires_at"}; the old one signs beside it for
+        `grace_period` seconds (a day unless given)."""
+        body = _drop_none({"grace_period": grace_period})
+        return self._request("POST", f"{_endpoint_path(application, endpoint)}/secret/rotate", body)
+
+    def publish(
+        self,
+        application: str,
+        event_type: str,
+        payload: dict[str, Any],
+        ordering_key: str | None = None,
+        priority: Priority | None = None,
+        send_at: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Publish an event to the application's subscribed endpoints: {"id", "count", "deliveries",
+        "status_url"}, each delivery a webhook job to follow with `job()`."""
+        body = _drop_none({"event_type": event_type, "payload": payload, "ordering_key": ordering_key,
+                           "priority": priority, "send_at": send_at})
+        return self._request("POST", f"{_application_path(application)}/events", body, idempotency_key=idempotency_key)
+
+    def event(self, event_id: str) -> dict[str, Any]:
+        """The event, its progress and each delivery's status; NotFound if there is none (or it expired)."""
+        return self._request("GET", f"/v1/events/{requests.utils.quote(event_id, safe='')}")
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -357,6 +414,14 @@ def _never_sent(exc: requests.RequestException) -> bool:
     if isinstance(reason, MaxRetryError):
         reason = reason.reason
     return isinstance(reason, NewConnectionError)
+
+
+def _application_path(application: str) -> str:
+    return f"/v1/applications/{requests.utils.quote(application, safe='')}"
+
+
+def _endpoint_path(application: str, endpoint: str) -> str:
+    return f"{_application_path(application)}/endpoints/{requests.utils.quote(endpoint, safe='')}"
 
 
 def _job_path(job_id: str) -> str:

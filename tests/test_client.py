@@ -237,3 +237,32 @@ def test_a_post_with_an_idempotency_key_is_sent_again_after_a_read_timeout():
     with pytest.raises(Unavailable):
         client.send_webhook(url="https://example.com/h", event_type="a.b", payload={}, idempotency_key="k-1")
     assert silent.requests == 3  # a repeat enqueues nothing, so it is safe to send again
+
+
+def test_registers_endpoints_publishes_events_and_follows_them(client_of, receiver):
+    from standardwebhooks import Webhook
+
+    svc, client = client_of
+    svc.start_worker()
+    app = client.create_application("Acme")
+    url = receiver.url()
+    endpoint = client.create_endpoint(app["id"], url, event_types=["order.paid"], rate_limit=50)
+    assert endpoint["secret"].startswith("whsec_")
+    assert [e["id"] for e in client.endpoints(app["id"])] == [endpoint["id"]]
+
+    published = client.publish(app["id"], "order.paid", {"order": 7}, idempotency_key=uuid.uuid4().hex)
+    (delivery,) = published["deliveries"]
+    assert client.wait(delivery["id"], timeout=30)["status"] == "succeeded"
+    assert client.event(published["id"])["percent_done"] == 100
+    (request,) = receiver.received(url)
+    Webhook(endpoint["secret"]).verify(request.body, request.headers)
+
+    assert client.change_endpoint(app["id"], endpoint["id"], rate_limit=None)["rate_limit"] is None
+    rotated = client.rotate_secret(app["id"], endpoint["id"], grace_period=0)
+    assert rotated["secret"] != endpoint["secret"] and rotated["previous_expires_at"] is None
+    client.delete_endpoint(app["id"], endpoint["id"])
+    assert client.endpoints(app["id"]) == []
+    client.delete_application(app["id"])
+    assert client.applications() == []
+    with pytest.raises(NotFound):
+        client.event("ev_nope")
