@@ -26,7 +26,7 @@ from dispatcher.history import History
 from dispatcher.keys import Keys
 from dispatcher.redis_checks import warn_about_server
 from tests.conftest import API_KEY, AUTH, ROOT, SmtpHandler, free_port, process_env, wait_for, wait_until
-from workers.attempt import Decision
+from workers.decision import Decision
 from workers.recovery import BEAT_INTERVAL, Reaper
 from workers.worker import DispatcherWorker
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
 from redis.client import Pipeline
 from redis.typing import EncodableT
@@ -26,6 +25,7 @@ from dispatcher.keys import Kind
 from dispatcher.priorities import split
 from workers import context
 from workers.channels import DELIVERERS
+from workers.decision import Decision
 from workers.errors import DeliveryError, DeliveryHeld, RetryableDeliveryError, ThrottledDeliveryError
 from workers.retry import next_delay
 
@@ -82,34 +82,6 @@ def run(
         attempt.finished_at = isoformat(datetime.now(UTC))
         attempt.duration_ms = round((time.monotonic() - started) * 1000)
     return retry_after
-
-
-@dataclass
-class Decision:
-    """What an attempt leads to: done, another try after `delay` seconds, or failed for good."""
-
-    verdict: Literal["succeeded", "retry", "failed"]
-    attempt: Attempt
-    delay: float = 0.0
-    #: Attempts made before this series (see dispatcher.history.Began).
-    series_start: int = 0
-
-    @property
-    def error(self) -> str:
-        if self.attempt.outcome == "retryable" and self.verdict == "failed":
-            made = self.attempt.number - self.series_start
-            return f"gave up after {made} attempt(s): {self.attempt.error}"
-        return self.attempt.error or "permanent failure"
-
-    @property
-    def rq_delay(self) -> float:
-        """The retry delay to hand RQ: it keeps the due time in whole seconds, rounded down,
-        so one second more and the attempt is never early (0 still means "requeue now")."""
-        return self.delay + 1 if self.delay > 0 else 0
-
-    @property
-    def result(self) -> dict:
-        return {"status_code": self.attempt.status_code, "attempts": self.attempt.number}
 
 
 def decide(data: dict, attempt: Attempt, retry_after: float | None = None, series_start: int = 0) -> Decision:

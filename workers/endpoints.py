@@ -14,16 +14,13 @@ deliveries start per second, plus the slots of one horizon after a quiet spell.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import redis
 from redis.commands.core import Script
 
 from dispatcher.endpoints import Endpoint, Registry
+from workers.decision import Decision
 from workers.errors import DeliveryHeld, PermanentDeliveryError
-
-if TYPE_CHECKING:
-    from workers.attempt import Decision
 
 #: How far ahead a delivery may take its endpoint's next rate slot (and wait for it in its thread).
 SLOT_HORIZON = 0.25

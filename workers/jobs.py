@@ -21,8 +21,9 @@ from dispatcher.history import UNREADABLE, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
 from dispatcher.tallies import Tally
-from workers.attempt import Decision, decide, history_ttl, log, max_attempts, record, run, settle, settled
+from workers.attempt import decide, history_ttl, log, max_attempts, record, run, settle, settled
 from workers.channels import UnknownPayload, channel_of
+from workers.decision import Decision
 from workers.errors import DeliveryFailed, DeliveryHeld
 
 

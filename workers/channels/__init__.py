@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from dispatcher.channels import JOB_FUNCTION, LEGACY_JOB_FUNCTIONS, PAYLOAD_VERSION
-
-if TYPE_CHECKING:
-    from workers.attempt import Decision
+from workers.decision import Decision
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,11 @@ HTTP client (workers.webhook, workers.http)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from workers import context, endpoints
 from workers.channels import Delivered, Deliverer
-
-if TYPE_CHECKING:
-    from workers.attempt import Decision
+from workers.decision import Decision
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
