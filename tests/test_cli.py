@@ -92,7 +92,9 @@ def test_every_command_is_there_and_explains_itself(capsys):
 
 
 def test_send_webhook_then_status_watch_shows_each_attempt_live(svc_env, receiver):
-    svc, env = svc_env(DISPATCHER_WEBHOOK_MAX_ATTEMPTS="2", DISPATCHER_WEBHOOK_BACKOFF="1")
+    # A backoff of 3 s: the watch, polling, must see the job scheduled between its attempts even on
+    # a loaded machine (with 1 s it missed it now and then).
+    svc, env = svc_env(DISPATCHER_WEBHOOK_MAX_ATTEMPTS="2", DISPATCHER_WEBHOOK_BACKOFF="3")
     svc.start_worker()
     url = receiver.url("fail/1/503")
 
