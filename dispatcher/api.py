@@ -20,6 +20,7 @@ from dispatcher import idempotency
 from dispatcher.batches import Group, batch_id_of, batch_view
 from dispatcher.channels import CHANNELS, Channel
 from dispatcher.control import JobControl
+from dispatcher.endpoints import Registry
 from dispatcher.enqueue import enqueue, enqueue_many
 from dispatcher.errors import AlreadyAccepted, APIError, FieldProblem, JobStateConflict, NoSuchJob
 from dispatcher.logs import note_batch, note_job
@@ -309,10 +310,17 @@ def _validate(channel: Channel, model: type[BaseModel], body: dict[str, Any]) ->
         items = body.get("items") if model is channel.batch else [body]
         hosts = channel.hosts
         lookups.start(host for item in (items if isinstance(items, list) else ()) for host in hosts(item))
-    # One budget of template work for the whole request; each stored template read once.
+    # One budget of template work for the whole request; each stored template read once, and each
+    # application an email names (its events go there) looked up once.
     stored = functools.cache(_templates(rt).get)
+    applications = functools.cache(lambda application_id: Registry(rt.connection, rt.keys).application(application_id))
     try:
-        context = {"guard": lookups, "email_from": rt.settings.email_from, "templates": stored}
+        context = {
+            "guard": lookups,
+            "email_from": rt.settings.email_from,
+            "templates": stored,
+            "applications": lambda application_id: applications(application_id) is not None,
+        }
         with RenderBudget():
             return model.model_validate(body, context=context)
     except ValidationError as exc:

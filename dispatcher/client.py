@@ -137,7 +137,8 @@ class Client:
         **fields: Any,
     ) -> str:
         """Enqueue one email; returns its job id. `fields`: cc, bcc, from_ (sent as `from`),
-        reply_to, attachments, headers, metadata, retry, send_at (an RFC 3339 string), as the API documents them;
+        reply_to, attachments, headers, metadata, retry, send_at (an RFC 3339 string), application (whose
+        endpoints get its email.* events), as the API documents them;
         or, instead of subject, text and html, template_id (a stored template) and its variables.
         `idempotency_key`: the same key and email within 24 h answers the same id, sending once."""
         body = _drop_none({"to": to, "subject": subject, "text": text, "html": html, "priority": priority})

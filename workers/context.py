@@ -3,6 +3,7 @@ a Redis connection for what a delivery itself reads and writes (the suppression 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,6 +78,18 @@ class DeliveryContext:
     def registry(self) -> Registry:
         """The applications and endpoints of the Dispatcher queue whose job this thread delivers."""
         return Registry(self._connection(), self._keys())
+
+    def queue_settings(self) -> Settings:
+        """The settings, with the Dispatcher queue of the job this thread delivers as their queue:
+        what enqueueing there needs (an email's events, workers.email_events)."""
+        queue = _queue.get()
+        if queue is None or queue == self.settings.queue_name:
+            return self.settings
+        return dataclasses.replace(self.settings, queue_name=queue)
+
+    def connection(self) -> redis.Redis:
+        """The Redis connection a delivery's own reads and writes use (its pool serves every thread)."""
+        return self._connection()
 
     def _keys(self) -> Keys:
         return Keys(_queue.get() or self.settings.queue_name)

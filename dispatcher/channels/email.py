@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
     with_config,
 )
-from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
+from typing_extensions import NotRequired, TypedDict  # noqa: UP035  # pydantic needs TypedDict from here on Python < 3.12
 
 from dispatcher.addresses import AddressError, split_mailbox, wire_address
 from dispatcher.channels import PAYLOAD_VERSION, Channel, JobParts
@@ -127,6 +127,23 @@ class Attachment(RequestModel):
 
 
 _RECIPIENTS = f"to, cc and bcc together hold at most {MAX_RECIPIENTS} addresses"
+_APPLICATION = (
+    "an application's id (POST /v1/applications): its endpoints receive the email.delivered, email.failed "
+    "and email.suppressed events of this email"
+)
+
+
+def _known_application(value: str | None, info: ValidationInfo) -> str | None:
+    """An email's `application` must name one of this queue's applications (the API's validation
+    context says which exist; without one, as in the worker's own checks, it is taken as it is)."""
+    known = (info.context or {}).get("applications")
+    if value is not None and known is not None and not known(value):
+        raise ValueError("no application has this id (POST /v1/applications makes one)")
+    return value
+
+
+#: The application an email's events go to (workers.email_events).
+ApplicationId = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_known_application)]
 _EMAIL_HEADER_NAME = header_name_pattern(RESERVED_EMAIL_HEADERS, ("content-", "resent-"), MAX_EMAIL_HEADER_NAME)
 
 
@@ -174,6 +191,8 @@ class EmailRequest(SendRequest):
         "`variables`, instead of the message's own",
     )
     variables: dict[str, JsonValue] = Field(default=None, description="the stored template's variables")  # type: ignore[arg-type]
+    # Not nullable: absent, not null, when the email's events go to no application.
+    application: ApplicationId = Field(default=None, description=_APPLICATION)  # type: ignore[assignment]
 
     @model_validator(mode="before")
     @classmethod
@@ -257,7 +276,7 @@ class Recipient(RequestModel):
 #: Decoded attachment bytes a template batch may make in all (each message carries its copy).
 MAX_TEMPLATE_ATTACHMENTS = 50 * 1024 * 1024
 #: The fields of an email every message of a template batch shares.
-_SHARED = ("from", "reply_to", "bcc", "attachments", "headers", "metadata", "retry")
+_SHARED = ("from", "reply_to", "bcc", "attachments", "headers", "metadata", "retry", "application")
 _TEMPLATE_FORM = ("template", "template_id", "recipients", *_SHARED)
 
 
@@ -265,7 +284,7 @@ class EmailBatch(SendBatch):
     """Emails accepted together: all of them or, if any item is invalid, none. Either `items`, each a
     whole email, or a `template` rendered for each of `recipients` with their own `variables`
     (with the fields all its messages share: from, reply_to, bcc, attachments, headers, metadata,
-    retry); a template error names the recipient and the part."""
+    retry, application); a template error names the recipient and the part."""
 
     model_config = ConfigDict(json_schema_extra=lambda schema: _batch_forms(schema))  # type: ignore[misc]
 
@@ -285,6 +304,7 @@ class EmailBatch(SendBatch):
     )
     metadata: Metadata = Field(default_factory=dict)
     retry: RetryPolicy | None = None
+    application: ApplicationId = Field(default=None, description=_APPLICATION)  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _render(self, info: ValidationInfo) -> EmailBatch:
@@ -315,7 +335,7 @@ class EmailBatch(SendBatch):
         # Validated once here, these pass into each message as they are (pydantic keeps instances).
         shared = {
             "from": self.from_, "reply_to": self.reply_to, "bcc": self.bcc, "attachments": self.attachments,
-            "headers": self.headers, "metadata": self.metadata, "retry": self.retry,
+            "headers": self.headers, "metadata": self.metadata, "retry": self.retry, "application": self.application,
         }
         items = []
         with RenderBudget():
@@ -381,6 +401,9 @@ EmailPayload = TypedDict(
         "message_id": str,
         "date": float,
         "retry": dict,
+        # An email that names an application: the worker publishes its events there, with its metadata.
+        "application": str,
+        "metadata": dict[str, Any],
     },
     total=False,
 )
@@ -390,8 +413,9 @@ EmailPayload = TypedDict(
 EMAIL_JOB_TIMEOUT = 300
 
 
-#: Request fields the job's payload leaves out: the job's meta holds the first two, the queue says
-#: when, and a template's parts are rendered into the message.
+#: Request fields the job's payload leaves out: the job's meta holds the first two (the payload
+#: holds the metadata too when the email names an application: its events carry it), the queue
+#: says when, and a template's parts are rendered into the message.
 _NOT_SENT = {"metadata", "retry", "send_at", "template_id", "variables"}
 
 
@@ -407,10 +431,15 @@ def job(request: EmailRequest, job_id: str, accepted_at: datetime, settings: Set
         "date": (request.send_at or accepted_at).timestamp(),
         "retry": resolve_retry(request.retry, settings.email_retry),
     }
+    target = EmailTarget(to=request.to, cc=request.cc, bcc=request.bcc, subject=request.subject)
+    if request.application is not None:
+        # The worker publishes the email's events (workers.channels.email), which carry its metadata.
+        target["application"] = payload["application"] = request.application
+        payload["metadata"] = request.metadata
     recipients = len(request.to) + len(request.cc) + len(request.bcc)
     return JobParts(
         payload=payload,
-        target=dict(EmailTarget(to=request.to, cc=request.cc, bcc=request.bcc, subject=request.subject)),
+        target=dict(target),
         description=f"email {request.subject!r} to {recipients} recipient(s)",
     )
 
@@ -432,6 +461,8 @@ class EmailTarget(TypedDict):
     cc: list[str]
     bcc: list[str]
     subject: str
+    #: The application its events go to, if it names one.
+    application: NotRequired[str]
 
 
 CHANNEL = Channel(

@@ -1,20 +1,25 @@
 """The email channel, how to deliver: build the MIME message (workers.mail) from the payload and
 send it through this thread's mail transport (SMTP or the outbox, workers.smtp), to the recipients
-not on the suppression list (dispatcher.suppressions); a hard bounce adds its recipient there."""
+not on the suppression list (dispatcher.suppressions); a hard bounce adds its recipient there. Once
+an attempt is decided, an email that names an application publishes its events (workers.email_events)."""
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import redis
 
 from dispatcher import suppressions
 from dispatcher.suppressions import Suppression, SuppressionList
-from workers import context
+from workers import context, email_events
 from workers.channels import Delivered, Deliverer
 from workers.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from workers.mail import build_message, envelope
 from workers.smtp import Refusals, hard_bounces
+
+if TYPE_CHECKING:
+    from workers.attempt import Decision
 
 log = logging.getLogger("dispatcher.worker")
 
@@ -76,4 +81,13 @@ def relay(payload: dict) -> str:
     return f"{smtp.host}:{smtp.port}" if smtp is not None else "outbox"
 
 
-DELIVERER = Deliverer("email", deliver, log_host=relay)
+def settle(job_id: str, payload: dict, decision: Decision) -> None:
+    """An email that names an application: publish its events there (workers.email_events), on the
+    Dispatcher queue of the job. A failure here is logged (workers.attempt.settle), never the email's."""
+    if payload.get("application") is None:
+        return
+    deliveries = context.current()
+    email_events.publish_events(deliveries.connection(), deliveries.queue_settings(), job_id, payload, decision)
+
+
+DELIVERER = Deliverer("email", deliver, log_host=relay, settle=settle)
