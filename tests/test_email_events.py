@@ -21,7 +21,7 @@ from dispatcher.priorities import queue_name
 from tests.conftest import AUTH, BurstWorker, Service, wait_for, wait_until
 from tests.test_endpoints import new_application, new_endpoint, verify
 from workers import attempt as attempts
-from workers.attempt import Decision
+from workers.decision import Decision
 
 
 def address(prefix: str = "user") -> str:

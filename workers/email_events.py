@@ -24,7 +24,7 @@ attempt makes a new attempt, with a new number: the email was sent again, and it
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
@@ -34,9 +34,7 @@ from dispatcher.errors import AlreadyAccepted
 from dispatcher.events import EventRequest, NoSuchApplication, publish
 from dispatcher.idempotency import Claim
 from dispatcher.keys import Keys
-
-if TYPE_CHECKING:
-    from workers.attempt import Decision
+from workers.decision import Decision
 
 DELIVERED = "email.delivered"
 FAILED = "email.failed"

@@ -6,7 +6,6 @@ an attempt is decided, an email that names an application publishes its events (
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import redis
 
@@ -14,12 +13,10 @@ from dispatcher import suppressions
 from dispatcher.suppressions import Suppression, SuppressionList
 from workers import context, email_events
 from workers.channels import Delivered, Deliverer
+from workers.decision import Decision
 from workers.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from workers.mail import build_message, envelope
 from workers.smtp import Refusals, hard_bounces
-
-if TYPE_CHECKING:
-    from workers.attempt import Decision
 
 log = logging.getLogger("dispatcher.worker")
 
