@@ -28,7 +28,7 @@ from bench import report, scenarios
 from bench.scenarios import Context, Sizes
 from bench.services import ROOT, BenchError, Nginx, Processes, PythonReceiver, RedisServer, SmtpReceiver
 
-SCENARIOS = ("webhooks", "emails", "slow", "accept", "batch", "templates", "latency", "rss")
+SCENARIOS = ("webhooks", "emails", "slow", "accept", "batch", "templates", "fanout", "latency", "rss")
 SETUPS = ("ours", "rq", "simple", "celery")
 PACKAGES = ("rq", "redis", "celery", "kombu", "urllib3", "requests", "gunicorn", "flask", "pydantic", "aiosmtpd")
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--receiver",
         choices=("nginx", "python"),
         default="nginx",
-        help="webhook receiver of the throughput scenario (python: no nginx needed)",
+        help="webhook receiver of the throughput and fan-out scenarios (python: no nginx needed)",
     )
     parser.add_argument("--jobs", type=int, help="webhooks Dispatcher drains in the throughput scenario")
     parser.add_argument("--wrk-connections", type=int, help="wrk connections of the accept scenario (default 32)")
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             disturbed_percent=args.disturbed_percent,
             extra_runs=args.extra_runs,
         )
-        if ("webhooks" in args.only and args.receiver == "nginx") or {"accept", "batch"} & set(args.only):
+        nginx_scenarios = {"accept", "batch"} | ({"webhooks", "fanout"} if args.receiver == "nginx" else set())
+        if nginx_scenarios & set(args.only):
             try:
                 ctx.nginx = Nginx(procs, work_dir / "nginx").start()
                 info["versions"]["nginx"] = ctx.nginx.version
@@ -246,11 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             "accept": lambda: scenarios.accept(ctx, sizes, args.runs),
             "batch": lambda: scenarios.batch(ctx, sizes, args.runs),
             "templates": lambda: scenarios.template_batch(ctx, sizes, args.runs),
+            "fanout": lambda: scenarios.fanout(ctx, sizes, args.runs, args.receiver),
             "latency": lambda: scenarios.latency(ctx, sizes, args.runs),
             "rss": lambda: scenarios.rss(ctx, sizes, args.runs),
         }
         for name in args.only:
-            if name in ("accept", "batch", "templates", "latency", "rss") and "ours" not in setups:
+            if name in ("accept", "batch", "templates", "fanout", "latency", "rss") and "ours" not in setups:
                 continue
             if name == "webhooks" and args.receiver == "nginx" and ctx.nginx is None:
                 errors.append("webhooks: skipped, nginx is unavailable (try --receiver python)")

@@ -11,6 +11,7 @@ window, divided by the jobs delivered: less sensitive than the rate to other pro
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import statistics
@@ -42,7 +43,10 @@ from bench.services import (
     wait_for_port,
     wait_for_quiet,
 )
-from bench.setups import Setup, make_setup, new_token, webhook_request
+from bench.setups import Fill, Setup, make_setup, new_token, webhook_request
+from dispatcher.events import event_view
+from dispatcher.keys import Keys
+from dispatcher.rqstore import WAKE_TOKENS
 
 API_KEY = "bench-key-0123456789abcdef"
 #: The slow receiver answers after this long.
@@ -71,6 +75,9 @@ class Sizes:
     rss_seconds: float = 6.0
     rss_in_flight: int = 64
     ceiling_seconds: float = 3.0
+    #: Fan-out: endpoints of the one application, and events published per run (each to all of them).
+    fanout_endpoints: int = 100
+    fanout_events: int = 50
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -87,6 +94,7 @@ class Sizes:
             rss_jobs=600,
             rss_seconds=3.0,
             ceiling_seconds=1.0,
+            fanout_events=3,
         )
 
 
@@ -193,40 +201,57 @@ def drain(
     try:
         setup.wait_ready()
         fill = setup.prepare_fill(n, url(token) if url else None, token, smtp)
-        log.poll()
-        calls_before = ctx.redis.calls()
-        own_commands = 1 + fill.commands  # that INFO, and the fill itself
-        cpu = CpuWatch().start()
-        worker_pids = [p.pid for p in setup.workers]
-        # Taken before the commit: once the jobs are visible the workers start at once.
-        worker_cpu_before = tree_cpu_ms(worker_pids)
-        t0 = fill.commit()
-        limit = time.monotonic() + deadline
-        while True:
-            time.sleep(0.02)
-            log.poll()
-            if log.count(token) >= n:
-                break
-            setup.check_alive()
-            if time.monotonic() > limit:
-                break
-        background = cpu.foreign_percent()
-        arrivals = log.arrivals(token)
-        delivered = len(arrivals)
-        t_last = max((a.at for a in arrivals), default=t0)
-        succeeded, commands = setup.settled(n)
-        own_commands += commands
-        settle_limit = time.monotonic() + 10
-        while delivered >= n and succeeded < n and time.monotonic() < settle_limit:
-            time.sleep(0.02)
-            succeeded, commands = setup.settled(n)
-            own_commands += commands
-        # After the settle wait, as for the Redis calls: the last jobs' bookkeeping is part of their cost.
-        worker_cpu = tree_cpu_ms(worker_pids) - worker_cpu_before
-        calls = ctx.redis.calls() - calls_before - own_commands
+        return timed_drain(ctx, setup, n, log, token, fill, deadline)
     finally:
         setup.stop(ctx.procs)
         log.forget(token)
+
+
+def timed_drain(
+    ctx: Context,
+    setup: Setup,
+    n: int,
+    log: ArrivalLog,
+    token: str,
+    fill: Fill,
+    deadline: float,
+    succeeded_before: int = 0,
+) -> dict:
+    """With the setup's workers ready and idle: commit `fill`, which makes `n` jobs visible at once,
+    and time until the receiver logged `n` arrivals of `token`. `succeeded_before`: jobs the setup's
+    totals counted as succeeded before this drain (a second drain on the same Redis)."""
+    log.poll()
+    calls_before = ctx.redis.calls()
+    own_commands = 1 + fill.commands  # that INFO, and the fill itself
+    cpu = CpuWatch().start()
+    worker_pids = [p.pid for p in setup.workers]
+    # Taken before the commit: once the jobs are visible the workers start at once.
+    worker_cpu_before = tree_cpu_ms(worker_pids)
+    t0 = fill.commit()
+    limit = time.monotonic() + deadline
+    while True:
+        time.sleep(0.02)
+        log.poll()
+        if log.count(token) >= n:
+            break
+        setup.check_alive()
+        if time.monotonic() > limit:
+            break
+    background = cpu.foreign_percent()
+    arrivals = log.arrivals(token)
+    delivered = len(arrivals)
+    t_last = max((a.at for a in arrivals), default=t0)
+    succeeded, commands = setup.settled(n)
+    own_commands += commands
+    settle_limit = time.monotonic() + 10
+    while delivered >= n and succeeded - succeeded_before < n and time.monotonic() < settle_limit:
+        time.sleep(0.02)
+        succeeded, commands = setup.settled(n)
+        own_commands += commands
+    succeeded -= succeeded_before
+    # After the settle wait, as for the Redis calls: the last jobs' bookkeeping is part of their cost.
+    worker_cpu = tree_cpu_ms(worker_pids) - worker_cpu_before
+    calls = ctx.redis.calls() - calls_before - own_commands
     seconds = max(t_last - t0, 1e-6)
     first = min((a.at for a in arrivals), default=t0)
     ids = [a.message_id for a in arrivals if a.message_id != "-"]  # Dispatcher's webhook-id / Message-ID
@@ -884,6 +909,223 @@ def rss(ctx: Context, sizes: Sizes, runs: int) -> list[dict]:
             else f"only {in_flight} deliveries were ever in flight at once, not {sizes.rss_in_flight}",
         }
     ]
+
+
+# --- fan-out: one event to many endpoints ---------------------------------------------------
+
+
+def fanout(ctx: Context, sizes: Sizes, runs: int, receiver: str = "nginx") -> list[dict]:
+    """One application with `fanout_endpoints` endpoints (each its own URL on the receiver), and
+    `fanout_events` events published per run, each delivered to every endpoint.
+
+    Baseline, in the same runs (the simple column): the same deliveries as plain webhooks, one
+    `POST /v1/webhooks/batch` of `fanout_endpoints` items (the same URLs and payload) per event,
+    delivered by the same Dispatcher workers. What separates them is the endpoint registry: the
+    event's publish reads the application's endpoints, and each delivery reads its endpoint and
+    secrets (one pipelined round trip) and passes its gate.
+
+    Each run: a fresh `dispatcher web`, no worker; the application and its endpoints registered
+    through the API; one event and one batch to warm the server up (their jobs are dropped); then
+    events and batches POSTed alternately over one kept-alive connection, each timed until its whole
+    202 answer is read. Events join the `default` priority's queue, batches the `low` one (their
+    defaults), so the two sets stay apart; both lists are then moved aside. The web server stops
+    and each set is drained as the webhooks scenario drains a queue: Dispatcher's 2 workers start,
+    and once they are idle the list is moved back in one MULTI/EXEC (with wake tokens and TIME), timed
+    to the last arrival. The two drains alternate in order from run to run.
+    """
+    if receiver == "nginx" and ctx.nginx is not None:
+        log, url, where = ctx.arrivals(ctx.nginx.log_path), ctx.nginx.url, "local nginx"
+    else:
+        log, url, where = ctx.arrivals(ctx.receiver.log_path), ctx.receiver.url, "the Python receiver"
+    endpoints, events = sizes.fanout_endpoints, sizes.fanout_events
+    n = endpoints * events
+    results: list[dict] = []
+    for i in attempts(ctx, runs, results):
+        try:
+            result = _fanout_run(ctx, sizes, log, url, drains_first="simple" if i % 2 else "ours")
+        except (BenchError, OSError, KeyError, ValueError) as exc:
+            ctx.say(f"fanout run {i + 1}: FAILED: {type(exc).__name__}: {exc}")
+            results.append({"error": str(exc)})
+            continue
+        results.append(result)
+        ours, plain = result["ours"], result["simple"]
+        ctx.say(
+            f"fanout run {i + 1}/{runs}: {events} events x {endpoints} endpoints; an event accepted in "
+            f"{ours['accept_ms_median']:.1f} ms (median; a {endpoints}-item batch: "
+            f"{plain['accept_ms_median']:.1f} ms); delivered {ours['value']:,.0f}/s in {ours['seconds']:.2f}s, "
+            f"{ours['redis_calls_per_job'] or 0:.1f} Redis calls/job, {ours['worker_cpu_ms_per_job'] or 0:.2f} ms "
+            f"worker CPU/job (plain webhooks: {plain['value']:,.0f}/s in {plain['seconds']:.2f}s, "
+            f"{plain['redis_calls_per_job'] or 0:.1f}, {plain['worker_cpu_ms_per_job'] or 0:.2f}); "
+            f"{result['events_finished']}/{events} events finished{background_note(result)}"
+            + ("" if ours["complete"] and plain["complete"] else "  PARTIAL")
+        )
+    kept, discarded = select(ctx, results, runs)
+    labels = {
+        "ours": f"events, {endpoints} endpoints each; Dispatcher worker x2",
+        "simple": f"plain webhooks, one {endpoints}-item batch per event; Dispatcher worker x2",
+    }
+    accept_labels = {
+        "ours": f"POST /v1/applications/<app>/events, {endpoints} endpoints",
+        "simple": f"POST /v1/webhooks/batch, {endpoints} items",
+    }
+    rate: dict[str, dict] = {}
+    accepted: dict[str, dict] = {}
+    for name in ("ours", "simple"):
+        drains = [r[name] if "error" not in r else r for r in kept]
+        cpu = [d["worker_cpu_ms_per_job"] for d in drains if d.get("worker_cpu_ms_per_job") is not None]
+        rate[name] = setup_entry(labels[name], drains) | {
+            "worker_cpu_ms_per_job": statistics.median(cpu) if cpu else None,
+            "jobs": n,
+            "processes": 2,
+        }
+        accept_runs = [
+            {"value": r[name]["accept_ms_median"], "background_cpu_pct": r["accept_background_cpu_pct"]}
+            for r in kept
+            if "error" not in r
+        ]
+        accepted[name] = setup_entry(accept_labels[name], accept_runs) | {"redis_calls_per_job": None}
+    rate["ours"]["discarded_runs"] = discarded
+    return [
+        {
+            "id": "fanout_rate",
+            "title": f"Fan-out: {events} events x {endpoints} endpoints delivered to {where} "
+            "(simple column: the same as plain webhook batches)",
+            "unit": "deliveries/s",
+            "better": "higher",
+            "setups": rate,
+            # Not a target of the issue's: the figure to watch is the ratio to the plain batches.
+            "target": "—",
+            "met": None,
+            "chart": False,
+            "endpoints": endpoints,
+            "events": events,
+        },
+        {
+            "id": "fanout_accept",
+            "same_runs_as": "fanout_rate",
+            "title": f"Fan-out: one event to {endpoints} endpoints accepted, median per run "
+            f"(simple column: a {endpoints}-item webhook batch)",
+            "unit": "ms",
+            "better": "lower",
+            "setups": accepted,
+            "target": "—",
+            "met": None,
+        },
+    ]
+
+
+def _fanout_run(ctx: Context, sizes: Sizes, log: ArrivalLog, url: Callable[[str], str], drains_first: str) -> dict:
+    endpoints, events = sizes.fanout_endpoints, sizes.fanout_events
+    n = endpoints * events
+    tokens = {"ours": new_token(), "simple": new_token()}
+    urls = {name: [f"{url(token)}/e{j}" for j in range(endpoints)] for name, token in tokens.items()}
+    request = webhook_request("")
+    event = json.dumps({"event_type": request["event_type"], "payload": request["payload"]}).encode()
+    items = [{"url": u, "event_type": request["event_type"], "payload": request["payload"]} for u in urls["simple"]]
+    batch = json.dumps({"items": items}).encode()
+    accept_ms: dict[str, list[float]] = {"ours": [], "simple": []}
+    event_ids: list[str] = []
+    with fresh_web(ctx) as (queue, port):
+        lists = {"ours": f"rq:queue:{queue}", "simple": f"rq:queue:{queue}-low"}  # default and low priority
+        stashes = {name: f"{key}-bench-stash" for name, key in lists.items()}
+        api = _Api(port)
+        try:
+            application = api.post("/v1/applications", {"name": "bench fan-out"}, 201)["id"]
+            for endpoint_url in urls["ours"]:
+                api.post(f"/v1/applications/{application}/endpoints", {"url": endpoint_url}, 201)
+            events_path = f"/v1/applications/{application}/events"
+            api.post(events_path, event, 202)  # warm the server up: these jobs are dropped below
+            api.post("/v1/webhooks/batch", batch, 202)
+            ctx.redis.client.delete(*lists.values())
+            cpu = CpuWatch().start()
+            for _ in range(events):
+                started = time.perf_counter()
+                answer = api.post(events_path, event, 202)
+                accept_ms["ours"].append((time.perf_counter() - started) * 1000)
+                if answer["count"] != endpoints:
+                    raise BenchError(f"an event went to {answer['count']} endpoints, not {endpoints}")
+                event_ids.append(answer["id"])
+                started = time.perf_counter()
+                answer = api.post("/v1/webhooks/batch", batch, 202)
+                accept_ms["simple"].append((time.perf_counter() - started) * 1000)
+                if len(answer["items"]) != endpoints:
+                    raise BenchError(f"a batch answered {len(answer['items'])} ids, not {endpoints}")
+            accept_background = cpu.foreign_percent()
+        finally:
+            api.close()
+        client = ctx.redis.client
+        for key in lists.values():
+            if client.llen(key) != n:
+                raise BenchError(f"{key} holds {client.llen(key)} jobs, not {n}")
+        with client.pipeline(transaction=True) as pipe:
+            for name, key in lists.items():
+                pipe.rename(key, stashes[name])
+            pipe.delete(Keys(queue).wake)
+            pipe.execute()
+    # The web server has stopped: the workers have the machine to themselves.
+    setup = make_setup("ours", concurrency=ctx.concurrency)
+    drained: dict[str, dict] = {}
+    finished = 0
+    for name in (drains_first, "simple" if drains_first == "ours" else "ours"):
+        setup.start(ctx.procs, ctx.redis.url, queue)
+        try:
+            setup.wait_ready()
+            before, _ = setup.settled(n)
+            pipe = setup.connection.pipeline(transaction=True)
+            pipe.rename(stashes[name], lists[name])
+            pipe.rpush(Keys(queue).wake, *[1] * WAKE_TOKENS)
+            pipe.time()
+            deadline = max(20.0, n / _FLOOR_RATE["ours"])
+            drained[name] = timed_drain(ctx, setup, n, log, tokens[name], Fill(pipe), deadline, before)
+            if name == "ours":
+                views = [event_view(setup.connection, Keys(queue), event_id) for event_id in event_ids]
+                finished = sum(1 for view in views if view is not None and view["finished_at"] is not None)
+        finally:
+            setup.stop(ctx.procs)
+            log.forget(tokens[name])
+    result: dict = {
+        "events": events,
+        "endpoints": endpoints,
+        "drained_first": drains_first,
+        "events_finished": finished,
+        "accept_background_cpu_pct": round(accept_background, 1),
+    }
+    for name in ("ours", "simple"):
+        took = accept_ms[name]
+        # What the report keeps of a run is each column's part: it holds the run's shared figures too.
+        result[name] = drained[name] | {
+            "accept_ms_median": statistics.median(took),
+            "accept_ms_p90": percentile(took, 90),
+            "accept_ms_max": max(took),
+            "accept_background_cpu_pct": result["accept_background_cpu_pct"],
+            "drained_first": drains_first,
+        }
+    result["ours"]["events_finished"] = finished
+    result["background_cpu_pct"] = max(
+        result["accept_background_cpu_pct"], *(drained[name]["background_cpu_pct"] for name in drained)
+    )
+    return result
+
+
+class _Api:
+    """Requests to `dispatcher web` over one kept-alive connection."""
+
+    def __init__(self, port: int) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+
+    def post(self, path: str, body: bytes | dict, status: int) -> dict:
+        """POST `body` (bytes, or a dict sent as JSON) and read the whole answer; BenchError unless `status`."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.connection.request("POST", path, data, self.headers)
+        response = self.connection.getresponse()
+        raw = response.read()
+        if response.status != status:
+            raise BenchError(f"POST {path}: {response.status} (expected {status}): {raw[:500]!r}")
+        return json.loads(raw)
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 def ceilings(ctx: Context, sizes: Sizes, smtp: bool) -> dict:

@@ -48,3 +48,35 @@ def test_bench_smallest_scenario_delivers_every_job(tmp_path: Path) -> None:
     for column in ("scenario", "ours", "rq worker", "SimpleWorker", "Celery", "Redis calls/job", "target", "met?"):
         assert column in header
     assert results["table"] in completed.stdout
+
+
+def test_bench_fanout_delivers_every_event_to_every_endpoint(tmp_path: Path) -> None:
+    """The fan-out scenario at its --quick size (3 events x 100 endpoints, and the same deliveries
+    as plain webhook batches), to the Python receiver."""
+    results_path = tmp_path / "results.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k not in ("REDIS_URL", "PORT")}
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "bench.run", "--quick",
+            "--only", "fanout", "--setups", "ours,simple", "--receiver", "python",
+            "--runs", "1", "--extra-runs", "0", "--quiet-wait", "0",
+            "--json", str(results_path), "--no-chart",
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+
+    results = json.loads(results_path.read_text())
+    assert results["errors"] == []
+    rate, accept = results["rows"]
+    assert (rate["id"], accept["id"]) == ("fanout_rate", "fanout_accept")
+    events, endpoints = rate["events"], rate["endpoints"]
+    assert endpoints == 100
+    for name in ("ours", "simple"):  # events, then the same deliveries as plain webhook batches
+        (run,) = rate["setups"][name]["runs"]
+        assert run["jobs"] == run["delivered"] == run["succeeded"] == events * endpoints
+        assert run["complete"] is True and run["duplicates"] == 0
+        assert run["accept_ms_median"] > 0 and run["redis_calls_per_job"] > 0
+        assert accept["setups"][name]["median"] == run["accept_ms_median"]
+    assert rate["setups"]["ours"]["runs"][0]["events_finished"] == events
+    assert "Fan-out" in results["table"] and results["table"] in completed.stdout
