@@ -26,6 +26,7 @@ from pydantic import ConfigDict, Field, StrictBool, StringConstraints, with_conf
 from redis.commands.core import Script
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
+from dispatcher.capped import add_capped
 from dispatcher.channels.webhook import EventType, WebhookHeaders, WebhookUrl
 from dispatcher.history import Timestamp, isoformat
 from dispatcher.keys import Keys
@@ -149,12 +150,7 @@ class Registry:
     def create_application(self, name: str) -> Application:
         now = isoformat(datetime.now(UTC))
         record = Application(id=APPLICATION_PREFIX + secrets.token_hex(12), name=name, created_at=now, updated_at=now)
-        added = _ADD_IF_ROOM(
-            keys=[self.keys.applications, self.keys.applications],
-            args=[record["id"], json.dumps(record), MAX_APPLICATIONS],
-            client=self.connection,
-        )
-        if not added:
+        if not add_capped(self.connection, self.keys.applications, record["id"], json.dumps(record), MAX_APPLICATIONS):
             raise RegistryFull(f"at most {MAX_APPLICATIONS:,} applications; delete some first")
         return record
 
@@ -320,16 +316,6 @@ for i = 1, #ids, 1000 do
 end
 redis.call('DEL', KEYS[2])
 return redis.call('HDEL', KEYS[1], ARGV[1])
-""",
-)
-
-#: HSET KEYS[2] ARGV[1] ARGV[2] if KEYS[1] holds fewer than ARGV[3] fields: 1, else 0.
-_ADD_IF_ROOM = Script(
-    None,  # type: ignore[arg-type]  # called with an explicit client
-    b"""
-if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
 """,
 )
 

@@ -26,8 +26,8 @@ from typing import Any
 import redis
 from jinja2 import StrictUndefined, TemplateError, UndefinedError, nodes
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
-from redis.commands.core import Script
 
+from dispatcher.capped import add_capped
 from dispatcher.history import isoformat
 
 #: The parts of an email a template may give.
@@ -209,8 +209,7 @@ class TemplateStore:
         compile_template(parts)
         now = isoformat(datetime.now(UTC))
         record = {"id": ID_PREFIX + secrets.token_hex(12), **_parts(parts), "created_at": now, "updated_at": now}
-        added = _ADD(keys=[self.key], args=[str(record["id"]), json.dumps(record), MAX_STORED], client=self.connection)
-        if not added:
+        if not add_capped(self.connection, self.key, str(record["id"]), json.dumps(record), MAX_STORED):
             raise TemplateStoreFull(f"at most {MAX_STORED:,} templates may be stored; delete some first")
         return record
 
@@ -242,14 +241,3 @@ class TemplateStoreFull(Exception):
 
 def _parts(parts: Mapping[str, str | None]) -> dict[str, str | None]:
     return {field: parts.get(field) for field in FIELDS}
-
-
-#: HSET the new template only if the hash holds fewer than ARGV[3]: 1, else 0.
-_ADD = Script(
-    None,  # type: ignore[arg-type]  # called with an explicit client
-    b"""
-if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-""",
-)

@@ -15,7 +15,7 @@ import pytest
 import requests
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from dispatcher.endpoints import MAX_GRACE
+from dispatcher.endpoints import MAX_APPLICATIONS, MAX_ENDPOINTS, MAX_GRACE
 from dispatcher.idempotency import HEADER
 from tests.conftest import API_KEY, AUTH, Service, wait_until
 
@@ -452,3 +452,20 @@ def test_twenty_parallel_identical_event_posts_publish_once(service, serve, rece
     assert sorted(answer.status_code for answer in answers) == [200] * 19 + [202]
     assert len({answer.content for answer in answers}) == 1
     assert len(svc.client.get("/v1/jobs", headers=AUTH).get_json()["jobs"]) == 1
+
+
+def test_an_application_holds_at_most_500_endpoints_and_a_queue_10000_applications(service, receiver, redis_conn):
+    svc = service()
+    app = new_application(svc)
+    url = receiver.url()
+    for _ in range(MAX_ENDPOINTS):
+        new_endpoint(svc, app, url)
+
+    refused = svc.client.post(f"/v1/applications/{app}/endpoints", json={"url": url}, headers=AUTH)
+
+    assert refused.status_code == 409 and "at most 500 endpoints" in refused.get_json()["error"]["message"]
+    keys = svc.client.application.extensions["dispatcher"].keys
+    redis_conn.hset(keys.applications, mapping={f"app_filler{n}": "{}" for n in range(MAX_APPLICATIONS - 1)})
+    full = svc.client.post("/v1/applications", json={"name": "one too many"}, headers=AUTH)
+    assert full.status_code == 409 and "at most 10,000 applications" in full.get_json()["error"]["message"]
+    assert redis_conn.hlen(keys.applications) == MAX_APPLICATIONS
