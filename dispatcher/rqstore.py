@@ -842,7 +842,7 @@ def order_advance(
         CANCELED_FIELD, waiting_reason, utcformat(now()), WAKE_TOKENS,
     ]
     reply = _ORDER_ADVANCE(keys=[list_key, wake_key], args=args, client=client)
-    if not isinstance(client, redis.Redis):
+    if isinstance(client, Pipeline):  # (a Pipeline is a redis.Redis too)
         return None
     head, position = cast(list, reply)
     return (head.decode() if head else None), int(position)
