@@ -5,6 +5,10 @@ in one atomic call with the event's record (dispatcher.batches.Group): the event
 all its deliveries do, with the idempotency key and priority of any send. Each delivery is a
 webhook built from the endpoint's record as it is now (its URL, headers and retry policy), signed at
 delivery with the endpoint's secrets, which job data never holds (dispatcher.endpoints).
+
+A delivery to an endpoint that is `ordered` joins, in the same atomic call, the list of that
+endpoint's deliveries with the event's ordering key (dispatcher.keys.Keys.ordered), so the lists
+are in acceptance order; the workers send only the head of each (workers.endpoints).
 """
 
 from __future__ import annotations
