@@ -24,6 +24,7 @@ from rq.utils import utcformat
 from dispatcher import rqstore
 from dispatcher.channels import CHANNELS
 from dispatcher.config import Settings
+from dispatcher.endpoints import release_ordered
 from dispatcher.enqueue import make_queues
 from dispatcher.errors import FieldProblem, JobStateConflict, NoSuchJob
 from dispatcher.keys import Keys, Kind
@@ -94,6 +95,10 @@ class JobControl:
         """
         outcome = rqstore.cancel(self.connection, self.queues, job_id, self.keys.attempts(job_id), self.keep_canceled)
         if outcome == "done":
+            if job_id.startswith(CHANNELS["webhook"].id_prefix):  # an ordered delivery: the next one goes
+                payload = rqstore.job_payload(self.connection, job_id)
+                if payload is not None:
+                    release_ordered(self.connection, self.keys, job_id, payload)
             return
         if outcome == "missing":
             raise NoSuchJob(job_id)

@@ -26,6 +26,7 @@ from pydantic import ConfigDict, Field, StrictBool, StringConstraints, with_conf
 from redis.commands.core import Script
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
+from dispatcher import rqstore
 from dispatcher.capped import add_capped
 from dispatcher.channels.webhook import EventType, WebhookHeaders, WebhookUrl
 from dispatcher.history import Timestamp, isoformat
@@ -45,6 +46,9 @@ MAX_GRACE = 7 * 24 * 3600
 SECRET_BYTES = 32
 #: Deliveries per second an endpoint may be limited to, at most.
 MAX_RATE = 10_000
+
+#: Why an ordered endpoint's delivery waits (shown on the job as its `held` reason).
+WAITING_TURN = "waiting for the delivery ahead of it on an ordered endpoint"
 
 Name = Annotated[SafeStr, StringConstraints(min_length=1, max_length=256)]
 Description = Annotated[SafeStr, StringConstraints(max_length=1024)]
@@ -297,6 +301,20 @@ class Registry:
                     return changed
                 except redis.WatchError:
                     continue
+
+
+def ordered_list(keys: Keys, endpoint_id: str, payload: dict) -> str:
+    """The list of an ordered endpoint's deliveries a delivery's job joined (workers.endpoints)."""
+    ordering_key = payload.get("ordering_key")
+    return keys.ordered(endpoint_id, ordering_key if isinstance(ordering_key, str) else None)
+
+
+def release_ordered(connection: redis.Redis, keys: Keys, job_id: str, payload: dict) -> None:
+    """An ordered delivery that will not be sent (canceled) leaves its list, and the next one
+    starts if it waits for its turn."""
+    endpoint_id = payload.get("endpoint")
+    if payload.get("ordered") and isinstance(endpoint_id, str):
+        rqstore.order_advance(connection, ordered_list(keys, endpoint_id, payload), keys.wake, WAITING_TURN, job_id)
 
 
 def _secrets_record(entries: Iterable[tuple[str, float | None]]) -> str:

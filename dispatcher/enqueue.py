@@ -69,6 +69,8 @@ def enqueue_many(
     claim: Claim | None = None,
     send_at: datetime | None = None,
     group: Group | None = None,
+    ordered: Sequence[str | None] | None = None,
+    ordered_ttl: int = 0,
 ) -> list[str]:
     """Enqueue each request as an RQ job of `priority`'s queue, accepted now, in one Redis call: all
     of them or none, with the record of their `group` if given (dispatcher.batches). With a `claim`
@@ -83,6 +85,9 @@ def enqueue_many(
     hash, so those come from one job RQ builds itself (`rqstore.rq_fields`), travel once per call,
     and `rqstore.write_jobs` adds them to each job's own; tests/test_enqueue.py checks the result is
     what RQ writes. Old entries leave the index in the workers' maintenance (workers.recovery).
+
+    `ordered`: per request, the list of an ordered endpoint's deliveries its job joins, in the same
+    call (so in acceptance order), or None; each list lives at least `ordered_ttl` seconds.
     """
     if not requests and group is None:
         return []
@@ -108,8 +113,9 @@ def enqueue_many(
     if group is not None:
         ttl = max(settings.result_ttl, settings.failure_ttl)
         record = batch_record(keys, group, job_ids, channel, priority, accepted_at, ttl)
+    lists = [(key, job_id) for key, job_id in zip(ordered or [None] * len(job_ids), job_ids, strict=True) if key]
     earlier = rqstore.write_jobs(
-        client, queue, keys.index, keys.wake, time.time(), shared, jobs, once, due, record
+        client, queue, keys.index, keys.wake, time.time(), shared, jobs, once, due, record, lists, ordered_ttl
     )
     if earlier is not None:
         raise AlreadyAccepted(earlier)

@@ -5,12 +5,17 @@ in one atomic call with the event's record (dispatcher.batches.Group): the event
 all its deliveries do, with the idempotency key and priority of any send. Each delivery is a
 webhook built from the endpoint's record as it is now (its URL, headers and retry policy), signed at
 delivery with the endpoint's secrets, which job data never holds (dispatcher.endpoints).
+
+A delivery to an endpoint that is `ordered` joins, in the same atomic call, the list of that
+endpoint's deliveries with the event's ordering key (dispatcher.keys.Keys.ordered), so the lists
+are in acceptance order; the workers send only the head of each (workers.endpoints).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import redis
@@ -26,6 +31,10 @@ from dispatcher.keys import Keys
 from dispatcher.models import RetryPolicy, SafeStr, SendRequest
 
 ID_PREFIX = "ev_"
+#: Beyond its jobs' retention, how long an ordered endpoint's list of deliveries (dispatcher.keys)
+#: lives after an event last joined it: more than the longest backoff (7 days) plus the longest
+#: Retry-After (1 day). Deliveries still waiting when it expires go unordered.
+ORDERED_MARGIN = 9 * 24 * 3600
 
 OrderingKey = Annotated[SafeStr, StringConstraints(min_length=1, max_length=256)]
 
@@ -64,10 +73,20 @@ def publish(
         "endpoints": json.dumps(endpoint_ids),
         **({"ordering_key": event.ordering_key} if event.ordering_key is not None else {}),
     }
+    keys = Keys(settings.queue_name)
+    ordered = [keys.ordered(e["id"], event.ordering_key) if e["ordered"] else None for e in endpoints]
     job_ids = enqueue_many(
-        connection, settings, "webhook", deliveries, event.priority, claim, event.send_at, Group(event_id, fields)
+        connection, settings, "webhook", deliveries, event.priority, claim, event.send_at, Group(event_id, fields),
+        ordered, _ordered_ttl(settings, event.send_at),
     )
     return event_id, job_ids, endpoint_ids
+
+
+def _ordered_ttl(settings: Settings, send_at: datetime | None) -> int:
+    """How long an ordered list lives at least after an event joins it: its jobs' retention, the
+    longest they may wait first (its send_at), and ORDERED_MARGIN for their retries."""
+    ahead = 0.0 if send_at is None else max(0.0, (send_at - datetime.now(UTC)).total_seconds())
+    return max(settings.result_ttl, settings.failure_ttl) + int(ahead) + ORDERED_MARGIN
 
 
 def _delivery(endpoint: Endpoint, application_id: str, event_id: str, event: EventRequest) -> EventDelivery:
@@ -84,6 +103,7 @@ def _delivery(endpoint: Endpoint, application_id: str, event_id: str, event: Eve
         application=application_id,
         event=event_id,
         ordering_key=event.ordering_key,
+        ordered=endpoint["ordered"],
     )
 
 

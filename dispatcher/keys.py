@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 #: A channel's name (dispatcher.channels): the `kind` of a job in the API.
 Kind = str
 
@@ -44,6 +46,13 @@ class Keys:
     def endpoint_rate(self, endpoint_id: str) -> str:
         """Hash of an endpoint's shared rate schedule (workers.endpoints)."""
         return f"{self.prefix}:endpoint:{endpoint_id}:rate"
+
+    def ordered(self, endpoint_id: str, ordering_key: str | None) -> str:
+        """List of an ordered endpoint's deliveries of one ordering key (None: the events without
+        one), by job id in acceptance order, until each is done (workers.endpoints). The key is
+        user input: a hash of it names the list."""
+        part = "-" if ordering_key is None else hashlib.sha256(ordering_key.encode()).hexdigest()[:32]
+        return f"{self.prefix}:ordered:{endpoint_id}:{part}"
 
     def rate(self, kind: Kind) -> str:
         """Hash of a channel's shared sending rate: its schedule and how far it is slowed (dispatcher.ratelimit)."""

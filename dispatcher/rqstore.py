@@ -48,11 +48,13 @@ def job_data(function: str, payload: dict) -> bytes:
 #: them; or, given a due time, as RQ's `Queue.enqueue_at` does (hash without `enqueued_at`, the
 #: queue's ScheduledJobRegistry scored by the due time, the set of queues). KEYS: the queue list,
 #: RQ's set of queues, our job index, the wake list, the queue's scheduled registry, the key of the
-#: request's idempotency record (empty without one), and for a batch its hash and its list of job
-#: ids (empty without one). ARGV: the job key prefix, the index score, the field/value pairs every
-#: job shares (a JSON array: one argument to pack, not 26), WAKE_TOKENS, the idempotency record and
-#: its TTL, the due time (Unix seconds; empty: now), the batch's fields (a JSON array) and their
-#: TTL, then
+#: request's idempotency record (empty without one), for a batch its hash and its list of job ids
+#: (empty without one), then the lists of ordered deliveries the jobs join (KEYS[9] on, if any).
+#: ARGV: the job key prefix, the index score, the field/value pairs every job shares (a JSON array:
+#: one argument to pack, not 26), WAKE_TOKENS, the idempotency record and its TTL, the due time
+#: (Unix seconds; empty: now), the batch's fields (a JSON array) and their TTL, the ordered lists'
+#: TTL, how many (list, job) pairs there are (n: the lists are KEYS[9] to KEYS[8 + n]) and their
+#: n job ids, then
 #: per job its id, data, meta, description and created/enqueued time. Answers an earlier record under
 #: the key, writing nothing, or nil. With the record written here, in the same atomic script as the
 #: jobs, two requests with one key cannot both enqueue, and none can see the key taken but its jobs
@@ -69,8 +71,9 @@ if KEYS[6] ~= '' then
   redis.call('SET', KEYS[6], ARGV[5], 'EX', ARGV[6])
 end
 local prefix, score, shared, due = ARGV[1], ARGV[2], cjson.decode(ARGV[3]), ARGV[7]
+local ordered = tonumber(ARGV[11])
 local ids, scored, scheduled = {}, {}, {}
-for i = 10, #ARGV, 5 do
+for i = 12 + ordered, #ARGV, 5 do
   local id = ARGV[i]
   if due == '' then
     redis.call('HSET', prefix .. id, 'data', ARGV[i + 1], 'meta', ARGV[i + 2], 'description', ARGV[i + 3],
@@ -103,6 +106,14 @@ if ARGV[8] ~= '' then
   redis.call('EXPIRE', KEYS[7], ARGV[9])
   redis.call('EXPIRE', KEYS[8], ARGV[9])
 end
+-- Ordered endpoints' deliveries join their lists here, in the script that writes them: a list's
+-- order is the order in which their jobs were accepted, however many publish at once. A list's
+-- TTL only ever grows.
+for k = 1, ordered do
+  local list = KEYS[8 + k]
+  redis.call('RPUSH', list, ARGV[11 + k])
+  if redis.call('TTL', list) < tonumber(ARGV[10]) then redis.call('EXPIRE', list, ARGV[10]) end
+end
 -- Wake idle workers that serve several queues (they block on this list, not on a queue): one
 -- token per job, at most WAKE_TOKENS in the list however long no worker takes them. A scheduled
 -- job wakes no one: RQ's scheduler moves it to the queue list when due, and the workers' next pop
@@ -131,6 +142,8 @@ def write_jobs(
     once: tuple[str, str, int] | None = None,
     due: float | None = None,
     batch: tuple[str, str, str, int] | None = None,
+    ordered: list[tuple[str, str]] | None = None,
+    ordered_ttl: int = 0,
 ) -> bytes | None:
     """Write jobs (id, data, meta, description, created time, five per job, flat) to queue `queue_name`,
     index them in `index_key` and wake idle workers (`wake_key`), in one script: all or none.
@@ -142,6 +155,9 @@ def write_jobs(
     whole second reaches its score; the exact due time as the score is never moved early, and the
     status view shows it as `next_attempt_at` to the millisecond.
     `batch`: its hash key, its job list key, its fields (a JSON array) and their TTL, written with the jobs.
+    `ordered`: (list key, job id) pairs: each job id is appended to its list (an ordered endpoint's
+    deliveries of one ordering key, workers.endpoints) with the jobs, so in acceptance order; each
+    list then lives at least `ordered_ttl` seconds.
     """
     record, ttl, once_key = "", 0, ""
     if once is not None:
@@ -159,10 +175,12 @@ def write_jobs(
         ScheduledJobRegistry.key_template.format(queue_name),
         once_key,
         *batch_keys,
+        *(key for key, _ in ordered or ()),
     ]
     when = "" if due is None else repr(due)
     args: list[Any] = [
-        Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, record, ttl, when, *batch_args, *jobs
+        Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, record, ttl, when, *batch_args,
+        ordered_ttl, len(ordered or ()), *(job_id for _, job_id in ordered or ()), *jobs,
     ]
     if isinstance(client, redis.Redis) and len(jobs) > 5:
         # A batch's arguments run to megabytes: let a pipeline check that Redis has the script
@@ -750,6 +768,96 @@ def fail_unreadable(
         pipe.zrem(queue.started_job_registry.key, execution.composite_key)
         pipe.srem(execution.worker_executions_key, execution.composite_key)
     Result.create_failure(job, ttl, exc_string=error, worker_name=worker_name, pipeline=pipe)
+
+
+# --- Ordered deliveries (workers.endpoints) ----------------------------------------------------
+
+# KEYS: an ordered list of job ids (the deliveries of one endpoint and ordering key, in acceptance
+# order), the wake list. ARGV: a job id to take out of the list ('' none), a job id whose position
+# to answer ('' none), the job key prefix, the queue key prefix, the scheduled registry key prefix,
+# CANCELED_FIELD, the `held` reason of a job waiting for its turn, the enqueued time, WAKE_TOKENS.
+# Takes the job out; drops from the head every job that will never run again (no hash, finished,
+# failed, stopped, canceled); then, if the head waits in its queue's ScheduledJobRegistry held for
+# its turn (its meta's `held` reason; not a retry's backoff, not a send_at), moves it to the front
+# of its queue as RQ's scheduler would, and wakes idle workers. Answers {head or '', position of
+# the asked job or -1}. The job keys are not declared: RQ runs on one Redis, not a cluster.
+_ORDER_ADVANCE = Script(
+    None,  # type: ignore[arg-type]  # called with an explicit client
+    b"""
+local list, prefix = KEYS[1], ARGV[3]
+if ARGV[1] ~= '' then
+  if redis.call('LINDEX', list, 0) == ARGV[1] then
+    redis.call('LPOP', list)
+  else
+    redis.call('LREM', list, 1, ARGV[1])
+  end
+end
+local live = {queued = true, scheduled = true, started = true, deferred = true}
+local head = nil
+while true do
+  head = redis.call('LINDEX', list, 0)
+  if not head then break end
+  local key = prefix .. head
+  if redis.call('TYPE', key)['ok'] == 'hash' then
+    local fields = redis.call('HMGET', key, 'status', ARGV[6])
+    if fields[1] and live[fields[1]] and not fields[2] then break end
+  end
+  redis.call('LPOP', list)
+end
+if head then
+  local key = prefix .. head
+  local fields = redis.call('HMGET', key, 'status', 'origin', 'meta')
+  if fields[1] == 'scheduled' and fields[2] and fields[3] then
+    local ok, meta = pcall(cjson.decode, fields[3])
+    if ok and type(meta) == 'table' and type(meta['held']) == 'table' and meta['held']['reason'] == ARGV[7]
+        and redis.call('ZREM', ARGV[5] .. fields[2], head) == 1 then
+      redis.call('HSET', key, 'status', 'queued', 'enqueued_at', ARGV[8])
+      redis.call('LPUSH', ARGV[4] .. fields[2], head)
+      if redis.call('LLEN', KEYS[2]) < tonumber(ARGV[9]) then redis.call('RPUSH', KEYS[2], 1) end
+    end
+  end
+end
+local position = ARGV[2] ~= '' and redis.call('LPOS', list, ARGV[2]) or -1
+return {head or '', position}
+""",
+)
+
+
+def order_advance(
+    client: redis.Redis | Pipeline,
+    list_key: str,
+    wake_key: str,
+    waiting_reason: str,
+    remove: str = "",
+    ask: str = "",
+) -> tuple[str | None, int] | None:
+    """Move an ordered list on (see _ORDER_ADVANCE): take `remove` out of it, drop the jobs at its
+    head that will never run again, and start the head now if it waits as a scheduled job held
+    with `waiting_reason` (a job held for its turn). Returns the head (None: the list is empty) and
+    `ask`'s position in the list (-1: not in it); None when queued in a pipeline."""
+    template = ScheduledJobRegistry.key_template
+    scheduled_prefix = template[: template.index("{")]
+    args: list[Any] = [
+        remove, ask, Job.redis_job_namespace_prefix, Queue.redis_queue_namespace_prefix, scheduled_prefix,
+        CANCELED_FIELD, waiting_reason, utcformat(now()), WAKE_TOKENS,
+    ]
+    reply = _ORDER_ADVANCE(keys=[list_key, wake_key], args=args, client=client)
+    if isinstance(client, Pipeline):  # (a Pipeline is a redis.Redis too)
+        return None
+    head, position = cast(list, reply)
+    return (head.decode() if head else None), int(position)
+
+
+def job_payload(connection: redis.Redis, job_id: str) -> dict | None:
+    """A Dispatcher job's payload (its one argument), or None if it has none that reads."""
+    try:
+        raw = cast(bytes | None, connection.hget(Job.redis_job_namespace_prefix + job_id, "data"))
+        if raw is None:
+            return None
+        _, _, args, _ = JSONSerializer.loads(zlib.decompress(raw))
+    except (redis.ResponseError, zlib.error, ValueError, TypeError):
+        return None
+    return args[0] if isinstance(args, list) and len(args) == 1 and isinstance(args[0], dict) else None
 
 
 # --- Job control: cancel, requeue failed jobs (dispatcher.control) ------------------------------

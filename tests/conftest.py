@@ -179,6 +179,7 @@ class ReceivedRequest:
     body: bytes
     received_at: float
     status: int | None = None  # what the receiver answered
+    answered_at: float | None = None  # time.time() just before it answered
 
     @property
     def status_ok(self) -> bool:
@@ -197,6 +198,9 @@ class Receiver:
     /redirect/<token>                302 to /ok/<token>
     /random/<pct>/<token>            500 on pct % of requests, at random, else 200
     /echo/<code>/<token>             always <code>, the request's headers as the JSON body (as httpbin does)
+    /event/<token>                   what the event's payload asks, by its body: {"answer": <code>}
+                                     always <code>; {"fail_first": <n>} 500 to the first n requests of
+                                     that body, then 200; {"delay": <secs>} 200 after <secs>; else 200
     """
 
     port: int
@@ -242,7 +246,10 @@ def _receiver_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 status = 500
             elif parts[0] == "redirect":
                 status, headers = 302, {"Location": f"/ok/{parts[1]}"}
+            elif parts[0] == "event":
+                status = _event_answer(receiver, self.path, body)
             request.status = status
+            request.answered_at = time.time()
             payload = json.dumps({"seen": seen}).encode()
             if parts[0] == "echo":
                 status = request.status = int(parts[1])
@@ -259,6 +266,23 @@ def _receiver_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 pass  # the sender went away (a killed worker, a timeout): nothing to answer
 
     return Handler
+
+
+def _event_answer(receiver: Receiver, path: str, body: bytes) -> int:
+    """/event/<token>: the answer the event's payload (the envelope's `data`) asks for."""
+    try:
+        data = json.loads(body)["data"]
+    except (ValueError, KeyError, TypeError):
+        return 400
+    if not isinstance(data, dict):
+        return 200
+    if "answer" in data:
+        return int(data["answer"])
+    if "delay" in data:
+        time.sleep(float(data["delay"]))
+    with receiver.lock:
+        tries = sum(1 for r in receiver.requests if r.path == path and r.body == body)
+    return 500 if tries <= int(data.get("fail_first", 0)) else 200
 
 
 class _ReceiverServer(ThreadingHTTPServer):

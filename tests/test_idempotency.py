@@ -216,7 +216,9 @@ def test_every_post_operation_documents_the_header_and_its_answers():
     document = openapi_document()
     operations = {path: ops["post"] for path, ops in document["paths"].items() if "post" in ops}
 
-    others = {"/v1/jobs/{id}/retry", "/v1/jobs/replay", "/v1/templates", "/v1/suppressions"}
+    others = {"/v1/jobs/{id}/retry", "/v1/jobs/replay", "/v1/templates", "/v1/suppressions", "/v1/applications",
+              "/v1/applications/{app}/endpoints", "/v1/applications/{app}/endpoints/{endpoint}/secret/rotate",
+              "/v1/applications/{app}/endpoints/{endpoint}/recover", "/v1/applications/{app}/events"}
     assert set(operations) == set(POSTS) | others
     for operation in operations.values():
         assert [p["name"] for p in operation["parameters"] if p["in"] == "header"] == [HEADER]

@@ -5,6 +5,18 @@ Before: the endpoint must still exist and be enabled (else the delivery fails fo
 rate limit must have a slot. A delivery that may not go yet raises DeliveryHeld: nothing is sent,
 no attempt counts, and the job waits as scheduled (workers.attempt.hold_back).
 
+Ordered endpoints: an event's delivery to an endpoint that was `ordered` when the event was
+published joined, in the script that wrote its job, the list of that endpoint's deliveries with
+its ordering key (dispatcher.keys.Keys.ordered; the events without one share a list), so the list
+is in acceptance order. Only the list's head may go: any other is held (WAITING_TURN) until it is
+the head, one at a time per list. The head leaves the list when its attempt is decided for good
+(succeeded, or failed: the next goes even then) or when it is canceled; a `retry` keeps it at the
+head, so its backoff holds the ones behind it. Whoever moves the list on starts the new head at
+once if it is waiting for its turn (dispatcher.rqstore.order_advance); a head that will never run
+again (deleted, expired, canceled by RQ's tools) is dropped by the next look at the list, and a
+held delivery looks again every ORDER_RECHECK seconds at least, should a wake-up be missed. A
+delivery no longer in its list (requeued after it failed, or the list expired) goes unordered.
+
 Rate limits are shared by every worker through Redis: one schedule of slots per endpoint, a GCRA
 kept by one Lua script on Redis's clock. A delivery takes the next free slot if it opens within
 SLOT_HORIZON (its thread waits for it), else it is held until about then; so at most `rate_limit`
@@ -18,7 +30,8 @@ import time
 import redis
 from redis.commands.core import Script
 
-from dispatcher.endpoints import Endpoint, Registry
+from dispatcher import rqstore
+from dispatcher.endpoints import WAITING_TURN, Endpoint, Registry, ordered_list
 from workers.decision import Decision
 from workers.errors import DeliveryHeld, PermanentDeliveryError
 
@@ -26,6 +39,10 @@ from workers.errors import DeliveryHeld, PermanentDeliveryError
 SLOT_HORIZON = 0.25
 #: A rate schedule left alone this long is forgotten.
 RATE_STATE_TTL = 3600
+#: How often at least an ordered delivery held for its turn looks again whether it has come (it is
+#: woken when it does; this is the safety net), and at most (far down a list).
+ORDER_RECHECK = 30.0
+ORDER_RECHECK_MAX = 300.0
 
 
 def admit(registry: Registry, endpoint_id: str, job_id: str, payload: dict) -> tuple[Endpoint, list[str]]:
@@ -39,13 +56,34 @@ def admit(registry: Registry, endpoint_id: str, job_id: str, payload: dict) -> t
         raise PermanentDeliveryError(f"endpoint {endpoint_id} no longer exists")
     if endpoint["disabled"]:
         raise PermanentDeliveryError(f"endpoint {endpoint_id} is disabled")
+    if payload.get("ordered"):
+        _wait_turn(registry, ordered_list(registry.keys, endpoint_id, payload), job_id)
     if endpoint["rate_limit"] is not None:
         _take_slot(registry.connection, registry.keys.endpoint_rate(endpoint_id), endpoint["rate_limit"])
     return endpoint, secrets
 
 
 def settle(registry: Registry, endpoint_id: str, job_id: str, payload: dict, decision: Decision) -> None:
-    """What follows a decided attempt to an endpoint."""
+    """What follows a decided attempt to an endpoint: an ordered delivery decided for good (not a
+    retry) leaves its list, and the next one starts."""
+    if payload.get("ordered") and decision.verdict != "retry":
+        rqstore.order_advance(
+            registry.connection, ordered_list(registry.keys, endpoint_id, payload), registry.keys.wake, WAITING_TURN,
+            remove=job_id,
+        )
+
+
+def _wait_turn(registry: Registry, key: str, job_id: str) -> None:
+    """Return if the delivery is the head of its ordered list (or not in it: unordered); else
+    DeliveryHeld, which starts it at once should its turn come before it is scheduled."""
+    answer = rqstore.order_advance(registry.connection, key, registry.keys.wake, WAITING_TURN, ask=job_id)
+    assert answer is not None
+    _, position = answer
+    if position <= 0:
+        return
+    delay = min(ORDER_RECHECK + position / 10, ORDER_RECHECK_MAX)
+    wake_key = registry.keys.wake
+    raise DeliveryHeld(delay, WAITING_TURN, then=lambda pipe: rqstore.order_advance(pipe, key, wake_key, WAITING_TURN))
 
 
 def _take_slot(connection: redis.Redis, key: str, rate: float) -> None:

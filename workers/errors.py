@@ -10,15 +10,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+
 
 class DeliveryHeld(Exception):
     """Raised before anything is sent: the delivery waits `delay` seconds as a scheduled job, and no
-    attempt is counted (the attempt begun for it is taken back). `reason` is shown on the job."""
+    attempt is counted (the attempt begun for it is taken back). `reason` is shown on the job.
 
-    def __init__(self, delay: float, reason: str) -> None:
+    `then`, if given, is queued in the pipeline that schedules the job, after it: to start the job
+    at once should what held it have ended meanwhile (an ordered delivery whose turn came while it
+    was being held), which nothing could otherwise tell a job not yet scheduled."""
+
+    def __init__(self, delay: float, reason: str, then: Callable[[Pipeline], object] | None = None) -> None:
         super().__init__(reason)
         self.delay = delay
         self.reason = reason
+        self.then = then
 
 
 class DeliveryError(Exception):

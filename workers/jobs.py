@@ -75,7 +75,9 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
             retry_after = run(kind, job.id, data, attempt, job.origin)
         except DeliveryHeld as held:
             # Not an attempt: taken back, and the job waits as scheduled. RQ moves it there itself
-            # from the Retry (counting a retry of its own, which decides nothing here).
+            # from the Retry (counting a retry of its own, which decides nothing here). The hold's
+            # `then` cannot run after that here: an ordered delivery whose turn comes while RQ
+            # schedules it waits for its next look (workers.endpoints.ORDER_RECHECK).
             with job.connection.pipeline() as pipe:
                 history.unbegin(pipe, job.id, attempt.number)
                 pipe.execute()

@@ -640,6 +640,10 @@ class DispatcherWorker(SimpleWorker):
                 hold_back(pipe, self.history, item.job, item.queue, item.attempt.number, item.held_back)
                 rqstore.forget_execution(pipe, item.execution)
             rqstore.unregister_executions(pipe, [(item.job, item.execution) for item in items])
+            for item in items:
+                assert item.held_back is not None
+                if item.held_back.then is not None:  # once the job is scheduled and no longer this worker's
+                    item.held_back.then(pipe)
             # (one job's damaged keys fail it at its next begin, not here)
             pipe.execute(raise_on_error=False)
 

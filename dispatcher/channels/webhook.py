@@ -126,6 +126,8 @@ class EventDelivery(WebhookRequest):
     application: str
     event: str
     ordering_key: str | None = None
+    #: The endpoint was ordered when the event was published: the delivery waits for its turn.
+    ordered: bool = False
 
 
 @functools.lru_cache(maxsize=4096)  # a batch often holds one partner's URL many times
@@ -203,6 +205,8 @@ class WebhookPayload(TypedDict):
     application: NotRequired[str]
     event: NotRequired[str]
     ordering_key: NotRequired[str]
+    #: True: a delivery to an ordered endpoint, which waits for its turn (workers.endpoints).
+    ordered: NotRequired[bool]
 
 
 def job(request: WebhookRequest, job_id: str, accepted_at: datetime, settings: Settings) -> JobParts:
@@ -228,6 +232,8 @@ def job(request: WebhookRequest, job_id: str, accepted_at: datetime, settings: S
         target["event"] = payload["event"] = request.event
         if request.ordering_key is not None:
             payload["ordering_key"] = request.ordering_key
+        if request.ordered:
+            payload["ordered"] = True
     return JobParts(
         payload=dict(payload),
         target=dict(target),
