@@ -36,6 +36,9 @@ class Keys:
         self.endpoints = f"{self.prefix}:endpoints"
         #: Hash of endpoints' signing secrets: endpoint id -> JSON list, newest first, each with its expiry.
         self.endpoint_secrets = f"{self.prefix}:endpoint-secrets"
+        #: List of endpoint health changes (JSON) whose email and event are still to be enqueued
+        #: (dispatcher.health): the outbox any worker empties.
+        self.health_outbox = f"{self.prefix}:health:outbox"
 
     def application_endpoints(self, application_id: str) -> str:
         """Set of one application's endpoint ids."""
@@ -44,6 +47,18 @@ class Keys:
     def endpoint_rate(self, endpoint_id: str) -> str:
         """Hash of an endpoint's shared rate schedule (workers.endpoints)."""
         return f"{self.prefix}:endpoint:{endpoint_id}:rate"
+
+    def endpoint_health(self, endpoint_id: str) -> str:
+        """Hash of an endpoint's health: its circuit breaker and failures (dispatcher.health)."""
+        return f"{self.prefix}:endpoint:{endpoint_id}:health"
+
+    def endpoint_probe(self, endpoint_id: str) -> str:
+        """String: the id of the job probing an endpoint whose breaker is half-open, with a TTL."""
+        return f"{self.prefix}:endpoint:{endpoint_id}:probe"
+
+    def endpoint_changes(self, endpoint_id: str) -> str:
+        """List of an endpoint's changes of health (JSON), newest first, capped."""
+        return f"{self.prefix}:endpoint:{endpoint_id}:changes"
 
     def rate(self, kind: Kind) -> str:
         """Hash of a channel's shared sending rate: its schedule and how far it is slowed (dispatcher.ratelimit)."""

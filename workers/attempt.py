@@ -124,11 +124,13 @@ def decide(data: dict, attempt: Attempt, retry_after: float | None = None, serie
     return Decision("failed", attempt, series_start=series_start)
 
 
-def settle(kind: Kind, job_id: str, data: dict, decision: Decision) -> None:
-    """The channel's follow-up of a decided attempt (workers.channels.Deliverer.settle). Its failure
-    is logged, never the job's: the attempt happened and is recorded either way."""
+def settle(kind: Kind, job_id: str, data: dict, decision: Decision, queue: str | None = None) -> None:
+    """The channel's follow-up of a decided attempt (workers.channels.Deliverer.settle) of a job of
+    RQ queue `queue`, whose Dispatcher queue's keys it uses (as `run`). Its failure is logged, never
+    the job's: the attempt happened and is recorded either way."""
     try:
-        DELIVERERS[kind].settle(job_id, data, decision)
+        with context.delivering(queue):
+            DELIVERERS[kind].settle(job_id, data, decision)
     except Exception:
         logging.getLogger(__name__).exception("could not settle job %s after its attempt", job_id)
 

@@ -3,6 +3,7 @@ a Redis connection for what a delivery itself reads and writes (the suppression 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,6 +78,12 @@ class DeliveryContext:
     def registry(self) -> Registry:
         """The applications and endpoints of the Dispatcher queue whose job this thread delivers."""
         return Registry(self._connection(), self._keys())
+
+    def queue_settings(self) -> Settings:
+        """The settings, with the Dispatcher queue whose job this thread delivers (what a delivery
+        enqueues itself goes there: an endpoint's health email and events)."""
+        queue = _queue.get()
+        return self.settings if queue is None else dataclasses.replace(self.settings, queue_name=queue)
 
     def _keys(self) -> Keys:
         return Keys(_queue.get() or self.settings.queue_name)

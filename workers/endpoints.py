@@ -1,9 +1,13 @@
 """Delivering to registered endpoints (dispatcher.endpoints): what an event's delivery must pass
 before it is sent, and what follows once its attempt is decided.
 
-Before: the endpoint must still exist and be enabled (else the delivery fails for good), and its
-rate limit must have a slot. A delivery that may not go yet raises DeliveryHeld: nothing is sent,
-no attempt counts, and the job waits as scheduled (workers.attempt.hold_back).
+Before: the endpoint must still exist and be enabled (else the delivery fails for good), its
+circuit breaker must be closed (or this delivery its probe), and its rate limit must have a slot.
+A delivery that may not go yet raises DeliveryHeld: nothing is sent, no attempt counts, and the
+job waits as scheduled (workers.attempt.hold_back).
+
+After: the attempt counts toward the endpoint's health (dispatcher.health): its breaker opens or
+closes, a 410 Gone or failing too long disables it, and the owner and the application are told.
 
 Rate limits are shared by every worker through Redis: one schedule of slots per endpoint, a GCRA
 kept by one Lua script on Redis's clock. A delivery takes the next free slot if it opens within
@@ -14,12 +18,16 @@ deliveries start per second, plus the slots of one horizon after a quiet spell.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import redis
 from redis.commands.core import Script
 
+from dispatcher import health
+from dispatcher.config import Settings
 from dispatcher.endpoints import Endpoint, Registry
+from dispatcher.history import isoformat
 from workers.errors import DeliveryHeld, PermanentDeliveryError
 
 if TYPE_CHECKING:
@@ -31,24 +39,57 @@ SLOT_HORIZON = 0.25
 RATE_STATE_TTL = 3600
 
 
-def admit(registry: Registry, endpoint_id: str, job_id: str, payload: dict) -> tuple[Endpoint, list[str]]:
+#: What an attempt's error begins with when the attempt says nothing of the endpoint (a bug in
+#: Dispatcher, job data it cannot read, a refusal before anything was sent): not counted.
+NOT_THE_ENDPOINTS = ("unexpected error:", "endpoint ")
+#: An answer that says the endpoint is gone for good: it is disabled at once.
+GONE = 410
+
+
+def admit(
+    registry: Registry, endpoint_id: str, job_id: str, payload: dict, settings: Settings
+) -> tuple[Endpoint, list[str]]:
     """The endpoint and the secrets to sign the delivery with, once it may go now.
 
     Raises PermanentDeliveryError if the endpoint was deleted or disabled since the event was
     published, DeliveryHeld if it may not go yet.
     """
-    endpoint, secrets = registry.delivery_config(endpoint_id)
+    endpoint, secrets, breaker_open = registry.delivery_config(endpoint_id)
     if endpoint is None or not secrets:
         raise PermanentDeliveryError(f"endpoint {endpoint_id} no longer exists")
     if endpoint["disabled"]:
         raise PermanentDeliveryError(f"endpoint {endpoint_id} is disabled")
+    if breaker_open:
+        wait = health.probe_or_wait(registry.connection, registry.keys, endpoint_id, job_id, settings)
+        if wait > 0:
+            raise DeliveryHeld(wait, "the endpoint's circuit breaker is open")
     if endpoint["rate_limit"] is not None:
         _take_slot(registry.connection, registry.keys.endpoint_rate(endpoint_id), endpoint["rate_limit"])
     return endpoint, secrets
 
 
-def settle(registry: Registry, endpoint_id: str, job_id: str, payload: dict, decision: Decision) -> None:
-    """What follows a decided attempt to an endpoint."""
+def settle(
+    registry: Registry, endpoint_id: str, job_id: str, payload: dict, decision: Decision, settings: Settings
+) -> None:
+    """What follows a decided attempt to an endpoint: count it toward the endpoint's health, and
+    tell of any change (`settings`: those of the job's Dispatcher queue)."""
+    attempt = decision.attempt
+    if attempt.outcome != "succeeded" and (attempt.error or "").startswith(NOT_THE_ENDPOINTS):
+        return
+    connection, keys = registry.connection, registry.keys
+    if attempt.status_code == GONE:
+        health.disable(connection, keys, endpoint_id, "it answered 410 Gone")
+        waiting = 1
+    else:
+        failed = attempt.outcome != "succeeded"
+        now, since, waiting = health.record_attempt(
+            connection, keys, endpoint_id, job_id, failed, attempt.error or "", settings
+        )
+        if failed and since is not None and now - since >= settings.endpoint_disable_after:
+            reason = f"it has failed since {isoformat(datetime.fromtimestamp(since, UTC))} without a success"
+            waiting += health.disable(connection, keys, endpoint_id, reason)
+    if waiting:
+        health.notify(connection, settings)
 
 
 def _take_slot(connection: redis.Redis, key: str, rate: float) -> None:

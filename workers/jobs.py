@@ -87,7 +87,7 @@ def _run(job: Job, kind: Kind, data: dict) -> dict | Retry:
             decision = Decision("retry", attempt)
         else:
             decision = decide(data, attempt, retry_after, series_start)
-            settle(kind, job.id, data, decision)
+            settle(kind, job.id, data, decision, job.origin)
         log(kind, job.id, data, decision, job.origin)
     if fresh or decision.attempt.outcome == "retryable":
         with job.connection.pipeline() as pipe:

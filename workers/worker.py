@@ -139,7 +139,7 @@ class Running:
         try:
             retry_after = run(self.kind, self.job.id, self.data, attempt, self.queue.name, self.may_pause)
             self.decision = decide(self.data, attempt, retry_after, self.series_start)
-            settle(self.kind, self.job.id, self.data, self.decision)
+            settle(self.kind, self.job.id, self.data, self.decision, self.queue.name)
         except ThrottledDeliveryError as exc:  # not an attempt: the worker takes it back (_slow_down)
             self.throttled = exc
             return
