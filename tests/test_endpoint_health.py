@@ -103,10 +103,10 @@ def test_a_410_disables_the_endpoint_and_its_owner_is_mailed_through_a_real_smtp
 
 
 def test_the_breaker_opens_holds_deliveries_lets_one_probe_at_a_time_and_closes(service, receiver):
-    """The issue's acceptance test: two failures open it (cooldown 2 s); deliveries meanwhile are
+    """The issue's acceptance test: two failures open it (cooldown 3 s); deliveries meanwhile are
     held as scheduled, not attempts; the first probe fails (open again, cooldown doubled), the
     second succeeds and closes it; then the held ones go."""
-    svc = service(DISPATCHER_BREAKER_FAILURES="2", DISPATCHER_BREAKER_COOLDOWN="2")
+    svc = service(DISPATCHER_BREAKER_FAILURES="2", DISPATCHER_BREAKER_COOLDOWN="3")
     app = new_application(svc)
     url = receiver.url("fail/3/500")
     endpoint = new_endpoint(svc, app, url, retry=ONCE)
@@ -130,12 +130,12 @@ def test_the_breaker_opens_holds_deliveries_lets_one_probe_at_a_time_and_closes(
         assert job["attempts"] == [] and job["next_attempt_at"] is not None
     assert len(receiver.received(url)) == 2
 
-    # The first probe (the third request: a 500) goes alone, and opens it again for 4 s.
+    # The first probe (the third request: a 500) goes alone, and opens it again for 6 s.
     wait_until(lambda: len(receiver.received(url)) >= 3, 20, "no probe went")
     probed_at = time.monotonic()
     wait_until(lambda: health_of(svc, app, endpoint["id"])["consecutive_failures"] == 3, 10, "probe not counted")
     assert health_of(svc, app, endpoint["id"])["state"] == "open"
-    time.sleep(max(0.0, probed_at + 2.5 - time.monotonic()))
+    time.sleep(max(0.0, probed_at + 4 - time.monotonic()))
     assert len(receiver.received(url)) == 3  # nothing else went while it was open again
 
     # The second probe succeeds: closed, and the held deliveries follow.
@@ -143,7 +143,7 @@ def test_the_breaker_opens_holds_deliveries_lets_one_probe_at_a_time_and_closes(
         settled(svc, event_id)
     requests = receiver.received(url)
     assert [r.status for r in requests] == [500, 500, 500, 200, 200]
-    assert requests[3].received_at - requests[2].received_at >= 4 * 0.8  # the doubled cooldown
+    assert requests[3].received_at - requests[2].received_at >= 6 * 0.8  # the doubled cooldown
     assert requests[4].received_at >= requests[3].received_at
     jobs = [delivery(svc, e) for e in held]
     assert sorted(job["status"] for job in jobs) == ["failed", "succeeded", "succeeded"]  # the first probe failed
@@ -309,7 +309,7 @@ def test_a_change_is_published_to_the_other_subscribed_endpoints_of_the_applicat
     app = new_application(svc)
     failing_url, watcher_url, other_url = receiver.url("status/500"), receiver.url(), receiver.url()
     failing = new_endpoint(svc, app, failing_url, retry=ONCE)  # every event type, its own health's too
-    new_endpoint(svc, app, watcher_url, event_types=["endpoint.circuit_opened", "endpoint.disabled"])
+    watcher = new_endpoint(svc, app, watcher_url, event_types=["endpoint.circuit_opened", "endpoint.disabled"])
     new_endpoint(svc, app, other_url, event_types=["order.paid"])
     svc.start_worker()
 
@@ -323,8 +323,13 @@ def test_a_change_is_published_to_the_other_subscribed_endpoints_of_the_applicat
         failing["id"], app, failing_url, "open", 1
     )
     assert data["reason"].startswith("1 failed attempts in a row")
-    time.sleep(1)
-    assert len(receiver.received(failing_url)) == 1  # not told of its own health
+    # Not told of its own health: the event has one delivery, the watcher's.
+    (request,) = receiver.received(watcher_url)
+    job = svc.client.get(f"/v1/jobs/{request.headers['webhook-id']}", headers=AUTH).get_json()
+    told_event = event(svc, job["target"]["event"])
+    assert told_event["event_type"] == "endpoint.circuit_opened"
+    assert [d["endpoint"] for d in told_event["deliveries"]] == [watcher["id"]]
+    assert len(receiver.received(failing_url)) == 1
     assert [b["type"] for b in bodies(receiver, other_url)] == ["order.paid"]  # not subscribed
 
 
