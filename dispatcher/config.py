@@ -43,6 +43,14 @@ WEBHOOK_SECRET_BYTES = (24, 64)
 LOG_FORMATS = ("json", "text")
 #: The range of DISPATCHER_SMTP_RATE, in messages per second: from one per 100 s to beyond any relay.
 MIN_RATE, MAX_RATE = 0.01, 100_000.0
+#: Endpoint health (dispatcher.health): consecutive failed attempts that open an endpoint's circuit
+#: breaker, the seconds it stays open before one probe (doubled after each failed probe, up to
+#: BREAKER_MAX_COOLDOWN or the setting, if longer), and how long an endpoint may fail without a
+#: success before it is disabled: 5 days.
+DEFAULT_BREAKER_FAILURES = 5
+DEFAULT_BREAKER_COOLDOWN = 60.0
+BREAKER_MAX_COOLDOWN = 3600.0
+DEFAULT_ENDPOINT_DISABLE_AFTER = 5 * 24 * 3600
 #: URL schemes redis-py connects with.
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -109,6 +117,12 @@ class Settings:
     log_format: str = LOG_FORMATS[0]
     #: Emails per second every worker together may send (dispatcher.ratelimit); None: no limit.
     smtp_rate: float | None = None
+    #: Consecutive failed attempts that open an endpoint's circuit breaker (dispatcher.health).
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES
+    #: Seconds an open breaker holds deliveries before it lets one through as a probe.
+    breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN
+    #: Seconds an endpoint may fail without a success before it is disabled.
+    endpoint_disable_after: int = DEFAULT_ENDPOINT_DISABLE_AFTER
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +172,19 @@ class Settings:
             metrics_key=get("DISPATCHER_METRICS_KEY"),
             log_format=parse_log_format(get("DISPATCHER_LOG_FORMAT")),
             smtp_rate=_parse_rate("DISPATCHER_SMTP_RATE", get("DISPATCHER_SMTP_RATE")),
+            breaker_failures=_parse_int(
+                "DISPATCHER_BREAKER_FAILURES", get("DISPATCHER_BREAKER_FAILURES"), DEFAULT_BREAKER_FAILURES, 1, 1000
+            ),
+            breaker_cooldown=_parse_float(
+                "DISPATCHER_BREAKER_COOLDOWN", get("DISPATCHER_BREAKER_COOLDOWN"), DEFAULT_BREAKER_COOLDOWN, 0.1, 86400
+            ),
+            endpoint_disable_after=_parse_int(
+                "DISPATCHER_ENDPOINT_DISABLE_AFTER",
+                get("DISPATCHER_ENDPOINT_DISABLE_AFTER"),
+                DEFAULT_ENDPOINT_DISABLE_AFTER,
+                1,
+                365 * 24 * 3600,
+            ),
         )
 
     def require_api_keys(self) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from dispatcher import health
 from dispatcher.api import _claim, _control, _json_body, authenticate, idempotent, parse_body, runtime
 from dispatcher.endpoints import (
     ApplicationRequest,
@@ -97,7 +98,7 @@ def list_endpoints(application_id: str) -> Response:
     records = _registry().endpoints(application_id)
     if records is None:
         raise _no_application(application_id)
-    return jsonify(endpoints=records)
+    return jsonify(endpoints=_shown(records))
 
 
 @routes.post("/applications/<application_id>/endpoints")
@@ -116,23 +117,33 @@ def create_endpoint(application_id: str) -> tuple[Response, int, dict[str, str]]
         raise _no_application(application_id)
     record, secret = created
     location = f"/v1/applications/{application_id}/endpoints/{record['id']}"
-    return jsonify(record | {"secret": secret}), 201, {"Location": location}
+    return jsonify(_shown([record])[0] | {"secret": secret}), 201, {"Location": location}
 
 
 @routes.get("/applications/<application_id>/endpoints/<endpoint_id>")
 def get_endpoint(application_id: str, endpoint_id: str) -> Response:
-    return jsonify(_endpoint(application_id, endpoint_id))
+    return jsonify(_shown([_endpoint(application_id, endpoint_id)])[0])
 
 
 @routes.patch("/applications/<application_id>/endpoints/<endpoint_id>")
 def change_endpoint(application_id: str, endpoint_id: str) -> Response:
+    """The fields given replace the endpoint's. `disabled` changes its health too: disabling is
+    recorded, enabling resets its circuit breaker (dispatcher.health); either is mailed to its
+    owner and published to its application as an event."""
     _endpoint(application_id, endpoint_id)  # a 404 before a 422: the path is judged first
     patch = parse_body(EndpointPatch, _guarded())
     fields = patch.model_dump(mode="json", include=patch.model_fields_set)
-    record = _registry().change_endpoint(application_id, endpoint_id, fields)
+    registry = _registry()
+    if "disabled" in fields:
+        record, changed = health.change_endpoint(registry, application_id, endpoint_id, fields)
+        if changed:
+            rt = runtime()
+            health.notify(rt.connection, rt.settings)
+    else:
+        record = registry.change_endpoint(application_id, endpoint_id, fields)
     if record is None:
         raise _no_endpoint(endpoint_id)
-    return jsonify(record)
+    return jsonify(_shown([record])[0])
 
 
 @routes.delete("/applications/<application_id>/endpoints/<endpoint_id>")
@@ -172,6 +183,12 @@ def recover_endpoint(application_id: str, endpoint_id: str) -> tuple[Response, i
     recovered = _control().recover(endpoint_id, recover.since, recover.until, recover.limit)
     note_batch(recovered.ids)
     return jsonify(requeued=len(recovered.ids), ids=recovered.ids, remaining=recovered.remaining), 202
+
+
+def _shown(records: list[Endpoint]) -> list[dict[str, Any]]:
+    """Endpoints as the API answers them: each with its `health` (dispatcher.health)."""
+    rt = runtime()
+    return health.with_health(rt.connection, rt.keys, records)
 
 
 def _endpoint(application_id: str, endpoint_id: str) -> Endpoint:

@@ -173,7 +173,12 @@ class Registry:
         """Delete an application with its endpoints and their secrets; False if there is none."""
         keys = [self.keys.applications, self.keys.application_endpoints(application_id), self.keys.endpoints,
                 self.keys.endpoint_secrets]
-        return bool(_DELETE_APPLICATION(keys=keys, args=[application_id], client=self.connection))
+        endpoint_ids = [raw.decode() for raw in self.connection.smembers(keys[1])]  # type: ignore[union-attr]
+        deleted = bool(_DELETE_APPLICATION(keys=keys, args=[application_id], client=self.connection))
+        with self.connection.pipeline(transaction=False) as pipe:
+            self._forget_health(pipe, endpoint_ids)
+            pipe.execute()
+        return deleted
 
     # --- endpoints ---------------------------------------------------------------------------
 
@@ -242,8 +247,18 @@ class Registry:
             pipe.hdel(self.keys.endpoints, endpoint_id)
             pipe.hdel(self.keys.endpoint_secrets, endpoint_id)
             pipe.srem(self.keys.application_endpoints(application_id), endpoint_id)
+            self._forget_health(pipe, [endpoint_id])
             pipe.execute()
         return True
+
+    def _forget_health(self, pipe: redis.client.Pipeline, endpoint_ids: Iterable[str]) -> None:
+        """Queue the deletion of deleted endpoints' health (dispatcher.health)."""
+        for endpoint_id in endpoint_ids:
+            pipe.delete(
+                self.keys.endpoint_health(endpoint_id),
+                self.keys.endpoint_changes(endpoint_id),
+                self.keys.endpoint_probe(endpoint_id),
+            )
 
     # --- secrets -----------------------------------------------------------------------------
 
@@ -263,18 +278,20 @@ class Registry:
         expires = isoformat(datetime.fromtimestamp(until, UTC)) if grace else None
         return NewSecret(secret=secret, previous_expires_at=expires)
 
-    def delivery_config(self, endpoint_id: str) -> tuple[Endpoint | None, list[str]]:
-        """The endpoint and the secrets a delivery to it is signed with now, newest first, in one
-        round trip; (None, []) if it was deleted."""
+    def delivery_config(self, endpoint_id: str) -> tuple[Endpoint | None, list[str], bool]:
+        """The endpoint, the secrets a delivery to it is signed with now, newest first, and whether
+        its circuit breaker is open (dispatcher.health), in one round trip; (None, [], False) if it
+        was deleted."""
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.hget(self.keys.endpoints, endpoint_id)
             pipe.hget(self.keys.endpoint_secrets, endpoint_id)
-            record, raw_secrets = pipe.execute()
+            pipe.hget(self.keys.endpoint_health(endpoint_id), "state")
+            record, raw_secrets, breaker = pipe.execute()
         if record is None or raw_secrets is None:
-            return None, []
+            return None, [], False
         now = time.time()
         live = [entry["secret"] for entry in json.loads(raw_secrets) if entry["until"] is None or entry["until"] > now]
-        return json.loads(record), live
+        return json.loads(record), live, breaker == b"open"
 
     # --- one record at a time ----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -54,16 +55,22 @@ class NoSuchApplication(LookupError):
 
 
 def publish(
-    connection: redis.Redis, settings: Settings, application_id: str, event: EventRequest, claim: Claim | None
+    connection: redis.Redis,
+    settings: Settings,
+    application_id: str,
+    event: EventRequest,
+    claim: Claim | None,
+    exclude: Collection[str] = (),
 ) -> tuple[str, list[str], list[str]]:
     """Enqueue the event's deliveries; its id, their job ids and their endpoints' ids, in order.
+    `exclude`: endpoints not to deliver it to (an endpoint's own health events: dispatcher.health).
 
     Raises NoSuchApplication, or AlreadyAccepted (dispatcher.errors) when the claim's key was used.
     """
     registry = Registry(connection, Keys(settings.queue_name))
     if registry.application(application_id) is None:
         raise NoSuchApplication(application_id)
-    endpoints = registry.subscribed(application_id, event.event_type)
+    endpoints = [e for e in registry.subscribed(application_id, event.event_type) if e["id"] not in exclude]
     event_id = ID_PREFIX + secrets.token_hex(16)
     deliveries = [_delivery(endpoint, application_id, event_id, event) for endpoint in endpoints]
     endpoint_ids = [endpoint["id"] for endpoint in endpoints]

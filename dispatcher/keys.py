@@ -38,6 +38,9 @@ class Keys:
         self.endpoints = f"{self.prefix}:endpoints"
         #: Hash of endpoints' signing secrets: endpoint id -> JSON list, newest first, each with its expiry.
         self.endpoint_secrets = f"{self.prefix}:endpoint-secrets"
+        #: List of endpoint health changes (JSON) whose email and event are still to be enqueued
+        #: (dispatcher.health): the outbox any worker empties.
+        self.health_outbox = f"{self.prefix}:health:outbox"
 
     def application_endpoints(self, application_id: str) -> str:
         """Set of one application's endpoint ids."""
@@ -53,6 +56,18 @@ class Keys:
         user input: a hash of it names the list."""
         part = "-" if ordering_key is None else hashlib.sha256(ordering_key.encode()).hexdigest()[:32]
         return f"{self.prefix}:ordered:{endpoint_id}:{part}"
+
+    def endpoint_health(self, endpoint_id: str) -> str:
+        """Hash of an endpoint's health: its circuit breaker and failures (dispatcher.health)."""
+        return f"{self.prefix}:endpoint:{endpoint_id}:health"
+
+    def endpoint_probe(self, endpoint_id: str) -> str:
+        """String: the id of the job probing an endpoint whose breaker is half-open, with a TTL."""
+        return f"{self.prefix}:endpoint:{endpoint_id}:probe"
+
+    def endpoint_changes(self, endpoint_id: str) -> str:
+        """List of an endpoint's changes of health (JSON), newest first, capped."""
+        return f"{self.prefix}:endpoint:{endpoint_id}:changes"
 
     def rate(self, kind: Kind) -> str:
         """Hash of a channel's shared sending rate: its schedule and how far it is slowed (dispatcher.ratelimit)."""

@@ -1,9 +1,13 @@
 """Delivering to registered endpoints (dispatcher.endpoints): what an event's delivery must pass
 before it is sent, and what follows once its attempt is decided.
 
-Before: the endpoint must still exist and be enabled (else the delivery fails for good), and its
-rate limit must have a slot. A delivery that may not go yet raises DeliveryHeld: nothing is sent,
-no attempt counts, and the job waits as scheduled (workers.attempt.hold_back).
+Before: the endpoint must still exist and be enabled (else the delivery fails for good), its
+circuit breaker must be closed (or this delivery its probe), and its rate limit must have a slot.
+A delivery that may not go yet raises DeliveryHeld: nothing is sent, no attempt counts, and the
+job waits as scheduled (workers.attempt.hold_back).
+
+After: the attempt counts toward the endpoint's health (dispatcher.health): its breaker opens or
+closes, a 410 Gone or failing too long disables it, and the owner and the application are told.
 
 Ordered endpoints: an event's delivery to an endpoint that was `ordered` when the event was
 published joined, in the script that wrote its job, the list of that endpoint's deliveries with
@@ -26,12 +30,15 @@ deliveries start per second, plus the slots of one horizon after a quiet spell.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import redis
 from redis.commands.core import Script
 
-from dispatcher import rqstore
+from dispatcher import health, rqstore
+from dispatcher.config import Settings
 from dispatcher.endpoints import WAITING_TURN, Endpoint, Registry, ordered_list
+from dispatcher.history import isoformat
 from workers.decision import Decision
 from workers.errors import DeliveryHeld, PermanentDeliveryError
 
@@ -45,45 +52,65 @@ ORDER_RECHECK = 30.0
 ORDER_RECHECK_MAX = 300.0
 
 
-def admit(registry: Registry, endpoint_id: str, job_id: str, payload: dict) -> tuple[Endpoint, list[str]]:
+#: What an attempt's error begins with when the attempt says nothing of the endpoint (a bug in
+#: Dispatcher, job data it cannot read, a refusal before anything was sent): not counted.
+NOT_THE_ENDPOINTS = ("unexpected error:", "endpoint ")
+#: An answer that says the endpoint is gone for good: it is disabled at once.
+GONE = 410
+
+
+def admit(
+    registry: Registry, endpoint_id: str, job_id: str, payload: dict, settings: Settings
+) -> tuple[Endpoint, list[str]]:
     """The endpoint and the secrets to sign the delivery with, once it may go now.
 
     Raises PermanentDeliveryError if the endpoint was deleted or disabled since the event was
     published, DeliveryHeld if it may not go yet.
     """
-    endpoint, secrets = registry.delivery_config(endpoint_id)
+    endpoint, secrets, breaker_open = registry.delivery_config(endpoint_id)
     if endpoint is None or not secrets:
         raise PermanentDeliveryError(f"endpoint {endpoint_id} no longer exists")
     if endpoint["disabled"]:
         raise PermanentDeliveryError(f"endpoint {endpoint_id} is disabled")
-    if payload.get("ordered"):
+    if payload.get("ordered"):  # first: only the head of its list may probe or take a rate slot
         _wait_turn(registry, ordered_list(registry.keys, endpoint_id, payload), job_id)
+    if breaker_open:
+        wait = health.probe_or_wait(registry.connection, registry.keys, endpoint_id, job_id, settings)
+        if wait > 0:
+            raise DeliveryHeld(wait, "the endpoint's circuit breaker is open")
     if endpoint["rate_limit"] is not None:
         _take_slot(registry.connection, registry.keys.endpoint_rate(endpoint_id), endpoint["rate_limit"])
     return endpoint, secrets
 
 
-def settle(registry: Registry, endpoint_id: str, job_id: str, payload: dict, decision: Decision) -> None:
+def settle(
+    registry: Registry, endpoint_id: str, job_id: str, payload: dict, decision: Decision, settings: Settings
+) -> None:
     """What follows a decided attempt to an endpoint: an ordered delivery decided for good (not a
-    retry) leaves its list, and the next one starts."""
+    retry) leaves its list, and the next one starts; the attempt counts toward the endpoint's health,
+    and any change is told (`settings`: those of the job's Dispatcher queue)."""
     if payload.get("ordered") and decision.verdict != "retry":
         rqstore.order_advance(
             registry.connection, ordered_list(registry.keys, endpoint_id, payload), registry.keys.wake, WAITING_TURN,
             remove=job_id,
         )
-
-
-def _wait_turn(registry: Registry, key: str, job_id: str) -> None:
-    """Return if the delivery is the head of its ordered list (or not in it: unordered); else
-    DeliveryHeld, which starts it at once should its turn come before it is scheduled."""
-    answer = rqstore.order_advance(registry.connection, key, registry.keys.wake, WAITING_TURN, ask=job_id)
-    assert answer is not None
-    _, position = answer
-    if position <= 0:
+    attempt = decision.attempt
+    if attempt.outcome != "succeeded" and (attempt.error or "").startswith(NOT_THE_ENDPOINTS):
         return
-    delay = min(ORDER_RECHECK + position / 10, ORDER_RECHECK_MAX)
-    wake_key = registry.keys.wake
-    raise DeliveryHeld(delay, WAITING_TURN, then=lambda pipe: rqstore.order_advance(pipe, key, wake_key, WAITING_TURN))
+    connection, keys = registry.connection, registry.keys
+    if attempt.status_code == GONE:
+        health.disable(connection, keys, endpoint_id, "it answered 410 Gone")
+        waiting = 1
+    else:
+        failed = attempt.outcome != "succeeded"
+        now, since, waiting = health.record_attempt(
+            connection, keys, endpoint_id, job_id, failed, attempt.error or "", settings
+        )
+        if failed and since is not None and now - since >= settings.endpoint_disable_after:
+            reason = f"it has failed since {isoformat(datetime.fromtimestamp(since, UTC))} without a success"
+            waiting += health.disable(connection, keys, endpoint_id, reason)
+    if waiting:
+        health.notify(connection, settings)
 
 
 def _take_slot(connection: redis.Redis, key: str, rate: float) -> None:
@@ -115,3 +142,16 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {1, tostring(slot - now)}
 """,
 )
+
+
+def _wait_turn(registry: Registry, key: str, job_id: str) -> None:
+    """Return if the delivery is the head of its ordered list (or not in it: unordered); else
+    DeliveryHeld, which starts it at once should its turn come before it is scheduled."""
+    answer = rqstore.order_advance(registry.connection, key, registry.keys.wake, WAITING_TURN, ask=job_id)
+    assert answer is not None
+    _, position = answer
+    if position <= 0:
+        return
+    delay = min(ORDER_RECHECK + position / 10, ORDER_RECHECK_MAX)
+    wake_key = registry.keys.wake
+    raise DeliveryHeld(delay, WAITING_TURN, then=lambda pipe: rqstore.order_advance(pipe, key, wake_key, WAITING_TURN))

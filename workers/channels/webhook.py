@@ -17,7 +17,7 @@ def deliver(job_id: str, payload: dict) -> Delivered:
     secrets = None
     endpoint_id = payload.get("endpoint")
     if endpoint_id is not None:  # an event's delivery to a registered endpoint
-        _, secrets = endpoints.admit(deliveries.registry(), str(endpoint_id), job_id, payload)
+        _, secrets = endpoints.admit(deliveries.registry(), str(endpoint_id), job_id, payload, deliveries.settings)
     status_code, excerpt = deliveries.webhooks.send(job_id, payload, secrets)
     return Delivered(status_code, response_excerpt=excerpt)
 
@@ -25,7 +25,9 @@ def deliver(job_id: str, payload: dict) -> Delivered:
 def settle(job_id: str, payload: dict, decision: Decision) -> None:
     endpoint_id = payload.get("endpoint")
     if endpoint_id is not None:
-        endpoints.settle(context.current().registry(), str(endpoint_id), job_id, payload, decision)
+        deliveries = context.current()
+        registry, settings = deliveries.registry(), deliveries.queue_settings()
+        endpoints.settle(registry, str(endpoint_id), job_id, payload, decision, settings)
 
 
 def host(payload: dict) -> str | None:
