@@ -57,11 +57,16 @@ def _failed_deliveries(svc: Service, app: str, endpoint: str, count: int) -> lis
 # --- the acceptance test ---------------------------------------------------------------------
 
 
+#: Failing endpoints' circuit breakers would hold their deliveries (tests/test_endpoint_health.py);
+#: recovery is about deliveries that failed, so the breaker stays out of the way here.
+NO_BREAKER = {"DISPATCHER_BREAKER_FAILURES": "1000"}
+
+
 def test_a_recovery_window(service, receiver):
     """A receiver down for a while: the failed deliveries of the events accepted in the window are
     delivered once more, with their webhook-id, and nothing else is: not before the window, not one
     that succeeded, not one still scheduled, not a canceled one, not another endpoint's."""
-    svc = service()
+    svc = service(**NO_BREAKER)
     svc.start_worker()
     app = new_application(svc)
     # Down for the first five requests, then up again.
@@ -109,7 +114,7 @@ def test_a_recovery_window(service, receiver):
 
 
 def test_until_ends_the_window_and_a_delivery_on_its_way_is_left_alone(service, receiver):
-    svc = service()
+    svc = service(**NO_BREAKER)
     svc.start_worker()
     app = new_application(svc)
     endpoint = new_endpoint(svc, app, receiver.url("status/500"), retry=ONCE)["id"]
@@ -129,7 +134,7 @@ def test_until_ends_the_window_and_a_delivery_on_its_way_is_left_alone(service, 
 
 
 def test_the_limit_takes_the_oldest_events_and_counts_what_remains(service, receiver):
-    svc = service()
+    svc = service(**NO_BREAKER)
     svc.start_worker()
     app = new_application(svc)
     endpoint = new_endpoint(svc, app, receiver.url("status/500"), retry=ONCE)["id"]
@@ -148,7 +153,7 @@ def test_the_limit_takes_the_oldest_events_and_counts_what_remains(service, rece
 
 
 def test_a_disabled_endpoint_is_refused_until_enabled(service, receiver):
-    svc = service()
+    svc = service(**NO_BREAKER)
     svc.start_worker()
     app = new_application(svc)
     endpoint = new_endpoint(svc, app, receiver.url("status/500"), retry=ONCE)["id"]
@@ -169,7 +174,7 @@ def test_a_disabled_endpoint_is_refused_until_enabled(service, receiver):
 
 
 def test_an_idempotent_repeat_answers_the_first_answer_and_requeues_nothing(service, receiver):
-    svc = service()
+    svc = service(**NO_BREAKER)
     svc.start_worker()
     app = new_application(svc)
     endpoint = new_endpoint(svc, app, receiver.url("status/500"), retry=ONCE)["id"]
@@ -197,7 +202,7 @@ def test_an_idempotent_repeat_answers_the_first_answer_and_requeues_nothing(serv
 @pytest.fixture
 def registered(service, receiver):
     """A service without workers, an application and one endpoint of it."""
-    svc = service()
+    svc = service(**NO_BREAKER)
     app = new_application(svc)
     return svc, app, new_endpoint(svc, app, receiver.url())["id"]
 
@@ -271,7 +276,7 @@ def test_an_unknown_application_or_endpoint_is_404_before_the_body_is_judged(reg
 
 
 def test_the_client_recovers_and_raises_the_apis_refusals(service, serve, receiver):
-    svc = service()
+    svc = service(**NO_BREAKER)
     svc.start_worker()
     client = Client(serve(svc.settings), API_KEY, backoff=0.01)
     app = new_application(svc)
@@ -300,7 +305,7 @@ def test_dispatcher_recover_acts_as_the_api_does(service, receiver):
     from tests.conftest import process_env
     from tests.test_cli import run
 
-    svc = service()
+    svc = service(**NO_BREAKER)
     svc.start_worker()
     env = process_env(svc.env)
     app = new_application(svc)
