@@ -41,14 +41,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError, with_config
 from redis.client import Pipeline
 from redis.commands.core import Script
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from dispatcher.config import BREAKER_MAX_COOLDOWN, Settings
 from dispatcher.endpoints import Endpoint, Registry
 from dispatcher.errors import AlreadyAccepted
-from dispatcher.history import isoformat
+from dispatcher.history import Timestamp, isoformat
 from dispatcher.idempotency import Claim
 from dispatcher.keys import Keys
 
@@ -68,6 +69,28 @@ CLAIM_CLIENT = "health"
 State = Literal["healthy", "open", "half_open", "disabled"]
 #: A change's state: what the endpoint became.
 ChangeState = Literal["open", "closed", "disabled", "enabled"]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class HealthChange(TypedDict):
+    """One change of an endpoint's health, as the API shows it."""
+
+    sequence: int
+    at: Timestamp | None
+    state: ChangeState
+    reason: str
+
+
+@with_config(ConfigDict(extra="forbid"))
+class EndpointHealth(TypedDict):
+    """An endpoint's `health`: its circuit breaker and failures, and its changes, newest first."""
+
+    state: State
+    reason: str | None
+    consecutive_failures: int
+    failing_since: Timestamp | None
+    next_probe_at: Timestamp | None
+    changes: list[HealthChange]
 
 EVENT_TYPES: dict[str, str] = {
     "open": "endpoint.circuit_opened",
@@ -336,7 +359,7 @@ def describe(endpoint: Endpoint, application_name: str | None, change: dict) -> 
 # --- the API's view ----------------------------------------------------------------------------
 
 
-def views(connection: redis.Redis, keys: Keys, endpoints: Iterable[Endpoint]) -> list[dict[str, Any]]:
+def views(connection: redis.Redis, keys: Keys, endpoints: Iterable[Endpoint]) -> list[EndpointHealth]:
     """Each endpoint's `health` object, in one round trip."""
     endpoints = list(endpoints)
     if not endpoints:
@@ -352,7 +375,7 @@ def views(connection: redis.Redis, keys: Keys, endpoints: Iterable[Endpoint]) ->
     ]
 
 
-def _view(endpoint: Endpoint, fields: dict[bytes, bytes], raw_changes: list[bytes], now: float) -> dict[str, Any]:
+def _view(endpoint: Endpoint, fields: dict[bytes, bytes], raw_changes: list[bytes], now: float) -> EndpointHealth:
     def text(name: str) -> str | None:
         value = fields.get(name.encode())
         return None if value is None else value.decode()

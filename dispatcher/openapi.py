@@ -19,7 +19,6 @@ from dispatcher.channels import CHANNELS, Channel
 from dispatcher.endpoints import (
     Application,
     ApplicationRequest,
-    Endpoint,
     EndpointPatch,
     EndpointRequest,
     NewSecret,
@@ -36,6 +35,7 @@ from dispatcher.views import (
     BatchView,
     EndpointCreated,
     EndpointList,
+    EndpointView,
     ErrorBody,
     EventAccepted,
     EventView,
@@ -61,8 +61,8 @@ _REF = "#/components/schemas/{model}"
 #: The answers' types; the document names each schema after its type.
 _ANSWERS: tuple[Any, ...] = (
     ErrorBody, Accepted, AcceptedBatch, Health, Readiness, JobView, JobList, Stats, BatchView, Replayed,
-    Suppression, SuppressionPage, StoredTemplate, TemplateList, Application, ApplicationList, Endpoint, EndpointList,
-    EndpointCreated, NewSecret, EventAccepted, EventView, Recovered,
+    Suppression, SuppressionPage, StoredTemplate, TemplateList, Application, ApplicationList, EndpointView,
+    EndpointList, EndpointCreated, NewSecret, EventAccepted, EventView, Recovered,
 )
 
 #: Error answers, by status: (code, description).
@@ -294,14 +294,14 @@ def _endpoint_paths() -> dict:
             },
         },
         "/v1/applications/{app}/endpoints/{endpoint}": {
-            **_get("get_endpoint", "One endpoint (never its secret)", "Endpoint", (401, 404, 503),
+            **_get("get_endpoint", "One endpoint and its health (never its secret)", "EndpointView", (401, 404, 503),
                    parameters=[app, endpoint]),
             "patch": {
                 "operationId": "change_endpoint",
                 "summary": "Change the fields given; null clears owner_email, retry or rate_limit",
                 "parameters": [app, endpoint],
                 "requestBody": _body("EndpointPatch"),
-                "responses": _responses(200, "Endpoint", "changed", writes),
+                "responses": _responses(200, "EndpointView", "changed", writes),
             },
             **_delete("delete_endpoint", "Delete an endpoint and its secrets; its queued deliveries fail",
                       [app, endpoint], (401, 404, 503)),

@@ -19,6 +19,7 @@ from dispatcher.batches import MAX_FAILED_PAGE
 from dispatcher.channels import CHANNELS, KINDS
 from dispatcher.control import MAX_REPLAY, recovery_window
 from dispatcher.endpoints import Application, Endpoint
+from dispatcher.health import EndpointHealth
 from dispatcher.history import Attempt, Timestamp
 from dispatcher.models import JSON_NUMBER, EmailAddress, RequestModel
 from dispatcher.priorities import Priority
@@ -384,14 +385,21 @@ class ApplicationList(TypedDict):
 
 
 @with_config(_FORBID)
-class EndpointList(TypedDict):
-    """GET /v1/applications/<app>/endpoints, oldest first (never their secrets)."""
+class EndpointView(Endpoint):
+    """An endpoint as the API shows it (never its secret): its registration and its health."""
 
-    endpoints: list[Endpoint]
+    health: EndpointHealth
 
 
 @with_config(_FORBID)
-class EndpointCreated(Endpoint):
+class EndpointList(TypedDict):
+    """GET /v1/applications/<app>/endpoints, oldest first."""
+
+    endpoints: list[EndpointView]
+
+
+@with_config(_FORBID)
+class EndpointCreated(EndpointView):
     """POST /v1/applications/<app>/endpoints: the endpoint and its signing secret, shown this once."""
 
     secret: str

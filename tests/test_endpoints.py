@@ -11,12 +11,14 @@ import threading
 import time
 import uuid
 
+import jsonschema_rs
 import pytest
 import requests
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from dispatcher.endpoints import MAX_APPLICATIONS, MAX_ENDPOINTS, MAX_GRACE
 from dispatcher.idempotency import HEADER
+from dispatcher.openapi import openapi_document
 from tests.conftest import API_KEY, AUTH, Service, wait_until
 
 
@@ -470,3 +472,40 @@ def test_an_application_holds_at_most_500_endpoints_and_a_queue_10000_applicatio
     full = svc.client.post("/v1/applications", json={"name": "one too many"}, headers=AUTH)
     assert full.status_code == 409 and "at most 10,000 applications" in full.get_json()["error"]["message"]
     assert redis_conn.hlen(keys.applications) == MAX_APPLICATIONS
+
+
+def test_every_answer_of_the_endpoints_api_is_valid_by_the_document(service, receiver):
+    """The answers as the document describes them (their schemas forbid any field they do not name):
+    an endpoint with a health change, its list, an event accepted and followed, a rotation."""
+    document = openapi_document()
+    svc = service()
+
+    def check(path: str, method: str, response) -> dict:
+        schema = document["paths"][path][method]["responses"][str(response.status_code)]["content"]
+        validator = jsonschema_rs.validator_for(
+            {**schema["application/json"]["schema"], "components": document["components"]}, validate_formats=True
+        )
+        body = response.get_json()
+        assert validator.is_valid(body), (path, method, list(validator.iter_errors(body))[:3])
+        return body
+
+    app = check("/v1/applications", "post", svc.client.post("/v1/applications", json={"name": "A"}, headers=AUTH))["id"]
+    created = check("/v1/applications/{app}/endpoints", "post", svc.client.post(
+        f"/v1/applications/{app}/endpoints", json={"url": receiver.url(), "retry": {"max_attempts": 2}}, headers=AUTH))
+    path = f"/v1/applications/{app}/endpoints/{created['id']}"
+    check("/v1/applications/{app}/endpoints/{endpoint}", "patch",
+          svc.client.patch(path, json={"disabled": True}, headers=AUTH))
+    shown = check("/v1/applications/{app}/endpoints/{endpoint}", "patch",
+                  svc.client.patch(path, json={"disabled": False}, headers=AUTH))
+    assert [change["state"] for change in shown["health"]["changes"]] == ["enabled", "disabled"]
+    check("/v1/applications/{app}/endpoints/{endpoint}", "get", svc.client.get(path, headers=AUTH))
+    check("/v1/applications/{app}/endpoints", "get", svc.client.get(f"/v1/applications/{app}/endpoints", headers=AUTH))
+    check("/v1/applications", "get", svc.client.get("/v1/applications", headers=AUTH))
+    check("/v1/applications/{app}", "get", svc.client.get(f"/v1/applications/{app}", headers=AUTH))
+    check("/v1/applications/{app}/endpoints/{endpoint}/secret/rotate", "post",
+          svc.client.post(f"{path}/secret/rotate", json={"grace_period": 60}, headers=AUTH))
+    accepted = check("/v1/applications/{app}/events", "post", publish(svc, app, ordering_key="k"))
+    check("/v1/events/{id}", "get", svc.client.get(accepted["status_url"], headers=AUTH))
+    check("/v1/applications/{app}/endpoints/{endpoint}/recover", "post",
+          svc.client.post(f"{path}/recover", json={"since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(
+              time.time() - 3600))}, headers=AUTH))
