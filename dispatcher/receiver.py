@@ -17,7 +17,8 @@ import base64
 import binascii
 import hmac
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -145,8 +146,9 @@ def verify(
 class Deduplicator:
     """Remembers the `webhook-id`s seen in Redis (`SET NX EX`, one key each), so a webhook is handled once.
 
-    Call it after verify(), on the verified request. If handling then fails and you answer 5xx so that
-    Dispatcher retries, call forget() first: else the retry would be taken for a duplicate and dropped.
+    Call it after verify(), on the verified request: `once()` marks the id and forgets it again if
+    handling raises, so that Dispatcher's retry of the 5xx that follows is handled, not taken for a
+    duplicate and dropped (first_time() and forget() do the same by hand).
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "webhook-seen:", ttl: int = DEFAULT_TTL) -> None:
@@ -168,6 +170,19 @@ class Deduplicator:
     def forget(self, webhook_id: str) -> None:
         """Unmark an id, so that its next delivery counts as the first (after handling it failed)."""
         self.client.delete(self.key(webhook_id))
+
+    @contextmanager
+    def once(self, webhook_id: str) -> Iterator[bool]:
+        """`with seen.once(webhook_id) as first:` handle the webhook if `first`; should handling
+        raise, the id is forgotten again (first_time, then forget), so Dispatcher's retry of the
+        5xx that follows is handled, not dropped as a duplicate."""
+        first = self.first_time(webhook_id)
+        try:
+            yield first
+        except BaseException:
+            if first:
+                self.forget(webhook_id)
+            raise
 
 
 def _secret_list(secrets: str | Iterable[str]) -> list[str]:

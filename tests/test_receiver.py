@@ -376,6 +376,23 @@ def test_forget_lets_the_next_delivery_through(dedup):
     assert dedup.first_time(webhook_id) is False
 
 
+def test_once_forgets_the_id_only_when_its_first_handling_raises(dedup):
+    handled, failing = "wh_" + secrets.token_hex(16), "wh_" + secrets.token_hex(16)
+    with dedup.once(handled) as first:
+        assert first is True
+    with pytest.raises(RuntimeError), dedup.once(failing) as first:
+        assert first is True
+        raise RuntimeError("the handler failed")
+
+    assert dedup.first_time(handled) is False  # handled: its next delivery is a duplicate
+    with dedup.once(failing) as first:  # the retry of the failure is handled
+        assert first is True
+    with pytest.raises(RuntimeError), dedup.once(failing) as first:
+        assert first is False  # a duplicate that raises leaves the first one's mark alone
+        raise RuntimeError("the duplicate's handler failed")
+    assert dedup.first_time(failing) is False
+
+
 def test_concurrent_deliveries_of_one_id_get_one_first_time(dedup):
     webhook_id = "wh_" + secrets.token_hex(16)
     results: list[bool] = []
