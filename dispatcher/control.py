@@ -24,7 +24,7 @@ from rq.utils import utcformat
 from dispatcher import rqstore
 from dispatcher.channels import CHANNELS
 from dispatcher.config import Settings
-from dispatcher.endpoints import release_ordered
+from dispatcher.endpoints import DELIVERY_CHANNEL, release_ordered
 from dispatcher.enqueue import make_queues
 from dispatcher.errors import FieldProblem, JobStateConflict, NoSuchJob
 from dispatcher.keys import Keys, Kind
@@ -95,7 +95,7 @@ class JobControl:
         """
         outcome = rqstore.cancel(self.connection, self.queues, job_id, self.keys.attempts(job_id), self.keep_canceled)
         if outcome == "done":
-            if job_id.startswith(CHANNELS["webhook"].id_prefix):  # an ordered delivery: the next one goes
+            if job_id.startswith(CHANNELS[DELIVERY_CHANNEL].id_prefix):  # an ordered delivery: the next one goes
                 payload = rqstore.job_payload(self.connection, job_id)
                 if payload is not None:
                     release_ordered(self.connection, self.keys, job_id, payload)
@@ -179,7 +179,7 @@ class JobControl:
         to be written by every enqueue and trimmed besides, for an operation that is rare.
         """
         low, high = utcformat(since.astimezone(UTC)), utcformat(until.astimezone(UTC))
-        prefix = CHANNELS["webhook"].id_prefix
+        prefix = CHANNELS[DELIVERY_CHANNEL].id_prefix
         needle = endpoint_id.encode()
         matched: list[tuple[str, str]] = []  # (accepted at, id)
         for queue in self.queues:

@@ -33,6 +33,8 @@ from dispatcher.history import Timestamp, isoformat
 from dispatcher.keys import Keys
 from dispatcher.models import JSON_NUMBER, EmailAddress, RequestModel, RetryPolicy, SafeStr
 
+#: The channel of an endpoint's deliveries: each is a webhook job (dispatcher.channels.webhook).
+DELIVERY_CHANNEL = "webhook"
 APPLICATION_PREFIX = "app_"
 ENDPOINT_PREFIX = "ep_"
 #: Applications one Dispatcher queue holds, and endpoints one application: an event fans out to at

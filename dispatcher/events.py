@@ -25,7 +25,7 @@ from pydantic import Field, StringConstraints
 from dispatcher.batches import Group, Progress
 from dispatcher.channels.webhook import EventDelivery, EventType, Payload
 from dispatcher.config import Settings
-from dispatcher.endpoints import Endpoint, Registry
+from dispatcher.endpoints import DELIVERY_CHANNEL, Endpoint, Registry
 from dispatcher.enqueue import enqueue_many
 from dispatcher.idempotency import Claim
 from dispatcher.keys import Keys
@@ -83,8 +83,8 @@ def publish(
     keys = Keys(settings.queue_name)
     ordered = [keys.ordered(e["id"], event.ordering_key) if e["ordered"] else None for e in endpoints]
     job_ids = enqueue_many(
-        connection, settings, "webhook", deliveries, event.priority, claim, event.send_at, Group(event_id, fields),
-        ordered, _ordered_ttl(settings, event.send_at),
+        connection, settings, DELIVERY_CHANNEL, deliveries, event.priority, claim, event.send_at,
+        Group(event_id, fields), ordered, _ordered_ttl(settings, event.send_at),
     )
     return event_id, job_ids, endpoint_ids
 

@@ -426,7 +426,7 @@ def web(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
     def up() -> bool:
         try:
             return requests.get(f"{url}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
+        except requests.RequestException:  # (refused, or a slow first answer on a loaded machine)
             return process.poll() is not None
 
     try:
