@@ -94,6 +94,7 @@ class Sizes:
             rss_jobs=600,
             rss_seconds=3.0,
             ceiling_seconds=1.0,
+            fanout_endpoints=20,
             fanout_events=3,
         )
 

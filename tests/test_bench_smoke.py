@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.scenarios import Sizes
+
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = 100
 
@@ -51,7 +53,7 @@ def test_bench_smallest_scenario_delivers_every_job(tmp_path: Path) -> None:
 
 
 def test_bench_fanout_delivers_every_event_to_every_endpoint(tmp_path: Path) -> None:
-    """The fan-out scenario at its --quick size (3 events x 100 endpoints, and the same deliveries
+    """The fan-out scenario at its --quick size (3 events x 20 endpoints, and the same deliveries
     as plain webhook batches), to the Python receiver."""
     results_path = tmp_path / "results.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k not in ("REDIS_URL", "PORT")}
@@ -71,7 +73,7 @@ def test_bench_fanout_delivers_every_event_to_every_endpoint(tmp_path: Path) -> 
     rate, accept = results["rows"]
     assert (rate["id"], accept["id"]) == ("fanout_rate", "fanout_accept")
     events, endpoints = rate["events"], rate["endpoints"]
-    assert endpoints == 100
+    assert endpoints == Sizes.quick().fanout_endpoints == 20
     for name in ("ours", "simple"):  # events, then the same deliveries as plain webhook batches
         (run,) = rate["setups"][name]["runs"]
         assert run["jobs"] == run["delivered"] == run["succeeded"] == events * endpoints
