@@ -25,8 +25,10 @@ in the same atomic step as the state, into the endpoint's capped list of changes
 queue's outbox. Whoever made it then empties the outbox (`notify`): per change an email to the
 endpoint's owner and an event to its application, each enqueued with an idempotency claim whose
 key is the endpoint's id and the change's number, then the change leaves the outbox. A crash in
-between leaves it there, for the next worker to settle any delivery to enqueue, and the claim
-makes that a no-op for whatever was enqueued already: each change is mailed and published once.
+between leaves it there, for the next worker to settle a delivery that is not a plain success to a
+healthy endpoint (those, most deliveries, read one hash and stop), or for the next change, to
+enqueue; the claim makes that a no-op for whatever was enqueued already: each change is mailed and
+published once.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def record_attempt(
     connection: redis.Redis, keys: Keys, endpoint_id: str, job_id: str, failed: bool, error: str, settings: Settings
 ) -> tuple[float, float | None, int]:
     """Count a decided attempt to the endpoint, opening or closing its breaker if it should:
-    (Redis's time now, when the endpoint began failing or None, changes waiting in the outbox)."""
+    (Redis's time now, when the endpoint began failing or None, changes waiting in the outbox);
+    (0, None, 0) for a success to a healthy endpoint, which changes nothing."""
     now, since, waiting = _SETTLE(
         keys=[
             keys.endpoint_health(endpoint_id),
@@ -437,21 +440,23 @@ return {1, '0'}
 #: hash. ARGV: endpoint id, job id, 1 if the attempt failed else 0, failures that open the
 #: breaker, cooldown, longest cooldown, the attempt's error, changes kept.
 #: Counts the attempt (not for a deleted or disabled endpoint) and opens or closes the breaker,
-#: recording that change; returns {Redis's time, failing since or '', changes in the outbox}.
+#: recording that change; returns {Redis's time, failing since or '', changes in the outbox}, or
+#: {0, '', 0} at once for a success to an endpoint with no failure and a closed breaker.
 #: (Numbers go back as strings: Redis would truncate a Lua number.)
 _SETTLE = Script(
     None,  # type: ignore[arg-type]  # called with an explicit client
     b"""
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local h = KEYS[1]
 local fields = redis.call('HMGET', h, 'state', 'failures', 'failing_since', 'cooldown')
 local state, failures, since = fields[1], tonumber(fields[2]) or 0, fields[3]
+if ARGV[3] == '0' and failures == 0 and state ~= 'open' then
+  -- A success to a healthy endpoint, most deliveries: nothing changes, nothing more to read.
+  return {'0', '', 0}
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local probing = redis.call('GET', KEYS[2]) == ARGV[2]
 if probing then redis.call('DEL', KEYS[2]) end
-if ARGV[3] == '0' and failures == 0 and state ~= 'open' then
-  return {tostring(now), '', redis.call('LLEN', KEYS[4])}
-end
 local raw = redis.call('HGET', KEYS[5], ARGV[1])
 if not raw or cjson.decode(raw).disabled == true then
   return {tostring(now), '', redis.call('LLEN', KEYS[4])}
