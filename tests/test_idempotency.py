@@ -266,10 +266,12 @@ def test_a_repeated_replay_answers_the_first_answer_and_requeues_none_that_faile
     key = new_key()
     first = svc.client.post("/v1/jobs/replay", json={"kind": "webhook"}, headers=AUTH | {HEADER: key})
     assert first.status_code == 200 and sorted(first.get_json()["ids"]) == sorted(ids), first.get_json()
-    # A worker delivers the two again (they fail again) and one more webhook fails.
-    (later,) = failed_webhooks(svc, receiver, 1)
+    # A worker delivers the two again (they fail again) and one more webhook fails; then it stops.
+    svc.start_worker()
+    later = svc.post("/v1/webhooks", WEBHOOK | {"url": receiver.url("status/500"), "retry": {"max_attempts": 1}})
     wait_until(lambda: all(svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()["status"] == "failed"
-                           for job_id in ids), 30, "the replayed webhooks did not fail again")
+                           for job_id in [*ids, later]), 60, "the replayed webhooks did not fail again")
+    svc.stop_all()
 
     again = svc.client.post("/v1/jobs/replay", json={"kind": "webhook"}, headers=AUTH | {HEADER: key})
 
