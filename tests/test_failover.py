@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
+import requests
 from redis.sentinel import Sentinel
 
+from tests.conftest import AUTH, ROOT, Receiver, free_port, listening, process_env, start_dispatcher, wait_until
 from tests.ha import Cluster, start_cluster
 
 # A cluster of six servers and a failover: one at a time, on one test process.
@@ -47,3 +61,249 @@ def test_the_cluster_fails_over(cluster: Cluster) -> None:
                 raise
             time.sleep(0.1)
     assert master.info("replication")["role"] == "master"
+
+
+# --- Dispatcher under load ------------------------------------------------------------------
+
+#: Webhooks POSTed per second, each with an Idempotency-Key of its own.
+RATE = 50
+#: Seconds of load before the master is killed, and after.
+BEFORE_KILL, AFTER_KILL = 2.0, 8.0
+#: Seconds a stopped load waits for the accepted jobs to be delivered (or shown lost).
+DRAIN_TIMEOUT = 40.0
+#: How long the replicas lag behind in the "lagging" fault: frozen and cut off from the master for this
+#: long before it is killed. A write the master acknowledges in this time reached no replica.
+LAG = 0.5
+
+
+@dataclass
+class Answer:
+    seq: int
+    sent_at: float  # time.monotonic()
+    answered_at: float
+    status: int | None  # None: no answer (connection refused or reset, timeout)
+    job_id: str | None = None
+    error: str = ""
+
+
+class Load:
+    """POSTs one webhook to `target` every 1/RATE s from a pool of threads, and records every answer."""
+
+    def __init__(self, base_url: str, target: str) -> None:
+        self.base_url, self.target = base_url, target
+        self.run_id = uuid.uuid4().hex[:8]
+        self.answers: list[Answer] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=32)
+        self.sessions = threading.local()
+        self.ticker = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self) -> Load:
+        self.ticker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.ticker.join()
+        self.pool.shutdown(wait=True)
+
+    def _tick(self) -> None:
+        start = time.monotonic()
+        for seq in itertools.count():
+            delay = start + seq / RATE - time.monotonic()
+            if self.stopping.wait(max(delay, 0)):
+                return
+            self.pool.submit(self._post, seq)
+
+    def _post(self, seq: int) -> None:
+        session = getattr(self.sessions, "session", None) or requests.Session()
+        self.sessions.session = session
+        body = {"url": self.target, "event_type": "failover.probe", "payload": {"seq": seq}}
+        headers = AUTH | {"Idempotency-Key": f"failover-{self.run_id}-{seq}"}
+        sent_at = time.monotonic()
+        try:
+            response = session.post(f"{self.base_url}/v1/webhooks", json=body, headers=headers, timeout=10)
+        except requests.RequestException as exc:
+            answer = Answer(seq, sent_at, time.monotonic(), None, error=type(exc).__name__)
+        else:
+            job_id = response.json().get("id") if response.status_code == 202 else None
+            answer = Answer(seq, sent_at, time.monotonic(), response.status_code, job_id, response.text[:200])
+        with self.lock:
+            self.answers.append(answer)
+
+
+@dataclass
+class Dispatcher:
+    """`dispatcher web` and two worker processes, all on the cluster through its sentinels."""
+
+    base_url: str
+    processes: list[subprocess.Popen]
+    logs: list[Path]
+
+    def log_text(self) -> str:
+        return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in self.logs)
+
+
+@contextlib.contextmanager
+def run_dispatcher(env: dict[str, str], home: Path) -> Iterator[Dispatcher]:
+    (home / "run").mkdir(parents=True)
+    port = free_port()
+    env = process_env(env | {"PORT": str(port), "HOME": str(home), "XDG_RUNTIME_DIR": str(home / "run")})
+    logs = [home / "web.log", home / "worker-0.log", home / "worker-1.log"]
+    processes = [start_dispatcher("web", env, logs[0], home)]
+    try:
+        for log in logs[1:]:
+            with open(log, "wb") as out:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "workers"],
+                        env=env,
+                        cwd=ROOT,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        service = Dispatcher(f"http://127.0.0.1:{port}", processes, logs)
+        wait_until(lambda: listening(port) or processes[0].poll() is not None, 30, "dispatcher web did not start")
+        assert processes[0].poll() is None, service.log_text()
+        yield service
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def lagging_replicas_then_kill(cluster: Cluster) -> float:
+    """The replicas fall LAG seconds behind (frozen, their links to the master cut, as a network partition
+    would), and the master dies in that time: what it acknowledged meanwhile exists nowhere else."""
+    master = cluster.master()
+    replicas = [node for port, node in cluster.servers.items() if port != master.port and node.alive()]
+    for node in replicas:
+        node.process.send_signal(signal.SIGSTOP)
+    try:
+        with master.client() as client:
+            client.client_kill_filter(_type="replica")
+        time.sleep(LAG)
+        return cluster.kill_master()
+    finally:
+        for node in replicas:
+            node.process.send_signal(signal.SIGCONT)
+
+
+FAULTS = {"kill": Cluster.kill_master, "lagging": lagging_replicas_then_kill}
+
+
+@dataclass
+class Outcome:
+    """What one run under load measured; times in seconds from the kill."""
+
+    answers: list[Answer]
+    killed_at: float
+    deliveries: Counter[str]  # webhook-id -> deliveries
+    delivered_seqs: set[int]
+    lost: list[str]  # accepted job ids the API no longer knows (404) and nobody received
+
+    def __post_init__(self) -> None:
+        self.accepted = {a.job_id: a for a in self.answers if a.status == 202 and a.job_id}
+        self.refused = sorted((a for a in self.answers if a.status != 202), key=lambda a: a.answered_at)
+
+    @property
+    def refused_window(self) -> tuple[float, float] | None:
+        if not self.refused:
+            return None
+        return self.refused[0].answered_at - self.killed_at, self.refused[-1].answered_at - self.killed_at
+
+    @property
+    def recovery(self) -> float | None:
+        """From the kill to the first 202 to a request sent after it."""
+        after = [a.answered_at for a in self.answers if a.status == 202 and a.sent_at > self.killed_at]
+        return min(after) - self.killed_at if after else None
+
+    @property
+    def duplicates(self) -> int:
+        return sum(count - 1 for count in self.deliveries.values() if count > 1)
+
+    @property
+    def delivered_after_refusal(self) -> int:
+        """Requests answered with something other than 202 whose webhook was delivered all the same."""
+        return len({a.seq for a in self.refused} & self.delivered_seqs)
+
+    def report(self, label: str) -> str:
+        statuses = Counter(str(a.status or a.error) for a in self.answers)
+        window = self.refused_window
+        window_text = f"{window[0]:+.2f}s to {window[1]:+.2f}s" if window else "none"
+        recovery = f"{self.recovery:.2f}s" if self.recovery is not None else "never"
+        return (
+            f"\n[{label}] {len(self.answers)} requests: {dict(statuses)}; non-202 window {window_text} from the kill;"
+            f" first 202 after the kill at {recovery}; accepted {len(self.accepted)}, delivered"
+            f" {sum(1 for job_id in self.accepted if self.deliveries[job_id])}, lost {len(self.lost)},"
+            f" duplicates {self.duplicates}, delivered despite a non-202 answer {self.delivered_after_refusal}"
+        )
+
+
+def job_known(base_url: str, job_id: str) -> bool:
+    response = requests.get(f"{base_url}/v1/jobs/{job_id}", headers=AUTH, timeout=10)
+    assert response.status_code in (200, 404), response.text
+    return response.status_code == 200
+
+
+def run_under_load(cluster: Cluster, dispatcher: Dispatcher, receiver: Receiver, fault: str) -> Outcome:
+    target = receiver.url("ok")
+    with Load(dispatcher.base_url, target) as load:
+        time.sleep(BEFORE_KILL)
+        killed_at = FAULTS[fault](cluster)
+        print(f"\nnew master after {cluster.wait_for_new_master(since=killed_at):.2f}s")
+        time.sleep(max(0.0, killed_at + AFTER_KILL - time.monotonic()))
+    accepted = {a.job_id for a in load.answers if a.status == 202 and a.job_id}
+
+    def deliveries() -> Counter[str]:
+        return Counter(r.headers["webhook-id"] for r in receiver.received(target))
+
+    # Drained when every accepted job has arrived, or is unknown to the API (lost with the old master).
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    missing = accepted - set(deliveries())
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.5)
+        missing = accepted - set(deliveries())
+        if all(not job_known(dispatcher.base_url, job_id) for job_id in missing):
+            break
+    received = receiver.received(target)
+    counts = Counter(r.headers["webhook-id"] for r in received)
+    seqs = {json.loads(r.body)["data"]["seq"] for r in received}
+    lost = [job_id for job_id in accepted - set(counts) if not job_known(dispatcher.base_url, job_id)]
+    return Outcome(load.answers, killed_at, counts, seqs, lost)
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("min_replicas", [1, 0])
+def test_accepted_webhooks_survive_a_failover(
+    cluster: Cluster, receiver: Receiver, service_env: dict[str, str], tmp_path: Path, min_replicas: int, fault: str
+) -> None:
+    env = service_env | {
+        "REDIS_URL": cluster.sentinel_url(),
+        "DISPATCHER_QUEUE": f"failover-{uuid.uuid4().hex[:10]}",
+        "DISPATCHER_MIN_REPLICAS": str(min_replicas),
+    }
+    with run_dispatcher(env, tmp_path / "dispatcher") as dispatcher:
+        outcome = run_under_load(cluster, dispatcher, receiver, fault)
+        print(outcome.report(f"DISPATCHER_MIN_REPLICAS={min_replicas}, fault {fault}"))
+        logs = dispatcher.log_text()
+
+    assert len(outcome.accepted) > RATE, logs  # the load ran, before the kill and after the recovery
+    assert outcome.recovery is not None and outcome.recovery < 30, outcome.report("no recovery") + logs
+    # Every refusal is a 503 (Redis away), never a 500 or a dropped connection.
+    assert {a.status for a in outcome.refused} <= {503}, [(a.status, a.error) for a in outcome.refused]
+    # An accepted job that still exists is delivered: none is stuck after the failover.
+    stuck = [job_id for job_id in outcome.accepted if not outcome.deliveries[job_id] and job_id not in outcome.lost]
+    assert not stuck, f"{len(stuck)} accepted, still known, not delivered: {stuck[:5]}\n" + logs
+    if min_replicas:
+        # A 202 was on a replica too: none is lost, whatever the failover kept.
+        assert not outcome.lost, outcome.report("lost") + logs
