@@ -12,7 +12,7 @@ from dispatcher import dashboard, endpoint_api, metrics, suppression_api, templa
 from dispatcher.api import health, v1
 from dispatcher.config import Settings
 from dispatcher.docs import docs
-from dispatcher.errors import APIError
+from dispatcher.errors import APIError, NotReplicated
 from dispatcher.runtime import Runtime
 
 #: A request body over this is answered 413 before it is read.
@@ -75,6 +75,15 @@ def _register_error_handlers(app: Flask) -> None:
             message = "the job store (Redis) is unreachable; try again shortly"
         error = APIError(503, "unavailable", message)
         return jsonify(error.to_json()), 503
+
+    @app.errorhandler(NotReplicated)
+    def not_replicated(exc: NotReplicated) -> tuple[Response, int, dict[str, str]]:
+        log.warning("write not replicated: %s", exc)
+        message = (
+            f"the job store's primary has the request, but {exc} (DISPATCHER_MIN_REPLICAS): a failover "
+            "could lose it; send it again with the same Idempotency-Key, which finds it if it was kept"
+        )
+        return jsonify(APIError(503, "not_replicated", message).to_json()), 503, {"Retry-After": "1"}
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:
