@@ -88,7 +88,6 @@ def enqueue_many(
 
     `ordered`: per request, the list of an ordered endpoint's deliveries its job joins, in the same
     call (so in acceptance order), or None; each list lives at least `ordered_ttl` seconds.
-    With DISPATCHER_MIN_REPLICAS, NotReplicated if too few replicas confirmed the call (dispatcher.replicas).
     """
     if not requests and group is None:
         return []
@@ -116,8 +115,7 @@ def enqueue_many(
         record = batch_record(keys, group, job_ids, channel, priority, accepted_at, ttl)
     lists = [(key, job_id) for key, job_id in zip(ordered or [None] * len(job_ids), job_ids, strict=True) if key]
     earlier = rqstore.write_jobs(
-        client, queue, keys.index, keys.wake, time.time(), shared, jobs, once, due, record, lists, ordered_ttl,
-        settings.replicas,
+        client, queue, keys.index, keys.wake, time.time(), shared, jobs, once, due, record, lists, ordered_ttl
     )
     if earlier is not None:
         raise AlreadyAccepted(earlier)

@@ -1,11 +1,15 @@
 """Writes that survive a failover: with DISPATCHER_MIN_REPLICAS set, a write counts as done only once
 Redis's WAIT says that many replicas have it.
 
-WAIT answers for the writes made before it *on the same connection*, so it goes in the same
-pipeline as the write it vouches for (a pipeline holds one connection from the pool throughout).
-A write WAIT cannot vouch for is already on the master, whole (each is one script, or one pipeline
-of jobs' own keys): it may survive a failover or not. The API then answers 503 and its client asks
-again with the same Idempotency-Key, which finds the job if it survived and writes it anew if not.
+WAIT vouches for the writes made before it *on its own connection*. Replication is one ordered
+stream, so a replica that has a later write has every earlier one too: a worker puts WAIT in the
+pipeline that records its outcomes; the API, whose request may have written over several pooled
+connections, writes a fence key and WAITs on that connection once the request's writes are done
+(`confirm`), which vouches for all of them.
+
+Each of the API's writes is whole (one script, or one pipeline of a job's own keys), so a write WAIT
+cannot vouch for is on the master, whole, and may survive a failover or not: the API answers 503
+and its client sends the request again with the same Idempotency-Key, which finds what survived.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from dispatcher.errors import NotReplicated
 
 if TYPE_CHECKING:  # (redis-py is not imported with the settings: the CLI's start-up stays light)
+    import redis
     from redis.client import Pipeline
 
 
@@ -33,8 +38,7 @@ class Replicas:
 
     def check(self, replies: list[Any]) -> list[Any]:
         """The pipeline's replies without WAIT's; NotReplicated if fewer replicas than wanted had the
-        writes. (A reply that is an error, in a pipeline run with raise_on_error=False, is not WAIT's
-        failure to count: it is left to the caller, like the other replies.)"""
+        writes. (An error reply, from a pipeline run with raise_on_error=False, is left to the caller.)"""
         if not self.wanted:
             return replies
         acknowledged = replies[-1]
@@ -42,5 +46,12 @@ class Replicas:
             raise NotReplicated(acknowledged, self.wanted, self.timeout_ms)
         return replies[:-1]
 
-
-NONE = Replicas()
+    def confirm(self, connection: redis.Redis, fence_key: str) -> None:
+        """Return once the wanted replicas have every write this process made before the call, on any
+        connection; NotReplicated if they do not within the timeout."""
+        if not self.wanted:
+            return
+        with connection.pipeline(transaction=False) as pipe:
+            pipe.set(fence_key, b"", ex=3600)
+            self.wait(pipe)
+            self.check(pipe.execute())

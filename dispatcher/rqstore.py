@@ -34,9 +34,6 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.utils import as_text, current_timestamp, now, utcformat
 
-from dispatcher.replicas import NONE as NO_REPLICAS
-from dispatcher.replicas import Replicas
-
 # --- Writing jobs (the API) ------------------------------------------------------------------
 
 
@@ -147,7 +144,6 @@ def write_jobs(
     batch: tuple[str, str, str, int] | None = None,
     ordered: list[tuple[str, str]] | None = None,
     ordered_ttl: int = 0,
-    replicas: Replicas = NO_REPLICAS,
 ) -> bytes | None:
     """Write jobs (id, data, meta, description, created time, five per job, flat) to queue `queue_name`,
     index them in `index_key` and wake idle workers (`wake_key`), in one script: all or none.
@@ -162,7 +158,6 @@ def write_jobs(
     `ordered`: (list key, job id) pairs: each job id is appended to its list (an ordered endpoint's
     deliveries of one ordering key, workers.endpoints) with the jobs, so in acceptance order; each
     list then lives at least `ordered_ttl` seconds.
-    `replicas`: how many replicas must have the write (WAIT, on the script's connection), else NotReplicated.
     """
     record, ttl, once_key = "", 0, ""
     if once is not None:
@@ -187,14 +182,12 @@ def write_jobs(
         Job.redis_job_namespace_prefix, score, shared, WAKE_TOKENS, record, ttl, when, *batch_args,
         ordered_ttl, len(ordered or ()), *(job_id for _, job_id in ordered or ()), *jobs,
     ]
-    if isinstance(client, redis.Redis) and (len(jobs) > 5 or replicas.wanted):
+    if isinstance(client, redis.Redis) and len(jobs) > 5:
         # A batch's arguments run to megabytes: let a pipeline check that Redis has the script
-        # (SCRIPT EXISTS) instead of sending them twice after a NOSCRIPT answer. WAIT must follow
-        # the script on its connection: a pipeline too.
+        # (SCRIPT EXISTS) instead of sending them twice after a NOSCRIPT answer.
         with client.pipeline(transaction=False) as pipe:
             _WRITE_JOBS(keys, args, client=pipe)
-            replicas.wait(pipe)
-            (earlier,) = replicas.check(pipe.execute())
+            (earlier,) = pipe.execute()
     else:
         earlier = _WRITE_JOBS(keys, args, client=client)
     return cast(bytes | None, earlier) if once is not None else None

@@ -355,3 +355,29 @@ def test_a_worker_whose_outcomes_too_few_replicas_confirm_delivers_and_says_so(
         svc.start_worker()
         assert wait_for(svc.client, job_id, timeout=BOUND)["status"] == "succeeded", svc.logs()
         wait_until(lambda: "not on enough replicas: 1 of 2 replicas" in svc.logs(), 10, "no warning logged")
+
+
+def test_every_other_write_too_few_replicas_confirm_is_503_too(tmp_path: Path, service) -> None:
+    """Not only sends: a stored template, a suppression added and lifted, a cancel. Each write is made
+    (the master has it) but answered 503; the same Idempotency-Key later answers what was kept."""
+    with replicated(tmp_path, 1) as (url, add_replica):
+        svc = service(REDIS_URL=url, DISPATCHER_MIN_REPLICAS="2", DISPATCHER_MIN_REPLICAS_TIMEOUT="100")
+        keyed = AUTH | {"Idempotency-Key": "template-1"}
+        template = {"subject": "Hello {{ name }}", "text": "Hi {{ name }}"}
+        stored = svc.client.post("/v1/templates", json=template, headers=keyed)
+        assert stored.status_code == 503 and stored.get_json()["error"]["code"] == "not_replicated"
+        listed = svc.client.get("/v1/templates", headers=AUTH)  # a read: no WAIT, and the write is there
+        assert listed.status_code == 200 and len(listed.get_json()["templates"]) == 1, listed.get_json()
+
+        added = svc.client.post("/v1/suppressions", json={"address": "bob@example.com"}, headers=AUTH)
+        assert added.status_code == 503, added.get_json()
+        lifted = svc.client.delete("/v1/suppressions/bob@example.com", headers=AUTH)
+        assert lifted.status_code == 503, lifted.get_json()
+        assert svc.client.get("/v1/suppressions/bob@example.com", headers=AUTH).status_code == 404
+
+        add_replica()
+        again = svc.client.post("/v1/templates", json=template, headers=keyed)
+        assert again.status_code == 200, again.get_json()
+        assert again.get_json()["id"] == listed.get_json()["templates"][0]["id"]
+        added = svc.client.post("/v1/suppressions", json={"address": "carol@example.com"}, headers=AUTH)
+        assert added.status_code == 201, added.get_json()
