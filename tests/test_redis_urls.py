@@ -355,6 +355,8 @@ def test_a_worker_whose_outcomes_too_few_replicas_confirm_delivers_and_says_so(
         svc.start_worker()
         assert wait_for(svc.client, job_id, timeout=BOUND)["status"] == "succeeded", svc.logs()
         wait_until(lambda: "not on enough replicas: 1 of 2 replicas" in svc.logs(), 10, "no warning logged")
+        # Said at start-up too, before any job.
+        assert "Redis has 1 connected replicas and DISPATCHER_MIN_REPLICAS is 2" in svc.logs()
 
 
 def test_every_other_write_too_few_replicas_confirm_is_503_too(tmp_path: Path, service) -> None:

@@ -88,7 +88,7 @@ def run(args: WorkerOptions) -> int:
             log.info("stopped while waiting for Redis")
             return 0
         if not checked:
-            warn_about_server(connection, log)
+            warn_about_server(connection, log, settings.min_replicas)
             checked = True
         worker = None
         try:
