@@ -79,11 +79,17 @@ def webhook(receiver) -> dict:
 
 
 def delivers_everywhere(svc, receiver) -> None:
-    """The API accepts, a worker process delivers, the CLI and rq-dashboard read it back."""
+    """The API accepts, a worker process delivers, its scheduler (a process RQ forks, which builds its
+    own connection from the worker's) moves a retry, the CLI and rq-dashboard read it back."""
     svc.start_worker()
     job_id = svc.post("/v1/webhooks", webhook(receiver))
+    retried = svc.post(
+        "/v1/webhooks", webhook(receiver) | {"url": receiver.url("fail/1/503"), "retry": {"backoff": [1]}}
+    )
     job = wait_for(svc.client, job_id, timeout=BOUND)
     assert job["status"] == "succeeded", (job, svc.logs())
+    job = wait_for(svc.client, retried, timeout=BOUND)
+    assert job["status"] == "succeeded" and len(job["attempts"]) == 2, (job, svc.logs())
     shown = cli(svc.env, "status", job_id)
     assert shown.returncode == 0 and "succeeded" in shown.stdout, shown
     info = cli(svc.env, "rq-info")
