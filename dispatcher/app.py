@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from dispatcher import dashboard, endpoint_api, metrics, suppression_api, template_api
 from dispatcher.api import health, v1
 from dispatcher.config import Settings
 from dispatcher.docs import docs
-from dispatcher.errors import APIError
+from dispatcher.errors import APIError, NotReplicated
 from dispatcher.runtime import Runtime
 
 #: A request body over this is answered 413 before it is read.
@@ -47,7 +47,40 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics.init_app(app)
     app.register_blueprint(docs)
     _register_error_handlers(app)
+    app.after_request(_confirm_writes)
     return app
+
+
+#: Methods whose success may have written to Redis.
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _confirm_writes(response: Response) -> Response:
+    """With DISPATCHER_MIN_REPLICAS, a write succeeds only once that many replicas have it
+    (dispatcher.replicas): until then its answer is a 503, whatever the route."""
+    rt: Runtime = current_app.extensions["dispatcher"]
+    if request.method not in WRITES or response.status_code >= 400 or not rt.settings.min_replicas:
+        return response
+    try:
+        rt.settings.replicas.confirm(rt.connection, rt.keys.replication_fence)
+    except NotReplicated as exc:
+        return _not_replicated(exc)
+    except redis.RedisError as exc:  # the master went away after the write: as unsure as too few replicas
+        log.warning("could not confirm a write on the replicas: %s", exc)
+        return _not_replicated(NotReplicated(0, rt.settings.min_replicas, rt.settings.min_replicas_timeout))
+    return response
+
+
+def _not_replicated(exc: NotReplicated) -> Response:
+    log.warning("write not replicated: %s", exc)
+    message = (
+        f"the job store's primary has the request, but {exc} (DISPATCHER_MIN_REPLICAS): a failover "
+        "could lose it; send it again with the same Idempotency-Key, which finds it if it was kept"
+    )
+    response = jsonify(APIError(503, "not_replicated", message).to_json())
+    response.status_code = 503
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -12,10 +12,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from dispatcher.errors import ConfigError
 from dispatcher.priorities import reserved_suffix
+from dispatcher.replicas import Replicas
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: Milliseconds a write waits for DISPATCHER_MIN_REPLICAS replicas: well inside the API's answer time.
+DEFAULT_MIN_REPLICAS_TIMEOUT = 500
 DEFAULT_QUEUE = "dispatcher"
 DEFAULT_OUTBOX_DIR = "./var/outbox"
 DEFAULT_WEBHOOK_TIMEOUT = 15.0
@@ -51,8 +54,6 @@ DEFAULT_BREAKER_FAILURES = 5
 DEFAULT_BREAKER_COOLDOWN = 60.0
 BREAKER_MAX_COOLDOWN = 3600.0
 DEFAULT_ENDPOINT_DISABLE_AFTER = 5 * 24 * 3600
-#: URL schemes redis-py connects with.
-REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def default_max_per_host(concurrency: int) -> int:
@@ -123,6 +124,10 @@ class Settings:
     breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN
     #: Seconds an endpoint may fail without a success before it is disabled.
     endpoint_disable_after: int = DEFAULT_ENDPOINT_DISABLE_AFTER
+    #: Replicas a write must reach (Redis WAIT) before the API answers 202 or a worker moves on; 0: none.
+    min_replicas: int = 0
+    #: Milliseconds that WAIT gives them.
+    min_replicas_timeout: int = DEFAULT_MIN_REPLICAS_TIMEOUT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -185,7 +190,19 @@ class Settings:
                 1,
                 365 * 24 * 3600,
             ),
+            min_replicas=_parse_int("DISPATCHER_MIN_REPLICAS", get("DISPATCHER_MIN_REPLICAS"), 0, 0, 16),
+            min_replicas_timeout=_parse_int(
+                "DISPATCHER_MIN_REPLICAS_TIMEOUT",
+                get("DISPATCHER_MIN_REPLICAS_TIMEOUT"),
+                DEFAULT_MIN_REPLICAS_TIMEOUT,
+                1,
+                60_000,
+            ),
         )
+
+    @property
+    def replicas(self) -> Replicas:
+        return Replicas(self.min_replicas, self.min_replicas_timeout)
 
     def require_api_keys(self) -> None:
         if not self.api_keys:
@@ -220,24 +237,10 @@ def parse_webhook_secret(value: str) -> bytes:
 
 
 def parse_redis_url(value: str) -> str:
-    """Check REDIS_URL's form (scheme, port, database) without connecting; raise ConfigError naming the fault."""
-    import redis.connection
+    """Check REDIS_URL's form without connecting (dispatcher.connection); raise ConfigError naming the fault."""
+    from dispatcher.connection import check_url  # redis-py is imported only where a URL is read
 
-    scheme = urlsplit(value).scheme
-    if scheme not in REDIS_SCHEMES:
-        raise ConfigError(
-            f"REDIS_URL must start with redis://, rediss:// or unix://, got {scheme + '://' if scheme else 'no scheme'}"
-        )
-    try:
-        redis.connection.parse_url(value)
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError on a port out of range
-    except ValueError as exc:
-        raise ConfigError(f"REDIS_URL is not a valid Redis URL: {exc}") from None
-    database = parts.path.strip("/") if scheme != "unix" else ""
-    if database and not (database.isascii() and database.isdigit()):
-        raise ConfigError(f"REDIS_URL: the database after the host must be a number, got {database!r}")
-    return value
+    return check_url(value)
 
 
 def parse_log_format(value: str | None) -> str:

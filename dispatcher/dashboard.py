@@ -36,6 +36,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from dispatcher.config import Settings
+from dispatcher.connection import connect
 from dispatcher.errors import APIError
 
 #: Where the dashboard is mounted.
@@ -68,7 +69,7 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 def init_app(app: Flask, settings: Settings) -> None:
     """Mount rq-dashboard at PREFIX on `app`, with its own connection to `settings.redis_url`."""
-    connection = redis.Redis.from_url(
+    connection = connect(
         settings.redis_url,
         socket_connect_timeout=CONNECT_TIMEOUT,
         socket_timeout=SOCKET_TIMEOUT,

@@ -20,6 +20,7 @@ from rq.serializers import JSONSerializer
 
 from dispatcher import processes
 from dispatcher.config import DEV_WEB_HOST, Settings
+from dispatcher.connection import is_sentinel
 
 #: Where `dispatcher dev` keeps its Redis data, outbox, generated credentials and URLs.
 VAR_DIR = Path("var")
@@ -132,7 +133,8 @@ def run_dev() -> int:
 
 
 def _banner(settings: Settings, api_url: str, embedded: bool) -> str:
-    redis_url = shlex.quote(settings.redis_url)
+    # RQ's CLI takes a Sentinel URL only from a settings module (dispatcher.connection).
+    where = "-c workers.rqconfig" if is_sentinel(settings.redis_url) else f"-u {shlex.quote(settings.redis_url)}"
     serializer = f"{JSONSerializer.__module__}.{JSONSerializer.__name__}"
     outbox = settings.outbox_dir if settings.smtp is None else "off: sending through SMTP"
     return (
@@ -145,7 +147,7 @@ def _banner(settings: Settings, api_url: str, embedded: bool) -> str:
         f"  Outbox     {outbox}\n"
         "In another terminal, from this directory:\n"
         f"  {_command('dispatcher')} stats\n"
-        f"  {_command('rq')} info -u {redis_url} -S {serializer}\n"
+        f"  {_command('rq')} info {where} -S {serializer}\n"
         "Press Ctrl+C to stop.\n"
     )
 

@@ -72,3 +72,14 @@ class APIError(DispatcherError):
 
     def to_json(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class NotReplicated(DispatcherError):
+    """A write is on the Redis master but fewer replicas than DISPATCHER_MIN_REPLICAS confirmed it in
+    time (dispatcher.replicas): a failover now could lose it."""
+
+    def __init__(self, acknowledged: int, wanted: int, timeout_ms: int) -> None:
+        super().__init__(f"{acknowledged} of {wanted} replicas confirmed the write within {timeout_ms} ms")
+        self.acknowledged = acknowledged
+        self.wanted = wanted
+        self.timeout_ms = timeout_ms

@@ -41,6 +41,8 @@ class Keys:
         #: List of endpoint health changes (JSON) whose email and event are still to be enqueued
         #: (dispatcher.health): the outbox any worker empties.
         self.health_outbox = f"{self.prefix}:health:outbox"
+        #: The key the API writes before WAIT, so that WAIT vouches for its earlier writes (dispatcher.replicas).
+        self.replication_fence = f"{self.prefix}:replication-fence"
 
     def application_endpoints(self, application_id: str) -> str:
         """Set of one application's endpoint ids."""

@@ -79,7 +79,8 @@ _ERRORS = {
     415: "`unsupported_media_type`: the body is not `application/json`",
     431: "`headers_too_large`: over 100 header fields, or one over 8,190 bytes",
     422: "`validation_error`: one entry in `details` for every bad field, query parameter or header",
-    503: "`unavailable`: Redis is unreachable",
+    503: "`unavailable`: Redis is unreachable; `not_replicated`: fewer replicas than DISPATCHER_MIN_REPLICAS "
+    "confirmed the write (send it again with the same Idempotency-Key)",
 }
 _STRING = {"type": "string"}
 

@@ -10,6 +10,7 @@ from redis.retry import Retry
 from rq import Queue
 
 from dispatcher.config import Settings
+from dispatcher.connection import connect
 from dispatcher.enqueue import make_queue, make_queues
 from dispatcher.keys import Keys
 from dispatcher.netguard import NetworkGuard
@@ -22,7 +23,7 @@ API_SOCKET_TIMEOUT = 1.0
 
 
 def api_connection(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
+    return connect(
         url,
         socket_connect_timeout=API_CONNECT_TIMEOUT,
         socket_timeout=API_SOCKET_TIMEOUT,

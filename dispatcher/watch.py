@@ -11,6 +11,7 @@ import time
 import redis
 
 from dispatcher.config import Settings
+from dispatcher.connection import connect
 from dispatcher.enqueue import make_queues
 from dispatcher.keys import Keys
 from dispatcher.status import StatusReader
@@ -38,7 +39,7 @@ class DeliveryWatch:
         self._stop.set()
 
     def _run(self) -> None:
-        connection = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        connection = connect(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
         reader = StatusReader(connection, make_queues(connection, self.settings), Keys(self.settings.queue_name))
         while not self._stop.wait(self.interval):
             try:

@@ -1,6 +1,6 @@
 """A real headless browser for tests: Debian's Chromium (/usr/bin/chromium) driven by Playwright.
 
-Playwright cannot download its own browser here, so it drives the system one; `.ci/install-browser`
+Playwright cannot download its own browser here, so it drives the system one; `.ci/install-packages`
 installs it. A test module takes the module-scoped fixture with
 
     from tests.browser import browser  # noqa: F401 - a pytest fixture
@@ -35,7 +35,7 @@ CHROMIUM_ARGS = [
 def browser() -> Iterator[Browser]:
     """One headless Chromium per test module. A missing browser fails the test, never skips it."""
     if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium with .ci/install-browser", pytrace=False)
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium with .ci/install-packages", pytrace=False)
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:

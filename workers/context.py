@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import redis
 
 from dispatcher.config import Settings
+from dispatcher.connection import connect
 from dispatcher.endpoints import Registry
 from dispatcher.keys import Keys
 from dispatcher.netguard import NetworkGuard
@@ -98,7 +99,7 @@ class DeliveryContext:
         with self._lock:
             if self._redis is None:  # one pool for every thread
                 # (No CLIENT SETINFO: two commands more for each delivery thread's connection.)
-                self._redis = redis.Redis.from_url(
+                self._redis = connect(
                     self.settings.redis_url,
                     socket_timeout=REDIS_TIMEOUT,
                     socket_connect_timeout=REDIS_TIMEOUT,

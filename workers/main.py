@@ -14,6 +14,7 @@ from rq.serializers import JSONSerializer
 from dispatcher import logs, ratelimit
 from dispatcher.cli import WORKER_EPILOG, WORKER_HELP, WorkerOptions, worker_options
 from dispatcher.config import Settings
+from dispatcher.connection import connect
 from dispatcher.enqueue import make_queues
 from dispatcher.errors import ConfigError
 from dispatcher.redis_checks import warn_about_server
@@ -77,7 +78,7 @@ def run(args: WorkerOptions) -> int:
     except ConfigError as exc:
         print(f"dispatcher worker: {exc}", file=sys.stderr)
         return 2
-    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+    connection = connect(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
     queues = make_queues(connection, settings, args.queues)
     stop = _Stop()
     checked = False
@@ -87,7 +88,7 @@ def run(args: WorkerOptions) -> int:
             log.info("stopped while waiting for Redis")
             return 0
         if not checked:
-            warn_about_server(connection, log)
+            warn_about_server(connection, log, settings.min_replicas)
             checked = True
         worker = None
         try:
@@ -100,6 +101,7 @@ def run(args: WorkerOptions) -> int:
                 concurrency=settings.concurrency,
                 max_per_host=settings.max_per_host,
                 rates=ratelimit.configured(settings),
+                replicas=settings.replicas,
                 index_ttl=max(settings.result_ttl, settings.failure_ttl),
             )
             worker.work(

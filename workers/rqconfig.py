@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-from dispatcher.config import parse_log_format
+from dispatcher.config import DEFAULT_REDIS_URL, parse_log_format
+from dispatcher.connection import rq_cli_settings
 
 DICT_CONFIG = {
     "version": 1,
@@ -24,3 +25,7 @@ DICT_CONFIG = {
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "dispatcher"}},
     "root": {"level": "INFO", "handlers": ["stderr"]},
 }
+
+# Where RQ's CLI finds Redis with `-c workers.rqconfig`: REDIS_URL, a Sentinel URL included
+# (RQ reads Sentinel from a settings module only). An explicit `-u` still wins.
+globals().update(rq_cli_settings(os.environ.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL))

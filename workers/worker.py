@@ -62,9 +62,11 @@ from rq.worker import DequeueStrategy, SimpleWorker, WorkerStatus
 
 from dispatcher import logs, ratelimit, rqstore
 from dispatcher.config import DEFAULT_CONCURRENCY, DEFAULT_FAILURE_TTL, Settings, default_max_per_host
+from dispatcher.errors import NotReplicated
 from dispatcher.history import Attempt, History, UnreadableHistory
 from dispatcher.keys import Keys, Kind
 from dispatcher.priorities import split
+from dispatcher.replicas import Replicas
 from dispatcher.tallies import Tally
 from workers.attempt import (
     Decision,
@@ -163,11 +165,13 @@ class DispatcherWorker(SimpleWorker):
         index_ttl: int = DEFAULT_FAILURE_TTL,
         max_per_host: int | None = None,
         rates: dict[Kind, float] | None = None,
+        replicas: Replicas | None = None,
         **kwargs,
     ) -> None:
         """`max_per_host`: delivery slots one webhook host may hold (default a quarter, at least 1).
-        `rates`: channels' shared sending rates, messages per second (default: the environment's
-        settings, as under `rq worker -w`, whose deliveries read them too)."""
+        `rates`: channels' shared sending rates, messages per second, and `replicas`: the replicas an
+        outcome must reach (default: the environment's settings, as under `rq worker -w`, whose
+        deliveries read them too)."""
         kwargs.setdefault("worker_ttl", WORKER_TTL)
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
         super().__init__(*args, **kwargs)
@@ -190,8 +194,11 @@ class DispatcherWorker(SimpleWorker):
             raise ValueError(f"max_per_host must be from 1 to the concurrency ({concurrency}), got {max_per_host}")
         self.max_held = HELD_PER_SLOT * concurrency
         self.history = History(self.connection, Keys(bases[0]))
-        if rates is None:
-            rates = ratelimit.configured(Settings.from_env())
+        if rates is None or replicas is None:
+            settings = Settings.from_env()
+            rates = ratelimit.configured(settings) if rates is None else rates
+            replicas = settings.replicas if replicas is None else replicas
+        self.replicas = replicas
         #: Per rate-limited channel, this worker's share of its rate.
         self.pacers = {
             kind: Pacer(shared)
@@ -751,7 +758,15 @@ class DispatcherWorker(SimpleWorker):
             rqstore.unregister_executions(pipe, ended_executions)
             self.count_finished(pipe, succeeded, failed, working_time)
             tally.write(pipe, self.history.keys)
-            batch.execute(pipe)
+            self.replicas.wait(pipe)
+            replies = batch.execute(pipe)
+        try:
+            self.replicas.check(replies)
+        except NotReplicated as exc:
+            # Recorded on the master only: a failover now would have these jobs delivered again (as
+            # the reaper requeues a lost worker's jobs), never lost. Waiting longer would stall
+            # every delivery behind one slow replica; the warning says what is at stake.
+            self.log.warning("Worker %s: outcomes of %d jobs not on enough replicas: %s", self.name, len(items), exc)
         for index, item in enumerate(items):
             error = batch.error(index)
             assert item.decision is not None

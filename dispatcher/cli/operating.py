@@ -26,6 +26,7 @@ from dispatcher.cli.base import (
     exit_with,
 )
 from dispatcher.config import Settings
+from dispatcher.connection import connect, is_sentinel, shown_url
 
 
 @dataclass
@@ -53,24 +54,13 @@ def _store() -> _Store:
         env["REDIS_URL"] = written or ""
     with configuration():
         settings = Settings.from_env(env)
-    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
+    connection = connect(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
     try:
         connection.ping()
     except redis.RedisError as exc:
-        raise Failed(f"cannot reach Redis at {_shown(settings.redis_url)} (from {source}): {exc}") from None
+        raise Failed(f"cannot reach Redis at {shown_url(settings.redis_url)} (from {source}): {exc}") from None
     reader = StatusReader(connection, make_queues(connection, settings), Keys(settings.queue_name))
     return _Store(settings, source, connection, reader)
-
-
-def _shown(url: str) -> str:
-    """A Redis URL without its password."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 _json_flag = click.option("--json", "as_json", is_flag=True, help="print the API's JSON instead of a summary")
@@ -124,7 +114,7 @@ def _batch_status(store: _Store, batch_id: str, watch: bool, as_json: bool) -> N
     def read() -> dict:
         view = batch_view(store.connection, keys, batch_id, 0, 20)
         if view is None:
-            raise Failed(f"no batch {batch_id} in {store.settings.queue_name} on {_shown(store.settings.redis_url)}")
+            raise Failed(f"no batch {batch_id} in {store.settings.queue_name} on {shown_url(store.settings.redis_url)}")
         return view
 
     view = read()
@@ -166,7 +156,7 @@ def _progress_line(view: dict) -> str:
 def _job(store: _Store, job_id: str) -> dict:
     job = store.status.job(job_id)
     if job is None:
-        raise Failed(f"no job {job_id} in {store.settings.queue_name} on {_shown(store.settings.redis_url)}")
+        raise Failed(f"no job {job_id} in {store.settings.queue_name} on {shown_url(store.settings.redis_url)}")
     return job  # type: ignore[no-any-return]
 
 
@@ -323,7 +313,7 @@ def _control() -> Iterator[Any]:
     try:
         yield JobControl.of(store.connection, store.settings)
     except NoSuchJob as exc:
-        where = f"{store.settings.queue_name} on {_shown(store.settings.redis_url)}"
+        where = f"{store.settings.queue_name} on {shown_url(store.settings.redis_url)}"
         raise Failed(f"no job {exc.job_id} in {where}") from None
     except JobStateConflict as exc:
         raise Failed(str(exc)) from None
@@ -343,7 +333,7 @@ def stats(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"stats": counts, "readiness": ready}, indent=2))
     else:
-        click.echo(f"Redis {_shown(store.settings.redis_url)} (from {store.source})")
+        click.echo(f"Redis {shown_url(store.settings.redis_url)} (from {store.source})")
         columns = ("queued", "scheduled", "running", "succeeded", "failed")
         click.echo(f"{'':10}" + "".join(f"{c:>11}" for c in columns))
         for kind in ("email", "webhook"):
@@ -372,9 +362,11 @@ def rq_info(rq_args: tuple[str, ...]) -> None:
     (refresh every second); `dispatcher rq-info -- --help` lists them.
     """
     store = _store()
-    click.echo(f"Redis {_shown(store.settings.redis_url)} (from {store.source})", err=True)
+    click.echo(f"Redis {shown_url(store.settings.redis_url)} (from {store.source})", err=True)
     store.connection.close()
-    argv = [sys.executable, "-m", "rq.cli", "info", "-u", store.settings.redis_url]
+    # RQ's CLI reads a Sentinel URL only from a settings module (workers.rqconfig reads REDIS_URL).
+    where = ["-c", "workers.rqconfig"] if is_sentinel(store.settings.redis_url) else ["-u", store.settings.redis_url]
+    argv = [sys.executable, "-m", "rq.cli", "info", *where]
     argv += ["-S", "rq.serializers.JSONSerializer", *rq_args]
     sys.stdout.flush()
     os.execv(sys.executable, argv)

@@ -66,7 +66,7 @@ def run_web(host: str | None = None, log_level: str = "info") -> int:
     check_address_free(server.host, settings.port)
     connection = api_connection(settings.redis_url)
     try:
-        warn_about_server(connection, logging.getLogger("dispatcher.web"))
+        warn_about_server(connection, logging.getLogger("dispatcher.web"), settings.min_replicas)
     finally:
         connection.close()  # the workers build their own, after gevent patched them
     server.run()
