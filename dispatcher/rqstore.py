@@ -514,10 +514,16 @@ class Scheduler(RQScheduler):
 
 
 def start_scheduler(
-    worker: Any, burst: bool, logging_level: str | None, date_format: str, log_format: str, wake_key: str
+    worker: Any,
+    burst: bool,
+    logging_level: str | None,
+    date_format: str,
+    log_format: str,
+    wake_key: str,
+    name: str | None = None,
 ) -> None:
     """What RQ's worker does in its private `_start_scheduler` (a process, or in burst mode one pass),
-    with Dispatcher's Scheduler."""
+    with Dispatcher's Scheduler, named `name` (default: a new name)."""
     worker.scheduler = Scheduler(
         worker.queues,
         connection=worker.connection,
@@ -526,6 +532,7 @@ def start_scheduler(
         log_format=log_format,
         serializer=worker.serializer,
         wake_key=wake_key,
+        name=name,
     )
     worker.scheduler.acquire_locks()
     if worker.scheduler.acquired_locks:

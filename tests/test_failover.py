@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,57 @@ def test_accepted_webhooks_survive_a_failover(
     if min_replicas:
         # A 202 was on a replica too: the failover kept every one.
         assert not outcome.forgotten, outcome.report("accepted jobs gone") + logs
+
+
+#: Seconds after its due time a scheduled send may go out once the cluster has a new master: the
+#: failover, a worker's restart (5 s) and the scheduler's pass, with room for a loaded machine.
+BOUND = 20.0
+
+
+def post_until_accepted(base_url: str, body: dict, timeout: float = 30) -> str:
+    """POST a webhook, again while the API answers 503; its job id."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = requests.post(f"{base_url}/v1/webhooks", json=body, headers=AUTH, timeout=10)
+        if response.status_code == 202:
+            return response.json()["id"]
+        assert response.status_code == 503 and time.monotonic() < deadline, response.text
+        time.sleep(0.2)
+
+
+def send_at(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+def test_scheduled_sends_go_out_soon_after_a_failover(
+    cluster: Cluster, receiver: Receiver, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = service_env | {"REDIS_URL": cluster.sentinel_url(), "DISPATCHER_QUEUE": f"failover-{uuid.uuid4().hex[:10]}"}
+    with run_dispatcher(env, tmp_path / "dispatcher") as dispatcher:
+        # One scheduled send before: a worker's scheduler runs, and its lock is on the replicas too.
+        before = receiver.url("ok")
+        post_until_accepted(
+            dispatcher.base_url, {"url": before, "event_type": "failover.probe", "payload": {}, "send_at": send_at(1)}
+        )
+        wait_until(lambda: receiver.received(before), 30, "the scheduled send before the failover was not delivered")
+
+        killed_at = cluster.kill_master()
+        cluster.wait_for_new_master(since=killed_at)
+        after, late = receiver.url("ok"), receiver.url("fail/1/500")  # a retry is a scheduled job too
+        post_until_accepted(
+            dispatcher.base_url, {"url": after, "event_type": "failover.probe", "payload": {}, "send_at": send_at(1)}
+        )
+        due = time.time() + 1
+        retry = {"max_attempts": 2, "backoff": [1]}
+        post_until_accepted(
+            dispatcher.base_url, {"url": late, "event_type": "failover.probe", "payload": {}, "retry": retry}
+        )
+        while not (receiver.received(after) and len(receiver.received(late)) == 2) and time.time() < due + BOUND:
+            time.sleep(0.1)
+        logs = dispatcher.log_text()
+    sent = [r.received_at - due for r in receiver.received(after)] + [
+        r.received_at - due for r in receiver.received(late)[1:]
+    ]
+    print(f"\nafter the failover, scheduled send and retry out at {[f'{s:+.1f}s' for s in sent]} from their time")
+    assert receiver.received(after), f"the scheduled send did not go out within {BOUND:.0f}s of its time\n" + logs
+    assert len(receiver.received(late)) == 2, f"the retry did not go out within {BOUND:.0f}s\n" + logs

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import uuid
 
 import click
 import redis
@@ -82,6 +83,11 @@ def run(args: WorkerOptions) -> int:
     queues = make_queues(connection, settings, args.queues)
     stop = _Stop()
     checked = False
+    # One scheduler name for every worker this process starts. The scheduler lock outlives a worker
+    # that lost Redis (it is on the replicas, or in the AOF): under a new name its successor's
+    # scheduler would wait for it to expire, a minute without retries or scheduled sends. (The old
+    # worker's scheduler process has stopped by then: its teardown joins it.)
+    scheduler_name = uuid.uuid4().hex
     while True:
         stop.install()
         if not wait_for_redis(connection, stop):
@@ -103,6 +109,7 @@ def run(args: WorkerOptions) -> int:
                 rates=ratelimit.configured(settings),
                 replicas=settings.replicas,
                 index_ttl=max(settings.result_ttl, settings.failure_ttl),
+                scheduler_name=scheduler_name,
             )
             worker.work(
                 with_scheduler=True,

@@ -166,12 +166,15 @@ class DispatcherWorker(SimpleWorker):
         max_per_host: int | None = None,
         rates: dict[Kind, float] | None = None,
         replicas: Replicas | None = None,
+        scheduler_name: str | None = None,
         **kwargs,
     ) -> None:
         """`max_per_host`: delivery slots one webhook host may hold (default a quarter, at least 1).
         `rates`: channels' shared sending rates, messages per second, and `replicas`: the replicas an
         outcome must reach (default: the environment's settings, as under `rq worker -w`, whose
-        deliveries read them too)."""
+        deliveries read them too). `scheduler_name`: its scheduler's, which owns the scheduler lock
+        (default: a new one); a worker taking over from one whose Redis went away passes the old
+        one's, so it takes back the lock at once rather than wait for it to expire."""
         kwargs.setdefault("worker_ttl", WORKER_TTL)
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
         super().__init__(*args, **kwargs)
@@ -199,6 +202,7 @@ class DispatcherWorker(SimpleWorker):
             rates = ratelimit.configured(settings) if rates is None else rates
             replicas = settings.replicas if replicas is None else replicas
         self.replicas = replicas
+        self.scheduler_name = scheduler_name
         #: Per rate-limited channel, this worker's share of its rate.
         self.pacers = {
             kind: Pacer(shared)
@@ -283,7 +287,9 @@ class DispatcherWorker(SimpleWorker):
         self._refuse_options(max_jobs, max_idle_time, dequeue_strategy, unsupported)
         self.bootstrap(logging_level, date_format, log_format)
         if with_scheduler:
-            rqstore.start_scheduler(self, burst, logging_level, date_format, log_format, self.history.keys.wake)
+            rqstore.start_scheduler(
+                self, burst, logging_level, date_format, log_format, self.history.keys.wake, self.scheduler_name
+            )
         rqstore.install_signal_handlers(self)
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="delivery")
         running: dict[Future, Running] = {}
