@@ -61,7 +61,8 @@ class Cluster:
     servers: dict[int, Node]
     sentinels: list[Node]
     name: str = MASTER_NAME
-    killed: list[int] = field(default_factory=list)
+    #: Ports of the masters that were killed or moved: a new master is none of these.
+    deposed: list[int] = field(default_factory=list)
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:
@@ -89,12 +90,22 @@ class Cluster:
         node.process.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         node.process.wait()
-        self.killed.append(node.port)
+        self.deposed.append(node.port)
         return killed_at
 
+    def switch_master(self) -> float:
+        """A failover an operator asks for (SENTINEL FAILOVER, e.g. before upgrading the master): the
+        sentinels promote a replica and demote the master, which keeps running. Return its time.monotonic()."""
+        old = self.master()
+        started_at = time.monotonic()
+        with self.sentinels[0].client() as sentinel:
+            sentinel.sentinel_failover(self.name)
+        self.deposed.append(old.port)
+        return started_at
+
     def wait_for_new_master(self, since: float, timeout: float = 60.0) -> float:
-        """Wait until every sentinel names a live master and that master answers as one; return the
-        seconds from `since` (a time.monotonic(), e.g. kill_master's) until then."""
+        """Wait until every sentinel names the same master, not a deposed one, and it answers as one;
+        return the seconds from `since` (a time.monotonic(), e.g. kill_master's) until then."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._new_master_ready():
@@ -113,7 +124,7 @@ class Cluster:
         if len(addresses) != 1:
             return False
         port = addresses.pop()
-        if port in self.killed:
+        if port in self.deposed:
             return False
         try:
             with self.servers[port].client(decode_responses=True) as server:
