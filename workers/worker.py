@@ -722,7 +722,8 @@ class DispatcherWorker(SimpleWorker):
             taken = self._taken(items)
             if taken:
                 self._record_taken(taken)
-                items = [item for item in items if all(item is not t for t in taken)]
+                gone = {id(item) for item in taken}
+                items = [item for item in items if id(item) not in gone]
                 if not items:
                     return
         batch = Batch()
