@@ -17,7 +17,9 @@ and, in one run:
    cost is the drain's less the batch accept of step 1.
 3. A Redis ceiling: `redis-benchmark` (SET/GET, 50 clients, no pipelining) when installed: the
    commands per second and CPU per command of Redis doing nothing else.
-4. Memory: bench.memory's method (an embedded Valkey of its own): bytes per job queued and finished.
+4. Idle workers: Redis's CPU and commands per second of `dispatcher worker`s with nothing to do,
+   less Redis's own with no client: the fixed cost of each worker process.
+5. Memory: bench.memory's method (an embedded Valkey of its own): bytes per job queued and finished.
 
 Prints Markdown tables and the capacity model; writes bench/results/capacity.json. See docs/scaling.md.
 """
@@ -85,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-baseline", action="store_true", help="leave out the SimpleWorker drains")
     parser.add_argument("--no-ceiling", action="store_true", help="leave out redis-benchmark")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=6.0, help="length of the idle-worker measurement (default 6; 0: skip)"
+    )
     parser.add_argument("--redis-server", help="redis-server or valkey-server binary (default: as bench.run)")
     parser.add_argument(
         "--quiet-wait", type=float, default=30.0, help="wait up to this long for a quiet machine before each drain"
@@ -202,6 +207,36 @@ def drains(
     return entry
 
 
+def _per_second(server: RedisServer, seconds: float) -> dict[str, float]:
+    before, started = server.usage(), time.monotonic()
+    time.sleep(seconds)
+    used = {k: v - before[k] for k, v in server.usage().items()}
+    elapsed = time.monotonic() - started
+    return {"cpu_us": used["cpu_s"] * 1e6 / elapsed, "commands": (used["commands"] - 1) / elapsed}
+
+
+def idle_cost(ctx: Context, processes: int, seconds: float = 6.0) -> dict:
+    """Redis's CPU and commands per second of `processes` idle `dispatcher worker`s (their polls,
+    heartbeats, scheduler and reaper), less Redis's own with no client: what each worker costs
+    Redis whether or not jobs flow."""
+    setup = make_setup("ours", processes=processes)
+    ctx.redis.flush()
+    alone = _per_second(ctx.redis, seconds)
+    setup.start(ctx.procs, ctx.redis.url, "capacity-idle")
+    try:
+        setup.wait_ready()
+        time.sleep(2.0)  # past start-up: registration, scripts loaded, the scheduler's first pass
+        with_workers = _per_second(ctx.redis, seconds)
+    finally:
+        setup.stop(ctx.procs)
+    return {
+        "processes": processes,
+        "redis_alone_cpu_us_per_s": alone["cpu_us"],
+        "redis_cpu_us_per_s_per_worker": (with_workers["cpu_us"] - alone["cpu_us"]) / processes,
+        "commands_per_s_per_worker": (with_workers["commands"] - alone["commands"]) / processes,
+    }
+
+
 # --- the Redis ceiling -----------------------------------------------------------------------
 
 
@@ -294,6 +329,13 @@ def report(results: dict) -> str:
             f"\nRedis alone ({c['command']}): {c['commands_per_s']:,.0f} commands/s, "
             f"{c['redis_cpu_us_per_command']:.2f} us Redis CPU per command, {c['redis_cores']:.2f} cores busy"
         )
+    if results.get("idle"):
+        i = results["idle"]
+        lines.append(
+            f"\nIdle workers ({i['processes']} processes, no jobs): {i['redis_cpu_us_per_s_per_worker']:,.0f} us "
+            f"Redis CPU and {i['commands_per_s_per_worker']:.1f} commands per second per worker process "
+            f"(Redis with no client: {i['redis_alone_cpu_us_per_s']:,.0f} us CPU per second, not counted)"
+        )
     if results.get("memory"):
         lines.append("\nRedis memory per job (bench.memory's method, its own embedded Valkey)\n")
         lines.append("| channel | queued, bytes/job | finished, bytes/job | finished, kept 7 days: GB per job/s |")
@@ -377,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         if not args.no_ceiling:
             results["ceiling"] = redis_ceiling(server)
+        if args.idle_seconds:
+            results["idle"] = idle_cost(ctx, max(args.processes), args.idle_seconds)
+            say(
+                f"idle workers: {results['idle']['redis_cpu_us_per_s_per_worker']:,.0f} us Redis CPU and "
+                f"{results['idle']['commands_per_s_per_worker']:.1f} commands per second per worker process"
+            )
         plan: list[tuple[str, str, int, int]] = [("ours", "webhook", p, args.jobs) for p in args.processes]
         if args.emails:
             plan += [("ours", "email", p, args.emails) for p in args.processes if p <= 2]
