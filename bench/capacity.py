@@ -121,8 +121,9 @@ def fmt(entry: dict | None, digits: int = 0) -> str:
 # --- accept ----------------------------------------------------------------------------------
 
 
-def accept_costs(server: RedisServer, kind: str, n: int, url: str) -> dict[str, dict[str, float]]:
-    """Redis's cost per job of the API's enqueue, one job a call and BATCH a call, no worker running."""
+def accept_costs(server: RedisServer, kind: str, n: int, url: str, runs: int) -> dict[str, dict[str, dict]]:
+    """Redis's cost per job of the API's enqueue, one job a call and BATCH a call, no worker running:
+    per figure the median and range of `runs` measurements."""
     settings = Settings.from_env({"REDIS_URL": server.url, "DISPATCHER_QUEUE": "capacity"})
     request = (
         WebhookRequest.model_validate(webhook_request(url))
@@ -130,28 +131,31 @@ def accept_costs(server: RedisServer, kind: str, n: int, url: str) -> dict[str, 
         else EmailRequest.model_validate(email_request("accept"))
     )
     connection = redis.Redis.from_url(server.url)
-    costs = {}
+    measured: dict[str, list[dict[str, float]]] = {"single": [], "batch": []}
     try:
-        for label, per_call in (("single", 1), ("batch", BATCH)):
-            server.flush()
-            enqueue(connection, settings, kind, request)  # scripts loaded, connection open
-            before = server.usage()
-            for start in range(0, n, per_call):
-                if per_call == 1:
-                    enqueue(connection, settings, kind, request)
-                else:
-                    enqueue_many(connection, settings, kind, [request] * min(per_call, n - start))
-            used = {k: v - before[k] for k, v in server.usage().items()}
-            costs[label] = {
-                "commands_per_job": (used["commands"] - 1) / n,  # less the first INFO
-                "redis_cpu_us_per_job": used["cpu_s"] * 1e6 / n,
-                "net_in_bytes_per_job": used["net_in"] / n,
-                "net_out_bytes_per_job": used["net_out"] / n,
-            }
+        for _ in range(runs):
+            for label, per_call in (("single", 1), ("batch", BATCH)):
+                server.flush()
+                enqueue(connection, settings, kind, request)  # scripts loaded, connection open
+                before = server.usage()
+                for start in range(0, n, per_call):
+                    if per_call == 1:
+                        enqueue(connection, settings, kind, request)
+                    else:
+                        enqueue_many(connection, settings, kind, [request] * min(per_call, n - start))
+                used = {k: v - before[k] for k, v in server.usage().items()}
+                measured[label].append(
+                    {
+                        "commands_per_job": (used["commands"] - 1) / n,  # less the first INFO
+                        "redis_cpu_us_per_job": used["cpu_s"] * 1e6 / n,
+                        "net_in_bytes_per_job": used["net_in"] / n,
+                        "net_out_bytes_per_job": used["net_out"] / n,
+                    }
+                )
     finally:
         connection.close()
         server.flush()
-    return costs
+    return {label: {key: spread([m[key] for m in values]) for key in values[0]} for label, values in measured.items()}
 
 
 # --- drains ----------------------------------------------------------------------------------
@@ -215,25 +219,27 @@ def _per_second(server: RedisServer, seconds: float) -> dict[str, float]:
     return {"cpu_us": used["cpu_s"] * 1e6 / elapsed, "commands": (used["commands"] - 1) / elapsed}
 
 
-def idle_cost(ctx: Context, processes: int, seconds: float = 6.0) -> dict:
+def idle_cost(ctx: Context, processes: int, seconds: float, runs: int) -> dict:
     """Redis's CPU and commands per second of `processes` idle `dispatcher worker`s (their polls,
     heartbeats, scheduler and reaper), less Redis's own with no client: what each worker costs
-    Redis whether or not jobs flow."""
+    Redis whether or not jobs flow; `runs` windows of `seconds` each."""
     setup = make_setup("ours", processes=processes)
     ctx.redis.flush()
-    alone = _per_second(ctx.redis, seconds)
+    alone = [_per_second(ctx.redis, seconds) for _ in range(runs)]
     setup.start(ctx.procs, ctx.redis.url, "capacity-idle")
     try:
         setup.wait_ready()
         time.sleep(2.0)  # past start-up: registration, scripts loaded, the scheduler's first pass
-        with_workers = _per_second(ctx.redis, seconds)
+        with_workers = [_per_second(ctx.redis, seconds) for _ in range(runs)]
     finally:
         setup.stop(ctx.procs)
+    base_cpu = statistics.median(a["cpu_us"] for a in alone)
+    base_commands = statistics.median(a["commands"] for a in alone)
     return {
         "processes": processes,
-        "redis_alone_cpu_us_per_s": alone["cpu_us"],
-        "redis_cpu_us_per_s_per_worker": (with_workers["cpu_us"] - alone["cpu_us"]) / processes,
-        "commands_per_s_per_worker": (with_workers["commands"] - alone["commands"]) / processes,
+        "redis_alone_cpu_us_per_s": spread([a["cpu_us"] for a in alone]),
+        "redis_cpu_us_per_s_per_worker": spread([(w["cpu_us"] - base_cpu) / processes for w in with_workers]),
+        "commands_per_s_per_worker": spread([(w["commands"] - base_commands) / processes for w in with_workers]),
     }
 
 
@@ -264,20 +270,20 @@ def redis_ceiling(server: RedisServer, requests: int = 200_000) -> dict | None:
 # --- the model -------------------------------------------------------------------------------
 
 
-def model(entry: dict, accept: dict[str, dict[str, float]] | None) -> dict:
+def model(entry: dict, accept: dict[str, dict[str, dict]] | None) -> dict:
     """What one Redis core sustains, from Redis CPU per job. The drain's own figures are a job accepted
     in a batch and delivered (its fill is one batch enqueue). With Dispatcher's `accept` costs also a
     job accepted one request each: the drain's less the batch enqueue, plus a single one."""
     costs = {"batch": (entry["redis_cpu_us_per_job"]["median"], entry["redis_calls_per_job"]["median"])}
     if accept is not None:
         batch, single = accept["batch"], accept["single"]
-        delivery_us = costs["batch"][0] - batch["redis_cpu_us_per_job"]
+        delivery_us = costs["batch"][0] - batch["redis_cpu_us_per_job"]["median"]
         # bench.scenarios takes off the fill's pipeline (MULTI, EVALSHA, EXEC, TIME) but not what its
         # script runs; the batch accept's commands are that script's, plus one EVALSHA per 500 jobs.
-        delivery_commands = costs["batch"][1] - batch["commands_per_job"]
+        delivery_commands = costs["batch"][1] - batch["commands_per_job"]["median"]
         costs["single"] = (
-            delivery_us + single["redis_cpu_us_per_job"],
-            delivery_commands + single["commands_per_job"],
+            delivery_us + single["redis_cpu_us_per_job"]["median"],
+            delivery_commands + single["commands_per_job"]["median"],
         )
     result = {}
     for label, (job_us, commands) in costs.items():
@@ -301,8 +307,8 @@ def report(results: dict) -> str:
     lines.append("| --- | --- | --- |")
     for kind, costs in accept.items():
         cells = [
-            f"{c['commands_per_job']:.1f} commands, {c['redis_cpu_us_per_job']:.1f} us, "
-            f"{c['net_in_bytes_per_job']:,.0f} B in / {c['net_out_bytes_per_job']:,.0f} B out"
+            f"{c['commands_per_job']['median']:.1f} commands, {fmt(c['redis_cpu_us_per_job'], 1)} us, "
+            f"{c['net_in_bytes_per_job']['median']:,.0f} B in / {c['net_out_bytes_per_job']['median']:,.0f} B out"
             for c in (costs["single"], costs["batch"])
         ]
         lines.append(f"| {kind} | {cells[0]} | {cells[1]} |")
@@ -332,9 +338,9 @@ def report(results: dict) -> str:
     if results.get("idle"):
         i = results["idle"]
         lines.append(
-            f"\nIdle workers ({i['processes']} processes, no jobs): {i['redis_cpu_us_per_s_per_worker']:,.0f} us "
-            f"Redis CPU and {i['commands_per_s_per_worker']:.1f} commands per second per worker process "
-            f"(Redis with no client: {i['redis_alone_cpu_us_per_s']:,.0f} us CPU per second, not counted)"
+            f"\nIdle workers ({i['processes']} processes, no jobs), per second per worker process: "
+            f"{fmt(i['redis_cpu_us_per_s_per_worker'])} us Redis CPU, {fmt(i['commands_per_s_per_worker'], 1)} "
+            f"commands (Redis with no client: {fmt(i['redis_alone_cpu_us_per_s'])} us CPU per second, not counted)"
         )
     if results.get("memory"):
         lines.append("\nRedis memory per job (bench.memory's method, its own embedded Valkey)\n")
@@ -409,21 +415,21 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{server.version} on {server.url} (appendonly yes, appendfsync everysec); receiver {args.receiver}")
 
         results["accept"] = {
-            kind: accept_costs(server, kind, args.accept_jobs, hook_url("accept"))
+            kind: accept_costs(server, kind, args.accept_jobs, hook_url("accept"), args.runs)
             for kind in (["webhook", "email"] if args.emails else ["webhook"])
         }
         for kind, costs in results["accept"].items():
             say(
-                f"accept {kind}: one a call {costs['single']['redis_cpu_us_per_job']:.1f} us Redis CPU/job, "
-                f"batches {costs['batch']['redis_cpu_us_per_job']:.1f} us/job"
+                f"accept {kind}: one a call {fmt(costs['single']['redis_cpu_us_per_job'], 1)} us Redis CPU/job, "
+                f"batches {fmt(costs['batch']['redis_cpu_us_per_job'], 1)} us/job"
             )
         if not args.no_ceiling:
             results["ceiling"] = redis_ceiling(server)
         if args.idle_seconds:
-            results["idle"] = idle_cost(ctx, max(args.processes), args.idle_seconds)
+            results["idle"] = idle_cost(ctx, max(args.processes), args.idle_seconds, args.runs)
             say(
-                f"idle workers: {results['idle']['redis_cpu_us_per_s_per_worker']:,.0f} us Redis CPU and "
-                f"{results['idle']['commands_per_s_per_worker']:.1f} commands per second per worker process"
+                f"idle workers: {fmt(results['idle']['redis_cpu_us_per_s_per_worker'])} us Redis CPU and "
+                f"{fmt(results['idle']['commands_per_s_per_worker'], 1)} commands per second per worker process"
             )
         plan: list[tuple[str, str, int, int]] = [("ours", "webhook", p, args.jobs) for p in args.processes]
         if args.emails:
@@ -460,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         text = report(results)
         results["table"] = text
         print("\n" + text + "\n")
+    if "interrupted" in results["errors"]:  # keep the last complete results; this partial run goes beside them
+        args.json = args.json.with_suffix(".interrupted.json")
     write_json(args.json, results)
     say(f"results: {args.json} ({results['elapsed_s']:.0f} s)")
     if results["errors"]:
