@@ -270,10 +270,11 @@ def redis_ceiling(server: RedisServer, requests: int = 200_000) -> dict | None:
 # --- the model -------------------------------------------------------------------------------
 
 
-def model(entry: dict, accept: dict[str, dict[str, dict]] | None) -> dict:
+def model(entry: dict, accept: dict[str, dict[str, dict]] | None, per_process: float) -> dict:
     """What one Redis core sustains, from Redis CPU per job. The drain's own figures are a job accepted
     in a batch and delivered (its fill is one batch enqueue). With Dispatcher's `accept` costs also a
-    job accepted one request each: the drain's less the batch enqueue, plus a single one."""
+    job accepted one request each: the drain's less the batch enqueue, plus a single one.
+    `per_process`: deliveries/s of one worker process with a core to itself (the x1 drain)."""
     costs = {"batch": (entry["redis_cpu_us_per_job"]["median"], entry["redis_calls_per_job"]["median"])}
     if accept is not None:
         batch, single = accept["batch"], accept["single"]
@@ -293,7 +294,7 @@ def model(entry: dict, accept: dict[str, dict[str, dict]] | None) -> dict:
             "commands_per_job": commands,
             "jobs_per_redis_core_s": per_second,
             "jobs_per_s_at_headroom": per_second * REDIS_HEADROOM,
-            "worker_processes_at_headroom": per_second * REDIS_HEADROOM / entry["per_process"]["median"],
+            "worker_processes_at_headroom": per_second * REDIS_HEADROOM / per_process,
             "worker_cores_per_redis_core": entry["worker_cpu_ms_per_job"]["median"] * 1000 / job_us,
         }
     return result
@@ -357,7 +358,8 @@ def report(results: dict) -> str:
     )
     lines.append(
         "| setup | channel | accepted | Redis CPU us/job | commands/job | jobs/s per Redis core | "
-        f"jobs/s at {REDIS_HEADROOM:.0%} | worker processes at {REDIS_HEADROOM:.0%} | worker cores per Redis core |"
+        f"jobs/s at {REDIS_HEADROOM:.0%} | worker processes at {REDIS_HEADROOM:.0%} (x1 rate) | "
+        "worker cores per Redis core |"
     )
     lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for entry in results["drains"]:
@@ -440,7 +442,18 @@ def main(argv: list[str] | None = None) -> int:
             log_path, url = (hook_log, hook_url) if kind == "webhook" else (ctx.smtp.log_path, None)  # type: ignore[union-attr]
             entry = drains(ctx, name, kind, processes, n, args.runs, log_path, url)
             if "value" in entry:
-                entry["model"] = model(entry, results["accept"][kind] if name == "ours" else None)
+                # A process's rate is the one measured alone: with more processes than cores they share them.
+                alone = next(
+                    (
+                        e
+                        for e in results["drains"]
+                        if (e["setup"], e["kind"], e["processes"]) == (name, kind, 1) and "per_process" in e
+                    ),
+                    entry,
+                )
+                entry["model"] = model(
+                    entry, results["accept"][kind] if name == "ours" else None, alone["per_process"]["median"]
+                )
             else:
                 results["errors"].append(f"{entry['label']} {kind}: every run failed")
             results["drains"].append(entry)
