@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 #: The test files that hold Dispatcher and RQ to one storage layout.
@@ -16,6 +18,7 @@ CONTRACT_TESTS = ("tests/test_enqueue.py", "tests/test_rq_tools.py", "tests/test
 PREFIX = "dsp"
 
 
+@pytest.mark.long
 def test_the_rq_contract_tests_pass_under_rq_key_prefix(redis_url, redis_conn):
     env = os.environ | {"RQ_KEY_PREFIX": PREFIX, "TEST_REDIS_URL": redis_url}
     done = subprocess.run(
