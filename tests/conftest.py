@@ -48,7 +48,7 @@ def free_port() -> int:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The long tests first: xdist hands tests out in collection order, so a long test collected late
-    keeps one test process busy while the other, done with everything else, waits."""
+    keeps one test process busy while the others, done with everything else, wait."""
     items.sort(key=lambda item: not (item.get_closest_marker("long") or item.get_closest_marker("soak")))
 
 

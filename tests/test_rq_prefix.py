@@ -21,8 +21,8 @@ PREFIX = "dsp"
 @pytest.mark.long
 def test_the_rq_contract_tests_pass_under_rq_key_prefix(redis_url, redis_conn):
     env = os.environ | {"RQ_KEY_PREFIX": PREFIX, "TEST_REDIS_URL": redis_url}
-    # Two test processes, as the suite runs: these tests mostly wait (on workers, retries' backoff), so
-    # the run takes about half as long as in one.
+    # Two test processes: these tests mostly wait (on workers, retries' backoff), so the run takes about
+    # half as long as in one.
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", *CONTRACT_TESTS],
         env=env,
