@@ -29,7 +29,7 @@ from dispatcher.keys import Keys
 from tests.conftest import API_KEY, ROOT, WEBHOOK_SECRET, process_env
 from tests.netns import NamespacesUnavailable, network
 
-pytestmark = pytest.mark.xdist_group("netns")
+pytestmark = [pytest.mark.xdist_group("netns"), pytest.mark.long]
 
 #: Webhooks posted; how long the receiver takes to answer each (so deliveries are in flight at the cut).
 JOBS = 60
