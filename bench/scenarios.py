@@ -223,7 +223,8 @@ def timed_drain(
     totals counted as succeeded before this drain (a second drain on the same Redis)."""
     log.poll()
     calls_before = ctx.redis.calls()
-    own_commands = 1 + fill.commands  # that INFO, and the fill itself
+    usage_before = ctx.redis.usage()
+    own_commands = 2 + fill.commands  # those two INFO, and the fill itself
     cpu = CpuWatch().start()
     worker_pids = [p.pid for p in setup.workers]
     # Taken before the commit: once the jobs are visible the workers start at once.
@@ -253,6 +254,8 @@ def timed_drain(
     # After the settle wait, as for the Redis calls: the last jobs' bookkeeping is part of their cost.
     worker_cpu = tree_cpu_ms(worker_pids) - worker_cpu_before
     calls = ctx.redis.calls() - calls_before - own_commands
+    # Redis's CPU and traffic include the fill (the jobs' enqueue) and the benchmark's polling.
+    redis_used = {k: v - usage_before[k] for k, v in ctx.redis.usage().items()}
     seconds = max(t_last - t0, 1e-6)
     first = min((a.at for a in arrivals), default=t0)
     ids = [a.message_id for a in arrivals if a.message_id != "-"]  # Dispatcher's webhook-id / Message-ID
@@ -268,6 +271,10 @@ def timed_drain(
         "redis_calls_per_job": calls / delivered if delivered else None,
         "worker_cpu_ms": round(worker_cpu, 1),
         "worker_cpu_ms_per_job": worker_cpu / delivered if delivered else None,
+        "redis_cpu_ms": round(redis_used["cpu_s"] * 1000, 1),
+        "redis_cpu_us_per_job": redis_used["cpu_s"] * 1e6 / delivered if delivered else None,
+        "redis_net_in_bytes_per_job": redis_used["net_in"] / delivered if delivered else None,
+        "redis_net_out_bytes_per_job": redis_used["net_out"] / delivered if delivered else None,
         "duplicates": len(ids) - len(set(ids)),
         "max_in_flight_at_receiver": max((a.in_flight for a in arrivals), default=0),
         "background_cpu_pct": round(background, 1),

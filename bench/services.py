@@ -226,6 +226,17 @@ class RedisServer:
         """Commands executed so far, all clients (INFO commandstats), not counting this INFO call."""
         return sum(int(v["calls"]) for v in self.client.info("commandstats").values())
 
+    def usage(self) -> dict[str, float]:
+        """Redis's own counters so far: CPU seconds of the server process (user + system, every thread),
+        bytes read from and written to clients, and commands run (one INFO call)."""
+        info = self.client.info("cpu", "stats")
+        return {
+            "cpu_s": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+            "net_in": float(info["total_net_input_bytes"]),
+            "net_out": float(info["total_net_output_bytes"]),
+            "commands": float(info["total_commands_processed"]),
+        }
+
     def flush(self) -> None:
         self.client.flushall()
 

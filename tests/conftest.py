@@ -46,6 +46,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first: xdist hands tests out in collection order, so a long test collected late
+    keeps one test process busy while the others, done with everything else, wait."""
+    items.sort(key=lambda item: not (item.get_closest_marker("long") or item.get_closest_marker("soak")))
+
+
 # --- Redis -----------------------------------------------------------------------------------
 
 

@@ -82,3 +82,36 @@ def test_bench_fanout_delivers_every_event_to_every_endpoint(tmp_path: Path) -> 
         assert accept["setups"][name]["median"] == run["accept_ms_median"]
     assert rate["setups"]["ours"]["runs"][0]["events_finished"] == events
     assert "Fan-out" in results["table"] and results["table"] in completed.stdout
+
+
+def test_capacity_measures_redis_cost_per_job(tmp_path: Path) -> None:
+    """bench.capacity at its smallest: one worker process, 100 webhooks to the Python receiver, the accept
+    measured on 50 jobs; no baseline, ceiling, idle window or memory pass. Only shapes, no timing."""
+    results_path = tmp_path / "capacity.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k not in ("REDIS_URL", "PORT")}
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "bench.capacity",
+            "--runs", "1", "--processes", "1", "--jobs", str(JOBS), "--emails", "0", "--accept-jobs", "50",
+            "--no-baseline", "--no-ceiling", "--idle-seconds", "0", "--memory-jobs", "0",
+            "--receiver", "python", "--quiet-wait", "0", "--json", str(results_path),
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+
+    results = json.loads(results_path.read_text())
+    assert results["errors"] == []
+    single, batch = results["accept"]["webhook"]["single"], results["accept"]["webhook"]["batch"]
+    # One request is one script call; a batch shares it: fewer commands and less Redis CPU per job.
+    assert single["commands_per_job"]["median"] > batch["commands_per_job"]["median"] > 0
+    assert batch["redis_cpu_us_per_job"]["median"] > 0
+    (entry,) = results["drains"]
+    assert (entry["setup"], entry["kind"], entry["processes"]) == ("ours", "webhook", 1)
+    (run,) = entry["runs"]
+    assert run["delivered"] == run["succeeded"] == JOBS
+    assert run["redis_cpu_us_per_job"] > 0 and run["redis_net_in_bytes_per_job"] > 0
+    model = entry["model"]
+    assert model["single"]["redis_cpu_us_per_job"] > model["batch"]["redis_cpu_us_per_job"] > 0
+    assert model["batch"]["jobs_per_redis_core_s"] == 1e6 / model["batch"]["redis_cpu_us_per_job"]
+    assert "The model" in results["table"] and results["table"] in completed.stdout

@@ -67,6 +67,13 @@ def stats(env: dict[str, str]) -> dict:
     return json.loads(done.stdout)
 
 
+def api_stats(svc) -> dict:
+    """What `dispatcher stats --json` shows, read through the API in this process (the same reader):
+    for waiting, where a command started every poll would keep a core busy."""
+    ready = svc.client.get("/readyz").get_json()
+    return {"stats": svc.client.get("/v1/stats", headers=AUTH).get_json(), "readiness": ready}
+
+
 # --- help ------------------------------------------------------------------------------------
 
 
@@ -203,7 +210,7 @@ def test_jobs_lists_newest_first_filtered_by_kind_and_status(svc_env, receiver):
     bad = webhook(env, receiver.url("status/410"))
     mail = run(env, "send-email", "--to", "cli-list@example.com", "--subject", "s", "--text", "t", "--wait")
     mail_id = mail.stdout.split()[0]
-    wait_until(lambda: stats(env)["stats"]["webhook"]["failed"] == 1, 30, "the 410 did not fail")
+    wait_until(lambda: api_stats(svc)["stats"]["webhook"]["failed"] == 1, 30, "the 410 did not fail")
 
     listed = run(env, "jobs")
     failed = json.loads(run(env, "jobs", "--status", "failed", "--json").stdout)["jobs"]
@@ -257,7 +264,7 @@ def test_stats_reports_live_workers_per_queue_and_warns_when_jobs_wait_for_none(
     assert rows["webhook"] == ["1", "0", "0", "0", "0"]
 
     svc.start_worker()
-    wait_until(lambda: stats(env)["stats"]["webhook"]["succeeded"] == 1, 30, "not delivered")
+    wait_until(lambda: api_stats(svc)["stats"]["webhook"]["succeeded"] == 1, 30, "not delivered")
     served = run(env, "stats")
     assert served.returncode == 0 and served.stderr == ""
     rows = {line.split()[0]: line.split()[1:] for line in served.stdout.splitlines() if line.strip()}
@@ -269,7 +276,7 @@ def test_rq_info_reads_the_redis_dispatcher_dev_wrote_down(svc_env, tmp_path):
     so, and show every Dispatcher queue, even those that never had a job."""
     svc, env = svc_env()
     worker = svc.start_worker()
-    wait_until(lambda: stats(env)["readiness"]["queues"]["low"]["workers"] == 1, 30, "no worker")
+    wait_until(lambda: api_stats(svc)["readiness"]["queues"]["low"]["workers"] == 1, 30, "no worker")
     (tmp_path / "var").mkdir()
     (tmp_path / "var" / "redis-url").write_text(svc.settings.redis_url + "\n")
     bare = {k: v for k, v in env.items() if k != "REDIS_URL"}
@@ -347,13 +354,13 @@ def test_worker_processes_runs_that_many_and_stops_them_together(svc_env, receiv
     parent = subprocess.Popen([DISPATCHER, "worker", "--processes", "2"], env=env, cwd=ROOT, stdout=log, stderr=log)
     try:
         wait_until(
-            lambda: stats(env)["readiness"]["queues"]["default"]["workers"] == 2, 30, "two workers did not start"
+            lambda: api_stats(svc)["readiness"]["queues"]["default"]["workers"] == 2, 30, "two workers did not start"
         )
         children = _children(parent.pid)
         assert len(children) == 2
         urls = [receiver.url("ok") for _ in range(10)]
         ids = [webhook(env, url) for url in urls]
-        wait_until(lambda: stats(env)["stats"]["webhook"]["succeeded"] == len(ids), 30, "not all delivered")
+        wait_until(lambda: api_stats(svc)["stats"]["webhook"]["succeeded"] == len(ids), 30, "not all delivered")
 
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=BOUND) == 0

@@ -95,6 +95,7 @@ def _delete_jobs(redis_conn, settings: Settings) -> None:
 # --- schemathesis against the running service ------------------------------------------------
 
 
+@pytest.mark.long
 def test_schemathesis_finds_no_failure_and_every_202_made_exactly_its_jobs(web: Web, redis_conn, tmp_path: Path):
     har = tmp_path / "run.har"
     # One worker thread: with two, hypothesis's strategy descriptions (ast.parse in threads) hit

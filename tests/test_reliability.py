@@ -75,6 +75,35 @@ def test_sigterm_lets_the_current_delivery_finish_then_the_worker_exits(service,
     assert len(receiver.received(url)) == 1
 
 
+def test_a_worker_taken_for_dead_that_resumes_leaves_the_job_delivered_meanwhile_alone(service, receiver):
+    """A worker frozen mid-delivery (as a host cut off from Redis is) has its job requeued and delivered
+    by another. Resumed, it finds its attempt failed (a 500, or past its deadline): that outcome joins
+    the history, but the job stays delivered, neither scheduled for a retry nor delivered again."""
+    svc = service(DISPATCHER_WEBHOOK_TIMEOUT="15")
+    first = svc.start_worker()
+    url = receiver.url("event")
+    body = {"url": url, "event_type": "a.b", "payload": {"delay": 2, "fail_first": 1}, "retry": {"backoff": [60]}}
+    job_id = svc.post("/v1/webhooks", body)
+    wait_until(lambda: receiver.received(url), 15, "the first delivery never reached the receiver")
+    first.send_signal(signal.SIGSTOP)
+    try:
+        svc.start_worker()
+        wait_for(svc.client, job_id, lambda job: job["status"] == "succeeded", timeout=RECOVERY_BOUND)
+    finally:
+        first.send_signal(signal.SIGCONT)
+
+    # Resumed, the first worker records its attempt's outcome over the reaper's "interrupted" note.
+    job = wait_for(svc.client, job_id, lambda job: "interrupted" not in (job["attempts"][0]["error"] or ""), 30)
+    assert job["status"] == "succeeded", job
+    assert [a["outcome"] for a in job["attempts"]] == ["retryable", "succeeded"], job
+    time.sleep(1)
+    assert svc.client.get(f"/v1/jobs/{job_id}", headers=AUTH).get_json()["status"] == "succeeded"
+    assert len(receiver.received(url)) == 2
+    assert first.poll() is None, svc.logs()  # it carries on
+    stats = svc.client.get("/v1/stats", headers=AUTH).get_json()["webhook"]
+    assert (stats["succeeded"], stats["failed"]) == (1, 0)
+
+
 def test_second_sigterm_puts_the_job_back_instead_of_failing_it(service, receiver):
     svc = service(DISPATCHER_WEBHOOK_TIMEOUT="15")
     worker = svc.start_worker()

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 #: The test files that hold Dispatcher and RQ to one storage layout.
@@ -16,10 +18,13 @@ CONTRACT_TESTS = ("tests/test_enqueue.py", "tests/test_rq_tools.py", "tests/test
 PREFIX = "dsp"
 
 
+@pytest.mark.long
 def test_the_rq_contract_tests_pass_under_rq_key_prefix(redis_url, redis_conn):
     env = os.environ | {"RQ_KEY_PREFIX": PREFIX, "TEST_REDIS_URL": redis_url}
+    # Two test processes: these tests mostly wait (on workers, retries' backoff), so the run takes about
+    # half as long as in one.
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *CONTRACT_TESTS],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", *CONTRACT_TESTS],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -31,6 +31,7 @@ def queued(svc) -> int:
                for name in (svc.settings.queue_name, f"{svc.settings.queue_name}-low"))
 
 
+@pytest.mark.long
 def test_a_thousand_recipients_get_their_own_message_and_the_batch_reaches_100_percent(service, smtp_server):
     svc = service()
     recipients = [

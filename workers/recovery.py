@@ -33,11 +33,14 @@ from dispatcher.priorities import split
 BEAT_INTERVAL = 3.0
 #: A worker whose key is older than this is dead: a few missed beats.
 ALIVE_TTL = 10
+#: How late a beat may be before the worker checks, as it finishes jobs, that they are still its own.
+BEAT_SLACK = 1.0
 #: A job popped but not started (in RQ's intermediate list, unregistered) for this long is
 #: abandoned: a live worker starts what it pops in one round trip.
 LIMBO_AGE = 2 * int(BEAT_INTERVAL)
 
 log = logging.getLogger(__name__)
+
 
 class Reaper:
     """Renews one worker's liveness and requeues the jobs of workers that have none."""
@@ -52,9 +55,23 @@ class Reaper:
         self.keys = Keys(split(queues[0].name)[0])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: When the last beat that got through was sent, and when a beat got through after a gap in
+        #: which the liveness key may have expired (0: never); time.time(), read by the worker's loop.
+        self.last_beat = time.time()
+        self.lapsed_at = 0.0
 
     def beat(self) -> None:
+        sent = time.time()
         self.connection.set(self.keys.alive(self.worker_name), 1, ex=ALIVE_TTL)
+        if time.time() - self.last_beat > ALIVE_TTL:
+            self.lapsed_at = time.time()
+        self.last_beat = sent
+
+    def out_of_touch(self, since: float) -> bool:
+        """Whether jobs this worker has held since `since` (time.time()) may have been requeued for
+        others: its liveness key may have expired meanwhile, or may before its next write lands (a
+        beat is late: Redis, or the network to it, is away)."""
+        return time.time() - self.last_beat > BEAT_INTERVAL + BEAT_SLACK or self.lapsed_at >= since
 
     def start(self) -> None:
         """Beat now (before the first dequeue), then every BEAT_INTERVAL from a daemon thread."""

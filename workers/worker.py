@@ -113,6 +113,7 @@ FAST_SAMPLES = 8
 #: Answers "you send too fast" one job may meet in a row without their counting as attempts.
 MAX_THROTTLES = 5
 
+
 @dataclass
 class Running:
     """A job started in RQ's sense: delivering (`attempt` set) or held for its host (`attempt` None)."""
@@ -443,7 +444,15 @@ class DispatcherWorker(SimpleWorker):
 
     def _housekeeping(self, running: list[Running]) -> None:
         self.heartbeat()
-        self._prolong([*running, *self.held])
+        taken = {id(item) for item in self._taken([*running, *self.held])}
+        if taken:  # held jobs the reaper gave to others: never begin them here too
+            for item in self.held:
+                if id(item) in taken:
+                    self.log.warning(
+                        "Worker %s: job %s was requeued while Redis was out of reach; dropped", self.name, item.job.id
+                    )
+            self.held = deque(item for item in self.held if id(item) not in taken)
+        self._prolong([item for item in [*running, *self.held] if id(item) not in taken])
         if self.should_run_maintenance_tasks:
             try:
                 self.run_maintenance_tasks()
@@ -722,6 +731,14 @@ class DispatcherWorker(SimpleWorker):
         A job whose own keys turn out to be of the wrong type (replaced while it ran) has those
         keys repaired and its failed commands replayed; failing that, it fails alone.
         """
+        if rerecord:
+            taken = self._taken(items)
+            if taken:
+                self._record_taken(taken)
+                gone = {id(item) for item in taken}
+                items = [item for item in items if id(item) not in gone]
+                if not items:
+                    return
         batch = Batch()
         broken: list[Poisoned] = []
         succeeded = failed = 0
@@ -779,6 +796,41 @@ class DispatcherWorker(SimpleWorker):
             if error and not repair_and_replay(self, item.job, batch, index, item.decision.attempt.number):
                 broken.append(Poisoned(item.job.id, item.queue, error, item.job, item.execution))
         self._fail_alone(broken)
+
+    def _taken(self, items: list[Running]) -> list[Running]:
+        """Those of `items` no longer this worker's: out of touch with Redis long enough for its liveness
+        key to expire (a host cut off), it had them requeued by another worker's reaper. Costs a round
+        trip only when a beat was late or lapsed. (A finish already on its way when the link goes stays
+        a race: it lands when the link returns.)"""
+        if not items or not self.reaper.out_of_touch(min(item.execution.created_at for item in items).timestamp()):
+            return []
+        with self.connection.pipeline(transaction=False) as pipe:
+            for item in items:
+                pipe.zscore(item.queue.started_job_registry.key, item.execution.composite_key)
+            scores = pipe.execute(raise_on_error=False)  # (an error: not ours to judge here; kept)
+        return [item for item, score in zip(items, scores, strict=True) if score is None]
+
+    def _record_taken(self, items: list[Running]) -> None:
+        """Finished attempts of jobs the reaper gave to others: their outcomes go in the history (where
+        the first outcome that settles a job wins), and nothing else. RQ's state of those jobs (status,
+        registries, a retry) is the new run's to write: a stale retry or failure written there would
+        turn a job delivered meanwhile back into a scheduled or failed one."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for item in items:
+                assert item.decision is not None
+                final = item.decision.verdict != "retry"
+                self.history.finish(pipe, item.kind, item.job.id, item.decision.attempt, final=final)
+            pipe.execute(raise_on_error=False)  # (a damaged history is the new run's to find)
+        for item in items:
+            assert item.decision is not None
+            self.log.warning(
+                "Worker %s: job %s was requeued while Redis was out of reach; attempt %d (%s) recorded, "
+                "the job left to the worker that has it",
+                self.name,
+                item.job.id,
+                item.decision.attempt.number,
+                item.decision.attempt.outcome,
+            )
 
     def _move_on(
         self, pipe: Pipeline, item: Running, decision: Decision, ended: datetime, finished: list[tuple[Job, int]]

@@ -47,8 +47,6 @@ from dispatcher.models import (
     headers_schema,
     resolve_retry,
 )
-from dispatcher.templates import FIELDS as TEMPLATE_PARTS
-from dispatcher.templates import RenderBudget, TemplateProblem, compile_template, compiled_stored
 
 NAME = "email"
 
@@ -203,8 +201,11 @@ class EmailRequest(SendRequest):
             if isinstance(data, dict) and "variables" in data:
                 raise FieldProblem("variables", "give variables with a template_id")
             return data
+        # Imported here, not at the top: jinja2 is a tenth of a worker's start-up, and workers never render.
+        from dispatcher.templates import FIELDS, RenderBudget, TemplateProblem, compiled_stored
+
         template_id, variables = data["template_id"], data.get("variables", {})
-        given = [part for part in TEMPLATE_PARTS if part in data]
+        given = [part for part in FIELDS if part in data]
         if given:
             raise FieldProblem(given[0], "give either a template_id or the message's subject, text and html")
         if not isinstance(template_id, str):
@@ -313,6 +314,8 @@ class EmailBatch(SendBatch):
             if given:
                 raise FieldProblem(given[0], "give either items or a template with recipients, not both")
             return self
+        from dispatcher.templates import RenderBudget, TemplateProblem, compile_template  # not at the top: see above
+
         if self.template is not None and self.template_id is not None:
             raise FieldProblem("template_id", "give a template or a template_id, not both")
         if self.template_id is not None:
