@@ -27,8 +27,8 @@ from redis.sentinel import Sentinel
 from tests.conftest import AUTH, ROOT, Receiver, free_port, listening, process_env, start_dispatcher, wait_until
 from tests.ha import Cluster, start_cluster
 
-# A cluster of six servers and a failover: one at a time, on one test process.
-pytestmark = pytest.mark.xdist_group("failover")
+# A cluster of six servers and a failover: one at a time, on one test process; tens of seconds each.
+pytestmark = [pytest.mark.xdist_group("failover"), pytest.mark.long]
 
 
 @pytest.fixture
