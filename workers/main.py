@@ -121,8 +121,10 @@ def run(args: WorkerOptions) -> int:
             return 0  # it ended as asked: a stop, or the end of its burst, jobs or idle time
         except redis.RedisError as exc:
             log.warning("Redis unavailable (%s)", exc)
+            pause = FIRST_CONNECTION_WAIT  # wait_for_redis backs off from there while Redis stays away
         except Exception:
             log.exception("the worker failed")
+            pause = MAX_CONNECTION_WAIT  # a bug: no hot loop
         if worker is None:
             continue  # Redis went away before the worker existed: wait for it again
         if worker.stop_requested_by_signal:
@@ -133,7 +135,8 @@ def run(args: WorkerOptions) -> int:
                 return 0
         # The loop gave up (Redis went away, or a bug): a new worker takes over instead of the
         # process exiting. The old one's jobs in flight are requeued by the reaper.
-        log.warning("worker %s stopped; starting a new one in %.0fs", worker.name, MAX_CONNECTION_WAIT)
+        # After a failover the new master answers within seconds: a short pause, not a long one.
+        log.warning("worker %s stopped; starting a new one in %.1fs", worker.name, pause)
         stop.install()
-        if stop.event.wait(MAX_CONNECTION_WAIT):
+        if stop.event.wait(pause):
             return 0
