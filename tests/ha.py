@@ -23,10 +23,11 @@ from tests.conftest import free_port
 
 HOST = "127.0.0.1"
 MASTER_NAME = "dispatcher-ha"
-#: The sentinels' view of the cluster: quorum 2 of 3; a master silent for 1 s is down; a failover
-#: stuck for 5 s is tried again. Small on purpose, so a test's failover takes seconds.
+#: The sentinels' view of the cluster: quorum 2 of 3; a master silent for 2 s is down; a failover
+#: stuck for 5 s is tried again. Small on purpose, so a test's failover takes seconds; not 1 s, at
+#: which a loaded machine once made the sentinels fail over a second time, from a live new master.
 QUORUM = 2
-DOWN_AFTER_MS = 1000
+DOWN_AFTER_MS = 2000
 FAILOVER_TIMEOUT_MS = 5000
 #: Seconds the cluster gets to form (sentinels find each other by hello messages every 2 s).
 FORM_TIMEOUT = 30.0
