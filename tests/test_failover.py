@@ -342,7 +342,7 @@ def test_accepted_webhooks_survive_a_failover(
 
 
 #: Seconds after its due time a scheduled send may go out once the cluster has a new master: the
-#: failover, a worker's restart (5 s) and the scheduler's pass, with room for a loaded machine.
+#: failover, a worker's restart (0.5 s after a Redis error) and the scheduler's pass, with room for a loaded machine.
 BOUND = 20.0
 
 
